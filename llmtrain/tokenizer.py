@@ -1,0 +1,76 @@
+"""tiktoken encodings, with GPT-2's byte-pair ranks shipped inside the package.
+
+``gpt2`` is built from ``assets/gpt2.tiktoken`` (OpenAI's ranks, MIT licence beside it), so the
+default needs no network. Any other name goes through ``tiktoken.get_encoding`` and its cache
+(``TIKTOKEN_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import tiktoken
+import tiktoken.load
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+GPT2_RANKS = ASSETS / "gpt2.tiktoken"
+# The hash tiktoken pins for r50k_base, whose ranks, pattern and specials equal gpt2's.
+GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenizer pattern (tiktoken_ext/openai_public.py, r50k_base).
+GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+EOT = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A tiktoken encoding plus the few facts training needs about it."""
+
+    encoding: tiktoken.Encoding
+
+    @property
+    def name(self) -> str:
+        return self.encoding.name
+
+    @property
+    def vocab_size(self) -> int:
+        """The true vocabulary size (the model may pad its embedding beyond it)."""
+        return self.encoding.n_vocab
+
+    @property
+    def eot_id(self) -> int:
+        return self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; special-token strings in the text are treated as text."""
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
+
+
+@lru_cache(maxsize=None)
+def _gpt2_encoding() -> tiktoken.Encoding:
+    ranks = tiktoken.load.load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_SHA256)
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256}
+    )
+
+
+def get_tokenizer(name: str = "gpt2") -> Tokenizer:
+    """``gpt2`` from the shipped ranks; anything else by tiktoken's own name lookup."""
+    if name == "gpt2":
+        return Tokenizer(_gpt2_encoding())
+    try:
+        return Tokenizer(tiktoken.get_encoding(name))
+    except ValueError as e:
+        raise ValueError(
+            f"data.tokenizer: unknown tiktoken encoding {name!r} "
+            f"(known: {', '.join(tiktoken.list_encoding_names())})"
+        ) from e
