@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -56,7 +57,8 @@ class DataConfig:
     source: str = "hf"  # hf: datasets.load_dataset(streaming=True) | shards: llm.c .bin files
     path: str = "sample"  # dataset repo id or builder (parquet/json/text); "sample" = shipped data
     config_name: Optional[str] = None  # the Hub config, e.g. sample-10BT
-    files: Optional[str] = None  # a file or glob for local corpora
+    files: Optional[str] = None  # a file, glob or comma-separated list for local corpora
+    val_files: Optional[str] = None  # local corpora: validation files (else held-out documents)
     text_column: str = "text"
     train_split: str = "train"
     val_split: Optional[str] = "validation"  # None: hold out val_docs documents instead
@@ -70,6 +72,7 @@ class DataConfig:
     pin_memory: bool = True
     prefetch_factor: int = 2
     tokenize_batch: int = 64  # documents per encode_ordinary_batch call
+    shard_tokens: int = 100_000_000  # llmtrain-prepare: tokens per .bin shard (llm.c: 100M)
 
 
 @dataclass
@@ -210,7 +213,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
     _one_of(m.norm, "model.norm", NORMS)
     _one_of(m.mlp, "model.mlp", MLPS)
 
-    _positive(d, "data", "seq_len", "stride", "tokenize_batch", "prefetch_factor")
+    _positive(d, "data", "seq_len", "stride", "tokenize_batch", "prefetch_factor", "shard_tokens")
     _one_of(d.source, "data.source", SOURCES)
     _require(d.seq_len <= m.context_length, "data.seq_len",
              f"{d.seq_len} exceeds model.context_length={m.context_length}")
@@ -245,6 +248,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
     _require(t.max_steps is not None or t.max_tokens is not None, "trainer.max_steps",
              "set trainer.max_steps or trainer.max_tokens (the run needs a horizon)")
     _require(t.temperature >= 0, "trainer.temperature", "must be >= 0 (0 = greedy)")
+    _require(t.sample_every == 0 or t.sample_tokens < m.context_length, "trainer.sample_tokens",
+             f"{t.sample_tokens} leaves no room for the prompt in "
+             f"model.context_length={m.context_length}")
     ws = world_size or 1
     window = t.micro_batch_size * d.seq_len * ws
     _require(t.batch_tokens % window == 0, "trainer.batch_tokens",
@@ -274,7 +280,6 @@ def load_config(overrides: list[str] | None = None, world_size: int | None = Non
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -295,8 +300,10 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from a saved ``config.yaml`` (typed; unknown keys fail)."""
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
-    return to_dataclass(merged)
+    try:
+        return to_dataclass(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"saved config does not match this llmtrain's schema: {e}") from e
 
 
 __all__ = [

@@ -1,0 +1,190 @@
+"""What a run reports: FLOPs and MFU, the metrics.jsonl file, the console line, W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtrain.config import LoggerConfig, ModelConfig
+
+# Dense bf16 tensor-core peak, TFLOP/s, from each vendor datasheet (no sparsity). Matched in
+# order against torch.cuda.get_device_name(), so more specific names come first.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def device_peak_tflops(device_name: str | None) -> float | None:
+    """The bf16 peak for a device name, or None when the device is not in the table."""
+    if not device_name:
+        return None
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+def padded_vocab(cfg: ModelConfig) -> int:
+    m = cfg.vocab_pad_multiple
+    return (cfg.vocab_size + m - 1) // m * m
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: the blocks and the output head.
+
+    The token and position embeddings are lookups, not matmuls, so they cost no FLOPs; the
+    output head (tied or not) is a (n_embd x vocab) matmul and does.
+    """
+    d, kv_heads = cfg.n_embd, cfg.n_kv_head or cfg.n_head
+    head_dim = d // cfg.n_head
+    ffn = cfg.ffn_hidden or 4 * d
+    attn = d * d + 2 * d * kv_heads * head_dim + d * d  # q, k, v, out
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * ffn
+    return cfg.n_layer * (attn + mlp) + d * padded_vocab(cfg)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 * n_layer * n_embd * seq_len.
+
+    6N: forward (2N) plus backward (4N) multiply-adds of the matmul parameters N. The second
+    term is attention's QK^T and AV, counted for the full T x T score matrix as in the PaLM
+    paper (Chowdhery et al. 2022, appendix B), so figures compare with PaLM, nanoGPT and
+    llm.c's MFU.
+    """
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def mfu(tokens_per_s: float, flops_token: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device peak (None if unknown)."""
+    if not peak_tflops:
+        return None
+    return tokens_per_s * flops_token / (peak_tflops * 1e12)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def receipt() -> dict[str, str]:
+    """What produced a run: saved beside every checkpoint and sent to the logger."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        pkg = version("llmtrain")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    return {"llmtrain": pkg, "git_sha": git_sha(), "torch": torch.__version__}
+
+
+class NullLogger:
+    """logger=none: the tracker that does nothing."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger:
+    """Weights & Biases; offline (files under the run dir) when no API key is set."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]):
+        import wandb
+
+        mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        mode = os.environ.get("WANDB_MODE", mode)
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, name=cfg.run_name or run_dir.name,
+            dir=str(run_dir), config=config, mode=mode, tags=list(cfg.tags),
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def build_logger(cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], is_main: bool):
+    """Only the main process talks to a tracker; every other rank gets the no-op."""
+    if not is_main or cfg.name == "none":
+        return NullLogger()
+    return WandbLogger(cfg, run_dir, config)
+
+
+@dataclass
+class Throughput:
+    """Tokens/s and data-wait fraction over the current log interval."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    data_wait: float = 0.0
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.data_wait = time.perf_counter(), 0, 0.0
+
+    def read(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return self.tokens / elapsed, self.data_wait / elapsed
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per record, flushed as written (main process only)."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+def console_line(r: dict[str, Any], max_steps: int, eta_s: float) -> str:
+    mfu_s = f"{100 * r['mfu']:4.1f}%" if r.get("mfu") is not None else "  n/a"
+    return (
+        f"step {r['step']:>6}/{max_steps} | loss {r['loss']:.4f} | ppl {r['ppl']:9.2f} "
+        f"| lr {r['lr']:.2e} | grad {r['grad_norm']:.3f} | {r['tokens_per_s'] / 1e3:8.1f}k tok/s "
+        f"| mfu {mfu_s} | mem {r['peak_mem_gb']:5.2f} GB | wait {100 * r['data_wait']:4.1f}% "
+        f"| eta {format_eta(eta_s)}"
+    )

@@ -1,0 +1,77 @@
+import json
+import math
+
+import pytest
+
+from llmtrain.config import load_config
+from llmtrain.metrics import (
+    MetricsFile,
+    NullLogger,
+    build_logger,
+    console_line,
+    device_peak_tflops,
+    flops_per_token,
+    matmul_params,
+    mfu,
+    perplexity,
+)
+
+
+def test_flops_per_token_gpt2_small_by_hand():
+    cfg = load_config(["model=gpt2-small", "trainer.max_steps=1"]).model
+    d, layers, vocab_padded, seq = 768, 12, 50304, 1024
+    per_layer = 4 * d * d + 2 * d * 4 * d  # q, k, v, out projections + the two MLP matrices
+    n = layers * per_layer + d * vocab_padded  # blocks + output head (embeddings are lookups)
+    assert matmul_params(cfg) == n == 123_568_128
+    assert flops_per_token(cfg, seq) == 6 * n + 12 * layers * d * seq
+    assert flops_per_token(cfg, seq) == pytest.approx(0.8547e9, rel=1e-3)
+
+
+def test_flops_swiglu_and_gqa():
+    cfg = load_config(["model=llama-1b", "trainer.max_steps=1"]).model
+    d, kv_dim, ffn = 2048, 8 * 64, 8192
+    per_layer = 2 * d * d + 2 * d * kv_dim + 3 * d * ffn
+    assert matmul_params(cfg) == 16 * per_layer + d * 50304
+
+
+def test_mfu_against_peak_table():
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert device_peak_tflops("NVIDIA L40S") == 362.0
+    assert device_peak_tflops("NVIDIA L4") == 121.0
+    assert device_peak_tflops("Some Future GPU") is None
+    assert device_peak_tflops(None) is None
+    # 500k tokens/s at 0.8547 GFLOP/token on a 989 TFLOP/s device: 43.2% MFU
+    assert mfu(500e3, 0.8547e9, 989.0) == pytest.approx(500e3 * 0.8547e9 / 989e12)
+    assert mfu(500e3, 0.8547e9, None) is None  # unknown device: absent, never a made-up peak
+
+
+def test_perplexity_is_exp_loss():
+    assert perplexity(2.0) == pytest.approx(math.exp(2.0))
+    assert perplexity(1e4) == float("inf")
+
+
+def test_metrics_file_jsonl(tmp_path):
+    f = MetricsFile(tmp_path / "metrics.jsonl")
+    f.write({"step": 1, "loss": 3.0})
+    f.write({"step": 1, "val_loss": 2.5, "val_ppl": math.exp(2.5)})
+    f.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"step": 1, "loss": 3.0} and "val_ppl" in lines[1]
+    MetricsFile(None).write({"step": 1})  # non-main ranks write nothing
+
+
+def test_logger_none_and_non_main_are_no_ops(tmp_path):
+    cfg = load_config(["logger=none", "trainer.max_steps=1"]).logger
+    assert isinstance(build_logger(cfg, tmp_path, {}, is_main=True), NullLogger)
+    wandb_cfg = load_config(["logger=wandb", "trainer.max_steps=1"]).logger
+    assert isinstance(build_logger(wandb_cfg, tmp_path, {}, is_main=False), NullLogger)
+
+
+def test_console_line_is_readable():
+    r = {"step": 10, "loss": 3.21, "ppl": 24.8, "lr": 1e-3, "grad_norm": 0.5,
+         "tokens_per_s": 12345.0, "mfu": None, "peak_mem_gb": 1.5, "data_wait": 0.01}
+    line = console_line(r, 100, 65)
+    assert "step     10/100" in line and "loss 3.2100" in line and "mfu   n/a" in line
+    assert "eta 0:01:05" in line

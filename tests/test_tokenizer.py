@@ -1,0 +1,75 @@
+"""llmtrain.tokenizer: the shipped GPT-2 ranks, offline, checked against tiktoken itself."""
+
+from pathlib import Path
+
+import pytest
+import tiktoken
+
+from llmtrain.tokenizer import GPT2_RANKS, get_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+# Developers and CI have a ready tiktoken cache beside the checkout; users may not.
+SHARED_CACHE = REPO.parent / "shared" / "tiktoken-cache"
+needs_cache = pytest.mark.skipif(
+    not SHARED_CACHE.is_dir(), reason=f"no tiktoken cache at {SHARED_CACHE}"
+)
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. It's 3.14159 o'clock; naïve café—"
+    "emoji 🤖 and\ttabs,\n\nnew lines,   many spaces, <|endoftext|> as plain text, "
+    "URLs like https://example.com/a?b=c and code: def f(x): return x**2  # done\n"
+) * 20
+
+
+@pytest.fixture
+def shared_cache(monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_CACHE))
+
+
+def test_gpt2_ships_with_the_package():
+    assert GPT2_RANKS.is_file()
+
+
+def test_hello_world_without_network(monkeypatch):
+    # An empty cache dir: any attempt to download would fail instead of hitting the cache.
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nonexistent-llmtrain-test")
+    tok = get_tokenizer("gpt2")
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.name == "gpt2"
+
+
+def test_gpt2_facts():
+    tok = get_tokenizer("gpt2")
+    assert tok.eot_id == 50256
+    assert tok.vocab_size == 50257
+
+
+def test_round_trip():
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode(TEXT)
+    assert tok.decode(ids) == TEXT
+    assert tok.encode_batch([TEXT, "Hello world"]) == [ids, [15496, 995]]
+
+
+def test_special_token_text_is_ordinary():
+    tok = get_tokenizer("gpt2")
+    assert tok.eot_id not in tok.encode("<|endoftext|>")
+
+
+@needs_cache
+def test_matches_tiktoken_gpt2(shared_cache):
+    reference = tiktoken.get_encoding("gpt2")
+    assert get_tokenizer("gpt2").encode(TEXT) == reference.encode_ordinary(TEXT)
+
+
+@needs_cache
+def test_cl100k_base_by_name(shared_cache):
+    tok = get_tokenizer("cl100k_base")
+    assert tok.vocab_size == 100277
+    assert tok.eot_id == 100257
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+
+
+def test_unknown_encoding_names_the_key():
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        get_tokenizer("no-such-encoding")
