@@ -50,7 +50,8 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     if not ckpt_root.is_dir():
         return []
     found = [
-        p for p in ckpt_root.iterdir()
+        p
+        for p in ckpt_root.iterdir()
         if p.is_dir() and STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()
     ]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
@@ -74,8 +75,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    accelerator, ckpt_root: Path, state: TrainerState, data_state: dict[str, Any],
-    cfg: TrainConfig, receipt: dict[str, str], keep_last: int,
+    accelerator,
+    ckpt_root: Path,
+    state: TrainerState,
+    data_state: dict[str, Any],
+    cfg: TrainConfig,
+    receipt: dict[str, str],
+    keep_last: int,
 ) -> Path:
     """Every rank calls this; returns the final checkpoint directory."""
     final = ckpt_root / step_dir_name(state.step)
@@ -126,19 +132,33 @@ def saved_config(ckpt: Path) -> TrainConfig:
     return config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
 
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "vocab_size",
-              "vocab_pad_multiple", "position", "norm", "mlp", "bias", "tie_embeddings")
+SHAPE_KEYS = (
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "ffn_hidden",
+    "vocab_size",
+    "vocab_pad_multiple",
+    "position",
+    "norm",
+    "mlp",
+    "bias",
+    "tie_embeddings",
+)
 
 
 def check_compatible(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
     """Refuse to resume into a model of another shape, naming every key that differs."""
     diffs = [
         f"model.{k}: checkpoint {getattr(saved, k)!r}, config {getattr(current, k)!r}"
-        for k in SHAPE_KEYS if getattr(saved, k) != getattr(current, k)
+        for k in SHAPE_KEYS
+        if getattr(saved, k) != getattr(current, k)
     ]
     if diffs:
         raise ConfigError(
-            f"cannot resume from {ckpt}: the model shape differs\n  " + "\n  ".join(diffs)
+            f"cannot resume from {ckpt}: the model shape differs\n  "
+            + "\n  ".join(diffs)
             + "\nResume with the checkpoint's model settings, or start a new run "
             "(trainer.resume=none, another hydra.run.dir)."
         )
@@ -160,8 +180,10 @@ def load_model(path: str | Path, device: str = "cpu"):
     from llmtrain.model import GPT
 
     path = Path(path)
-    ckpt = path if (path / TRAINER_STATE).is_file() else (
-        latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+    ckpt = (
+        path
+        if (path / TRAINER_STATE).is_file()
+        else (latest_checkpoint(path / "checkpoints") or latest_checkpoint(path))
     )
     if ckpt is None:
         raise FileNotFoundError(f"no complete llmtrain checkpoint at {path}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -32,9 +32,9 @@ class ModelConfig:
     name: str = "gpt2-small"
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: Optional[int] = None  # grouped-query attention; None = n_head (multi-head)
+    n_kv_head: int | None = None  # grouped-query attention; None = n_head (multi-head)
     n_embd: int = 768
-    ffn_hidden: Optional[int] = None  # None = 4 * n_embd
+    ffn_hidden: int | None = None  # None = 4 * n_embd
     context_length: int = 1024  # longest sequence the positions support
     vocab_size: int = 50257  # the tokenizer's true size; padded internally for speed
     vocab_pad_multiple: int = 64
@@ -56,16 +56,16 @@ class DataConfig:
     name: str = "sample"
     source: str = "hf"  # hf: datasets.load_dataset(streaming=True) | shards: llm.c .bin files
     path: str = "sample"  # dataset repo id or builder (parquet/json/text); "sample" = shipped data
-    config_name: Optional[str] = None  # the Hub config, e.g. sample-10BT
-    files: Optional[str] = None  # a file, glob or comma-separated list for local corpora
-    val_files: Optional[str] = None  # local corpora: validation files (else held-out documents)
+    config_name: str | None = None  # the Hub config, e.g. sample-10BT
+    files: str | None = None  # a file, glob or comma-separated list for local corpora
+    val_files: str | None = None  # local corpora: validation files (else held-out documents)
     text_column: str = "text"
     train_split: str = "train"
-    val_split: Optional[str] = "validation"  # None: hold out val_docs documents instead
+    val_split: str | None = "validation"  # None: hold out val_docs documents instead
     val_docs: int = 100
     tokenizer: str = "gpt2"
     seq_len: int = 256  # tokens per training window (context length used in training)
-    stride: Optional[int] = None  # step between windows; None = seq_len (no overlap)
+    stride: int | None = None  # step between windows; None = seq_len (no overlap)
     shuffle: bool = True  # shard order, reshuffled every epoch
     shuffle_buffer: int = 0  # documents; >0 breaks exact resume (see data.py)
     num_workers: int = 0
@@ -84,7 +84,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    fused: Optional[bool] = None  # None: fused on CUDA, foreach elsewhere
+    fused: bool | None = None  # None: fused on CUDA, foreach elsewhere
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: share of the run spent decaying
@@ -97,8 +97,8 @@ class DistConfig:
     offload_optimizer: bool = False  # ZeRO: optimizer state on CPU
     offload_params: bool = False  # ZeRO-3: parameters on CPU
     reshard_after_forward: bool = True  # FSDP2 / ZeRO-3 trade memory for communication
-    deepspeed_config: Optional[str] = None  # a user JSON, checked against this config
-    backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
+    deepspeed_config: str | None = None  # a user JSON, checked against this config
+    backend: str | None = None  # None: nccl on GPU, gloo on CPU
     timeout_s: int = 1800
 
 
@@ -106,9 +106,9 @@ class DistConfig:
 class LoggerConfig:
     name: str = "wandb"  # wandb | none
     project: str = "llmtrain"
-    entity: Optional[str] = None
-    run_name: Optional[str] = None
-    mode: Optional[str] = None  # online | offline | disabled; None: offline when no API key
+    entity: str | None = None
+    run_name: str | None = None
+    mode: str | None = None  # online | offline | disabled; None: offline when no API key
     tags: list[str] = field(default_factory=list)
 
 
@@ -117,8 +117,8 @@ class TrainerConfig:
     seed: int = 1337
     batch_tokens: int = 524288  # global tokens per optimizer step (GPT-2 paper: 0.5M)
     micro_batch_size: int = 16  # sequences per process per forward pass
-    max_steps: Optional[int] = None
-    max_tokens: Optional[int] = None  # token budget; sets max_steps when max_steps is None
+    max_steps: int | None = None
+    max_tokens: int | None = None  # token budget; sets max_steps when max_steps is None
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
@@ -145,7 +145,7 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    experiment: Optional[str] = None  # name of the experiment file, for the receipt
+    experiment: str | None = None  # name of the experiment file, for the receipt
 
 
 GROUP_SCHEMAS: dict[str, type] = {
@@ -198,16 +198,37 @@ def _positive(section: Any, prefix: str, *names: str) -> None:
 def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
     """Check the relations types cannot express; raise ConfigError naming the key."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    _positive(m, "model", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden",
-              "context_length", "vocab_size", "vocab_pad_multiple", "rope_theta", "norm_eps")
-    _require(m.n_embd % m.n_head == 0, "model.n_embd",
-             f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    _positive(
+        m,
+        "model",
+        "n_layer",
+        "n_head",
+        "n_kv_head",
+        "n_embd",
+        "ffn_hidden",
+        "context_length",
+        "vocab_size",
+        "vocab_pad_multiple",
+        "rope_theta",
+        "norm_eps",
+    )
+    _require(
+        m.n_embd % m.n_head == 0,
+        "model.n_embd",
+        f"{m.n_embd} is not divisible by model.n_head={m.n_head}",
+    )
     kv = m.n_kv_head or m.n_head
-    _require(m.n_head % kv == 0, "model.n_kv_head",
-             f"{kv} does not divide model.n_head={m.n_head} (grouped-query attention)")
+    _require(
+        m.n_head % kv == 0,
+        "model.n_kv_head",
+        f"{kv} does not divide model.n_head={m.n_head} (grouped-query attention)",
+    )
     if m.position == "rope":
-        _require((m.n_embd // m.n_head) % 2 == 0, "model.n_embd",
-                 "rope needs an even head dimension (n_embd / n_head)")
+        _require(
+            (m.n_embd // m.n_head) % 2 == 0,
+            "model.n_embd",
+            "rope needs an even head dimension (n_embd / n_head)",
+        )
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _one_of(m.position, "model.position", POSITIONS)
     _one_of(m.norm, "model.norm", NORMS)
@@ -215,14 +236,23 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
 
     _positive(d, "data", "seq_len", "stride", "tokenize_batch", "prefetch_factor", "shard_tokens")
     _one_of(d.source, "data.source", SOURCES)
-    _require(d.seq_len <= m.context_length, "data.seq_len",
-             f"{d.seq_len} exceeds model.context_length={m.context_length}")
-    _require(d.stride is None or d.stride <= d.seq_len, "data.stride",
-             f"{d.stride} is larger than data.seq_len={d.seq_len}; tokens would be skipped")
+    _require(
+        d.seq_len <= m.context_length,
+        "data.seq_len",
+        f"{d.seq_len} exceeds model.context_length={m.context_length}",
+    )
+    _require(
+        d.stride is None or d.stride <= d.seq_len,
+        "data.stride",
+        f"{d.stride} is larger than data.seq_len={d.seq_len}; tokens would be skipped",
+    )
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-    _require(d.val_split is not None or d.val_docs > 0, "data.val_docs",
-             "must be positive when data.val_split is null (the held-out set would be empty)")
+    _require(
+        d.val_split is not None or d.val_docs > 0,
+        "data.val_docs",
+        "must be positive when data.val_split is null (the held-out set would be empty)",
+    )
 
     _positive(o, "optim", "lr", "eps")
     _one_of(o.schedule, "optim.schedule", SCHEDULES)
@@ -234,29 +264,56 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
 
     _one_of(cfg.dist.mode, "dist.mode", DIST_MODES)
-    _require(not cfg.dist.offload_params or cfg.dist.mode == "zero3", "dist.offload_params",
-             f"parameter offload needs dist.mode=zero3, got {cfg.dist.mode}")
-    _require(not cfg.dist.offload_optimizer or cfg.dist.mode.startswith("zero"),
-             "dist.offload_optimizer", f"optimizer offload needs a ZeRO mode, got {cfg.dist.mode}")
+    _require(
+        not cfg.dist.offload_params or cfg.dist.mode == "zero3",
+        "dist.offload_params",
+        f"parameter offload needs dist.mode=zero3, got {cfg.dist.mode}",
+    )
+    _require(
+        not cfg.dist.offload_optimizer or cfg.dist.mode.startswith("zero"),
+        "dist.offload_optimizer",
+        f"optimizer offload needs a ZeRO mode, got {cfg.dist.mode}",
+    )
     _one_of(cfg.logger.name, "logger.name", LOGGERS)
 
-    _positive(t, "trainer", "batch_tokens", "micro_batch_size", "max_steps", "max_tokens",
-              "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
-              "sample_tokens", "max_bad_steps")
+    _positive(
+        t,
+        "trainer",
+        "batch_tokens",
+        "micro_batch_size",
+        "max_steps",
+        "max_tokens",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "ckpt_every",
+        "keep_last",
+        "sample_tokens",
+        "max_bad_steps",
+    )
     _one_of(t.precision, "trainer.precision", PRECISIONS)
     _one_of(t.device, "trainer.device", DEVICES)
-    _require(t.max_steps is not None or t.max_tokens is not None, "trainer.max_steps",
-             "set trainer.max_steps or trainer.max_tokens (the run needs a horizon)")
+    _require(
+        t.max_steps is not None or t.max_tokens is not None,
+        "trainer.max_steps",
+        "set trainer.max_steps or trainer.max_tokens (the run needs a horizon)",
+    )
     _require(t.temperature >= 0, "trainer.temperature", "must be >= 0 (0 = greedy)")
-    _require(t.sample_every == 0 or t.sample_tokens < m.context_length, "trainer.sample_tokens",
-             f"{t.sample_tokens} leaves no room for the prompt in "
-             f"model.context_length={m.context_length}")
+    _require(
+        t.sample_every == 0 or t.sample_tokens < m.context_length,
+        "trainer.sample_tokens",
+        f"{t.sample_tokens} leaves no room for the prompt in "
+        f"model.context_length={m.context_length}",
+    )
     ws = world_size or 1
     window = t.micro_batch_size * d.seq_len * ws
-    _require(t.batch_tokens % window == 0, "trainer.batch_tokens",
-             f"{t.batch_tokens} is not divisible by micro_batch_size x seq_len x world_size "
-             f"= {t.micro_batch_size} x {d.seq_len} x {ws} = {window}; "
-             f"try {max(1, t.batch_tokens // window) * window}")
+    _require(
+        t.batch_tokens % window == 0,
+        "trainer.batch_tokens",
+        f"{t.batch_tokens} is not divisible by micro_batch_size x seq_len x world_size "
+        f"= {t.micro_batch_size} x {d.seq_len} x {ws} = {window}; "
+        f"try {max(1, t.batch_tokens // window) * window}",
+    )
     return cfg
 
 
@@ -307,7 +364,20 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 __all__ = [
-    "MISSING", "CONF_DIR", "PACKAGE_DIR", "ConfigError", "ModelConfig", "DataConfig",
-    "OptimConfig", "DistConfig", "LoggerConfig", "TrainerConfig", "TrainConfig", "validate",
-    "load_config", "config_to_yaml", "config_to_dict", "config_from_dict",
+    "MISSING",
+    "CONF_DIR",
+    "PACKAGE_DIR",
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "DistConfig",
+    "LoggerConfig",
+    "TrainerConfig",
+    "TrainConfig",
+    "validate",
+    "load_config",
+    "config_to_yaml",
+    "config_to_dict",
+    "config_from_dict",
 ]

@@ -1,15 +1,41 @@
-"""The Accelerator for a config: device, precision, process group, and the sharding plugin."""
+"""The Accelerator for a config: device, precision, process group, and the sharding plugin.
+
+``cfg.dist.mode`` picks the plugin; the Hydra config is the single source of truth for
+micro-batch, accumulation, clipping and precision, so the DeepSpeed config is generated from
+it (a user's JSON is merged in only where it agrees, see :func:`deepspeed_config`).
+
+    single, ddp    plain Accelerate (DDP when several processes)
+    zero1/2/3      DeepSpeedPlugin; DeepSpeed owns accumulation, clipping and the step
+    fsdp2          FullyShardedDataParallelPlugin(fsdp_version=2), DCP sharded checkpoints
+
+CPU (gloo) facts this module relies on are in ``shared/DISTRIBUTED_CPU.md``: the DeepSpeed
+plugin is dropped by ``Accelerator(cpu=True)``, so DeepSpeed runs on CPU without it, and
+Accelerate never applies FSDP to a CPU run, so :func:`_fsdp_on_cpu` applies it.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from llmtrain.config import ConfigError, TrainConfig
+
+ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
+EXPECTED_TYPE = {
+    "single": (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU),  # 1 proc
+    "ddp": (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO),
+    "zero1": (DistributedType.DEEPSPEED,),
+    "zero2": (DistributedType.DEEPSPEED,),
+    "zero3": (DistributedType.DEEPSPEED,),
+    "fsdp2": (DistributedType.FSDP,),
+}
 
 
 def resolve_device(device: str) -> str:
@@ -27,26 +53,234 @@ def resolve_precision(precision: str, device: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def is_deepspeed(cfg: TrainConfig) -> bool:
+    return cfg.dist.mode in ZERO_STAGE
+
+
 def check_launch(cfg: TrainConfig, world_size: int) -> None:
     """Mismatches between the dist group and the launcher, caught before any process group."""
-    if world_size > 1 and cfg.dist.mode == "single":
+    mode = cfg.dist.mode
+    if world_size > 1 and mode == "single":
         raise ConfigError(
             f"dist.mode: 'single' but the launcher started {world_size} processes; "
             "choose dist=ddp, zero1, zero2, zero3 or fsdp2"
         )
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if mode not in ZERO_STAGE or (stage and int(stage) != ZERO_STAGE[mode]):
+            raise ConfigError(
+                f"dist.mode: {mode!r} but the accelerate config file asks for DeepSpeed ZeRO "
+                f"stage {stage}; pass dist=zero{stage} or launch with launch/multi-gpu.yaml"
+            )
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and mode != "fsdp2":
+        raise ConfigError(f"dist.mode: {mode!r} but the accelerate config file asks for FSDP; "
+                          "pass dist=fsdp2 or launch with launch/multi-gpu.yaml")
+    if mode == "fsdp2" and resolve_device(cfg.trainer.device) == "cpu" and world_size < 2:
+        raise ConfigError("dist.mode: fsdp2 on CPU needs at least 2 processes "
+                          "(accelerate launch --config_file launch/cpu.yaml); use dist=single")
 
 
-def build_accelerator(cfg: TrainConfig, grad_accum: int) -> Accelerator:
-    device = resolve_device(cfg.trainer.device)
-    backend = cfg.dist.backend or ("nccl" if device == "cuda" else "gloo")
+# DeepSpeed keys that restate a Hydra value; a user JSON must agree with them or be refused.
+OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "train_batch_size", "gradient_clipping", "zero_optimization.stage",
+              "bf16.enabled", "fp16.enabled", "zero_optimization.offload_optimizer.device",
+              "zero_optimization.offload_param.device")
+HYDRA_KEY = {"train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+             "gradient_accumulation_steps": "trainer.batch_tokens (derived accumulation)",
+             "train_batch_size": "trainer.batch_tokens / data.seq_len",
+             "gradient_clipping": "optim.grad_clip", "zero_optimization.stage": "dist.mode",
+             "bf16.enabled": "trainer.precision", "fp16.enabled": "trainer.precision",
+             "zero_optimization.offload_optimizer.device": "dist.offload_optimizer",
+             "zero_optimization.offload_param.device": "dist.offload_params"}
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, device: str,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``cfg``; ``dist.deepspeed_config`` (a user file) may add tuning
+    keys (bucket sizes, prefetch) but every key Hydra owns must agree or the run is refused."""
+    d, t = cfg.dist, cfg.trainer
+    precision = resolve_precision(t.precision, device)
+    offload = {"device": "cpu", "pin_memory": device == "cuda"}
+    zero: dict[str, Any] = {"stage": ZERO_STAGE[d.mode], "contiguous_gradients": True,
+                            "overlap_comm": device == "cuda"}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = offload
+    if d.offload_params:
+        zero["offload_param"] = offload
+    if d.mode == "zero3":
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    generated = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": t.micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,  # 0 disables, as in optim.grad_clip
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # The optimizer is llmtrain's torch AdamW (or DeepSpeedCPUAdam when offloading).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if d.deepspeed_config is None:
+        return generated
+    path = Path(d.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"dist.deepspeed_config: cannot read {path}: {e}") from e
+    if "optimizer" in user or "scheduler" in user:
+        raise ConfigError(f"dist.deepspeed_config: {path} has an optimizer/scheduler block; "
+                          "llmtrain builds them from the optim group, remove the block")
+    wrong = []
+    for key in OWNED_KEYS:
+        mine, theirs = _get(generated, key), _get(user, key)
+        if key.endswith("offload_optimizer.device") or key.endswith("offload_param.device"):
+            mine = mine or "none"
+        if theirs not in (None, "auto") and theirs != mine:
+            wrong.append(f"  {key}: {path.name} has {theirs!r}, the config gives {mine!r} "
+                         f"(from {HYDRA_KEY[key]})")
+    if wrong:
+        raise ConfigError("dist.deepspeed_config: the DeepSpeed JSON disagrees with the Hydra "
+                          "config, which is the source of truth:\n" + "\n".join(wrong) +
+                          "\nSet these keys to \"auto\" (or delete them) in the JSON, or change "
+                          "the Hydra values.")
+    return _merge(user, generated)
+
+
+def _deepspeed_plugin(cfg: TrainConfig, grad_accum: int, world_size: int, device: str,
+                      load_universal: bool):
+    from accelerate.utils import DeepSpeedPlugin
+
     if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ds = deepspeed_config(cfg, grad_accum, world_size, device, load_universal)
+    zero = ds["zero_optimization"]
+    # Every plugin field is given, so the launcher's ACCELERATE_DEEPSPEED_* env never wins.
+    return DeepSpeedPlugin(
+        hf_ds_config=ds,
+        gradient_accumulation_steps=grad_accum,
+        gradient_clipping=cfg.optim.grad_clip,
+        zero_stage=zero["stage"],
+        offload_optimizer_device=zero.get("offload_optimizer", {}).get("device", "none"),
+        offload_param_device=zero.get("offload_param", {}).get("device", "none"),
+        zero3_init_flag=False,  # llmtrain builds the model before prepare()
+        zero3_save_16bit_model=False,
+    )
+
+
+def _fsdp2_plugin(cfg: TrainConfig):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=cfg.dist.reshard_after_forward,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["Block"],  # llmtrain.model.Block
+        state_dict_type="SHARDED_STATE_DICT",  # DCP: each rank writes its shard; reshards on load
+        cpu_ram_efficient_loading=False,
+        activation_checkpointing=False,  # the model applies its own (trainer.activation_...)
+    )
+
+
+def build_accelerator(cfg: TrainConfig, grad_accum: int,
+                      load_universal: bool = False) -> Accelerator:
+    """``load_universal``: the resume checkpoint is a DeepSpeed universal checkpoint (it was
+    written under another world size, see :mod:`llmtrain.consolidate`)."""
+    device = resolve_device(cfg.trainer.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = cfg.dist.backend or ("nccl" if device == "cuda" else "gloo")
+    mode = cfg.dist.mode
+    plugins: dict[str, Any] = {}
+    if mode in ZERO_STAGE:
+        plugins["deepspeed_plugin"] = _deepspeed_plugin(cfg, grad_accum, world, device,
+                                                        load_universal)
+    elif mode == "fsdp2":
+        plugins["fsdp_plugin"] = _fsdp2_plugin(cfg)
+    # cpu=True drops a DeepSpeed plugin without a word; DeepSpeed finds the CPU itself.
+    cpu = device == "cpu" and mode not in ZERO_STAGE
+    if cpu:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-    return Accelerator(
-        cpu=device == "cpu",
+    accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=resolve_precision(cfg.trainer.precision, device),
         gradient_accumulation_steps=grad_accum,
         step_scheduler_with_optimizer=False,
+        # A backend given to a single process makes Accelerate expect a process group.
         kwargs_handlers=[
             InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
-        ],
+        ] if world > 1 else [],
+        **plugins,
     )
+    if mode == "fsdp2" and device == "cpu":
+        _fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    expected = EXPECTED_TYPE[mode]
+    if accelerator.distributed_type not in expected:
+        raise RuntimeError(
+            f"dist.mode={mode}: Accelerate set up {accelerator.distributed_type}, expected "
+            f"{' or '.join(str(e) for e in expected)}. Check the accelerate config file "
+            "(launch/*.yaml) and that transformers is installed for DeepSpeed."
+        )
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
+    """Accelerate applies FSDP only to accelerator devices and silently runs a CPU job as DDP;
+    FSDP2 itself works on CPU with gloo. This sets the state Accelerate would have set on a
+    GPU, so CPU runs (and CI) take the same prepare / save_state / load_state path as GPUs."""
+    from accelerate.state import PartialState
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.FSDP:
+        return
+    # Both shared states: a later AcceleratorState() re-reads PartialState's.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+
+
+def build_dist_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str):
+    """llmtrain's AdamW, or DeepSpeed's CPU Adam (same math, AdamW mode) when ZeRO keeps the
+    optimizer state on the CPU: torch's AdamW there would step on the CPU at a crawl."""
+    from llmtrain.optim import build_optimizer
+
+    if not cfg.dist.offload_optimizer:
+        return build_optimizer(model, cfg.optim, device_type)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    o = cfg.optim
+    return DeepSpeedCPUAdam(model.configure_param_groups(o.weight_decay), lr=o.lr,
+                            betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+
+
+def local_numel(model: torch.nn.Module) -> int:
+    """Parameter elements this rank stores (ZeRO-3 partitions, FSDP2 DTensor shards)."""
+    total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: p is an empty placeholder, the shard is here
+            total += p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):  # FSDP2 DTensor
+            total += p.to_local().numel()
+        else:
+            total += p.numel()
+    return total

@@ -80,8 +80,12 @@ def mfu(tokens_per_s: float, flops_token: float, peak_tflops: float | None) -> f
 def git_sha() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5, check=True,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -117,11 +121,20 @@ class WandbLogger:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]):
         import wandb
 
-        mode = cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        mode = os.environ.get("WANDB_MODE", mode)
+        # logger.mode, else WANDB_MODE, else online only when an API key is there to use.
+        mode = (
+            cfg.mode
+            or os.environ.get("WANDB_MODE")
+            or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        )
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, name=cfg.run_name or run_dir.name,
-            dir=str(run_dir), config=config, mode=mode, tags=list(cfg.tags),
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.run_name or run_dir.name,
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+            tags=list(cfg.tags),
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

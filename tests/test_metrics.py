@@ -70,8 +70,17 @@ def test_logger_none_and_non_main_are_no_ops(tmp_path):
 
 
 def test_console_line_is_readable():
-    r = {"step": 10, "loss": 3.21, "ppl": 24.8, "lr": 1e-3, "grad_norm": 0.5,
-         "tokens_per_s": 12345.0, "mfu": None, "peak_mem_gb": 1.5, "data_wait": 0.01}
+    r = {
+        "step": 10,
+        "loss": 3.21,
+        "ppl": 24.8,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "tokens_per_s": 12345.0,
+        "mfu": None,
+        "peak_mem_gb": 1.5,
+        "data_wait": 0.01,
+    }
     line = console_line(r, 100, 65)
     assert "step     10/100" in line and "loss 3.2100" in line and "mfu   n/a" in line
     assert "eta 0:01:05" in line

@@ -1,8 +1,8 @@
 import math
 
 import pytest
-from llmtrain.config import OptimConfig
-from llmtrain.config import ModelConfig
+
+from llmtrain.config import ModelConfig, OptimConfig
 from llmtrain.model import GPT
 from llmtrain.optim import build_optimizer, lr_at, set_lr
 
@@ -19,8 +19,9 @@ def test_cosine_schedule_hand_computed():
 
 
 def test_wsd_schedule_hand_computed():
-    cfg = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd",
-                      decay_fraction=0.2)
+    cfg = OptimConfig(
+        lr=1e-3, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2
+    )
     assert lr_at(4, cfg, 100) == pytest.approx(5e-4)
     assert lr_at(50, cfg, 100) == pytest.approx(1e-3)  # stable
     assert lr_at(79, cfg, 100) == pytest.approx(1e-3)

@@ -1,0 +1,506 @@
+"""``llmtrain-plan``: will this run fit, and how long will it take? Answered before launching.
+
+Everything here is arithmetic on the config; no model is allocated, so planning an 8B model on a
+laptop takes a second. The accounting, stated once (Psi = parameters, N = world size):
+
+* States, mixed precision (bf16/fp16): 2 bytes bf16 params + 2 bytes bf16 grads + 12 bytes
+  optimizer (fp32 master weights, Adam m and v) -- the ZeRO paper's 2 + 2 + K, K = 12
+  (Rajbhandari et al. 2020, sec. 3.1). Under the DeepSpeed ZeRO modes add 4 bytes of fp32
+  gradient partition, sharded like the optimizer: DeepSpeed casts each gradient partition to
+  fp32 for the step (stage 3 per sub-group, at most the whole partition), and its own
+  ``estimate_zero2_model_states_mem_needs`` counts 18 = 2 + 4 + 4 + 8 bytes per sharded
+  parameter. FSDP2 keeps no such copy. fp32 training: 4 + 4 + 8.
+* Sharding: zero1 shards the optimizer over N, zero2 also the gradients, zero3 and fsdp2 also
+  the parameters. zero3/fsdp2 then gather one layer at a time: 4 bytes (bf16 params + grads)
+  x the largest layer, DeepSpeed's ``largest_layer_memory`` term.
+* Offload (ZeRO-Offload, Ren et al. 2021): ``offload_optimizer`` moves the optimizer shard and,
+  for zero2/zero3, the gradient shard to CPU, where the Adam step runs; ``offload_params``
+  (zero3) moves the parameter shard too. CPU memory is reported per node.
+* Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+  Models", eq. 1): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, generalised below to
+  grouped-query attention, SwiGLU and any MLP width. The model runs attention through
+  ``scaled_dot_product_attention`` (flash / memory-efficient), which keeps no s x s scores,
+  so the 5as/h term goes away. Not counted: CUDA context, allocator fragmentation and
+  communication buckets -- keep ~10% headroom.
+* Compute: :func:`llmtrain.metrics.flops_per_token` (6N + 12 * n_layer * n_embd * seq_len, PaLM
+  appendix B), at an assumed MFU of a stated device peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from llmtrain.config import ConfigError, ModelConfig, TrainConfig, load_config
+from llmtrain.metrics import flops_per_token, format_eta, padded_vocab
+
+GiB = 2**30
+H100_SXM_BF16_TFLOPS = 989.0  # dense, no sparsity (NVIDIA H100 datasheet)
+DEEPSPEED_MODES = ("zero1", "zero2", "zero3")
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _norm_params(m: ModelConfig) -> int:
+    # LayerNorm: weight + bias (bias only with model.bias); RMSNorm: weight only.
+    return m.n_embd * (2 if m.norm == "layernorm" and m.bias else 1)
+
+
+def layer_params(m: ModelConfig) -> dict[str, int]:
+    """Parameters of each module in one block, named as in ``llmtrain/model.py``."""
+    h, hd = m.n_embd, m.n_embd // m.n_head
+    kv = m.n_kv_head or m.n_head
+    f = m.ffn_hidden or 4 * h
+    qkv = (m.n_head + 2 * kv) * hd
+    b = 1 if m.bias else 0
+    out = {
+        "ln_1": _norm_params(m),
+        "attn.c_attn": h * qkv + b * qkv,
+        "attn.c_proj": h * h + b * h,
+        "ln_2": _norm_params(m),
+        "mlp.c_fc": h * f + b * f,
+        "mlp.c_proj": f * h + b * h,
+    }
+    if m.mlp == "swiglu":
+        out["mlp.c_gate"] = h * f + b * f
+    return out
+
+
+def param_counts(m: ModelConfig) -> tuple[int, int, int]:
+    """(total, non-embedding, largest single module), as ``GPT(m).num_params()`` counts them:
+    padded vocabulary, a tied head counted once, non-embedding leaves out wte and wpe."""
+    vocab = padded_vocab(m)
+    embed = vocab * m.n_embd + (m.context_length * m.n_embd if m.position == "learned" else 0)
+    block = layer_params(m)
+    head = 0 if m.tie_embeddings else vocab * m.n_embd
+    body = m.n_layer * sum(block.values()) + _norm_params(m) + head  # + ln_f
+    largest = max([vocab * m.n_embd, *block.values()])
+    return embed + body, body, largest
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def activation_bytes_per_layer(
+    m: ModelConfig, batch: int, seq: int, act_bytes: int = 2, flash: bool = True
+) -> int:
+    """Bytes one block saves for backward (Korthikanti et al. 2022, sec. 4.1, generalised).
+
+    In units of s*b elements: two norm inputs 2h; attention: c_attn input h, Q h, K and V
+    h_kv each, c_proj input h; MLP: c_fc input h, then GELU input + output 2f, or SwiGLU's
+    gate, silu(gate), up and product 4f. With h_kv = h, f = 4h and 2 bytes this is the paper's
+    32 sbh, plus 2 sbh of 1-byte dropout masks when dropout > 0 -> 34 sbh. Without flash
+    attention the scores add 2as^2b (softmax output) and, with dropout, 3as^2b -> 5as^2b.
+    Two terms are this model's own (measured in tests/test_plan.py): model.py's RMSNorm is
+    unfused and also saves its normalized output (+h per norm), and under RoPE the rotated
+    Q and K are new tensors while V still views the fused c_attn output, which therefore
+    stays whole (+h + h_kv).
+    """
+    h, a = m.n_embd, m.n_head
+    kv = (m.n_kv_head or m.n_head) * (h // a)
+    f = m.ffn_hidden or 4 * h
+    mlp = 4 * f if m.mlp == "swiglu" else 2 * f
+    norms = 4 * h if m.norm == "rmsnorm" else 2 * h
+    attn = 3 * h + 2 * kv + (h + kv if m.position == "rope" else 0)
+    elements = norms + attn + (h + mlp)
+    per_token = elements * act_bytes
+    if m.dropout > 0:
+        per_token += 2 * h  # residual dropout masks, 1 byte each
+    if flash:
+        per_token += a * 4  # the fp32 log-sum-exp flash attention keeps per head and row
+    else:
+        per_token += a * seq * (act_bytes + (1 + act_bytes if m.dropout > 0 else 0))
+    return batch * seq * per_token
+
+
+def activation_bytes(
+    m: ModelConfig, batch: int, seq: int, act_bytes: int, checkpointing: bool
+) -> tuple[int, int]:
+    """(blocks + final norm, logits) bytes held at the start of backward for one micro-batch.
+
+    With checkpointing each block keeps only its input (2sbh in 16-bit, the paper's "full
+    recomputation") and one block's activations are rebuilt at a time in backward. Logits:
+    the model returns them as fp32 (B, T, V_padded) and cross-entropy saves its fp32
+    log-softmax (B*T, V) -- two fp32 copies alive when backward starts.
+    """
+    per_layer = activation_bytes_per_layer(m, batch, seq, act_bytes)
+    if checkpointing:
+        blocks = m.n_layer * batch * seq * m.n_embd * act_bytes + per_layer
+    else:
+        blocks = m.n_layer * per_layer
+    # ln_f input (+ its normalized output for RMSNorm), lm_head input, int64 token ids
+    final = batch * seq * ((3 if m.norm == "rmsnorm" else 2) * m.n_embd * act_bytes + 8)
+    logits = batch * seq * (padded_vocab(m) + m.vocab_size) * 4
+    return blocks + final, logits
+
+
+# ----------------------------------------------------------------------------- states
+
+
+def state_bytes_per_param(mode: str, precision: str) -> dict[str, int]:
+    """Bytes per parameter before sharding: params, grads, optimizer (see the module doc)."""
+    if precision == "fp32":
+        return {"params": 4, "grads": 4, "optim": 8}
+    fp32_grad_partition = 4 if mode in DEEPSPEED_MODES else 0
+    return {"params": 2, "grads": 2, "optim": 12 + fp32_grad_partition}
+
+
+def shard_states(
+    n_params: int,
+    world_size: int,
+    mode: str,
+    precision: str,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(GPU bytes, CPU bytes) per process for params, grads and optimizer state."""
+    per = state_bytes_per_param(mode, precision)
+    sharded = {
+        "single": (),
+        "ddp": (),
+        "zero1": ("optim",),
+        "zero2": ("optim", "grads"),
+        "zero3": ("optim", "grads", "params"),
+        "fsdp2": ("optim", "grads", "params"),
+    }[mode]
+    gpu = {k: n_params * v / (world_size if k in sharded else 1) for k, v in per.items()}
+    cpu = dict.fromkeys(gpu, 0.0)
+    moved = []
+    if offload_optimizer:
+        # ZeRO-Offload streams each reduced gradient partition to CPU for the Adam step; under
+        # zero1 the full gradients still accumulate on the GPU first.
+        moved = ["optim"] + (["grads"] if "grads" in sharded else [])
+    if offload_params:
+        moved.append("params")
+    for k in moved:
+        cpu[k], gpu[k] = gpu[k], 0.0
+    if "grads" in moved and per["optim"] == 16:
+        # On CPU the reduced bf16 shard lands in the fp32 gradient partition, already counted.
+        cpu["grads"] = 0.0
+    return gpu, cpu
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class MemoryPlan:
+    """Every number ``llmtrain-plan`` prints. Bytes are per GPU unless named cpu_*."""
+
+    model: str
+    n_params: int
+    n_params_non_embedding: int
+    largest_layer_params: int
+    vocab_size: int
+    padded_vocab_size: int
+    world_size: int
+    gpus_per_node: int
+    mode: str
+    precision: str
+    offload_optimizer: bool
+    offload_params: bool
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    tokens_per_step: int
+    max_steps: int | None
+    bytes_per_param: dict[str, int]
+    params_bytes: float
+    grads_bytes: float
+    optim_bytes: float
+    gather_bytes: float  # zero3/fsdp2: one gathered layer (bf16 params + grads)
+    cpu_bytes_per_node: float
+    activation_checkpointing: bool
+    activation_bytes: float  # as configured
+    activation_bytes_no_ckpt: float
+    activation_bytes_ckpt: float
+    logits_bytes: float
+    flops_per_token: float
+    flops_per_step: float
+    mfu: float
+    peak_tflops: float
+    step_time_s: float
+    run_time_s: float | None
+    gpu_mem_bytes: float
+
+    @property
+    def states_bytes(self) -> float:
+        return self.params_bytes + self.grads_bytes + self.optim_bytes + self.gather_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        return self.states_bytes + self.activation_bytes + self.logits_bytes
+
+    @property
+    def headroom_bytes(self) -> float:
+        return self.gpu_mem_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    def hints(self) -> list[str]:
+        """What would shrink the largest parts, in the order worth trying."""
+        out = []
+        if self.activation_bytes + self.logits_bytes > self.states_bytes:
+            if not self.activation_checkpointing:
+                ckpt = self.activation_bytes_ckpt + self.logits_bytes
+                out.append(
+                    "trainer.activation_checkpointing=true "
+                    f"(activations + logits -> {ckpt / GiB:.1f} GiB)"
+                )
+            if self.micro_batch > 1:
+                out.append(
+                    f"trainer.micro_batch_size={max(1, self.micro_batch // 2)} "
+                    "(activations scale with the micro-batch; accumulation keeps "
+                    "batch_tokens)"
+                )
+        if self.mode in ("single", "ddp", "zero1", "zero2") and self.world_size > 1:
+            out.append("dist=zero3 or dist=fsdp2 (shard parameters too)")
+        elif self.mode in ("single", "ddp") and self.world_size == 1:
+            out.append(
+                "more GPUs with dist=zero3/fsdp2, or dist=zero2 with dist.offload_optimizer=true"
+            )
+        if self.mode in DEEPSPEED_MODES and not self.offload_optimizer:
+            out.append("dist.offload_optimizer=true (optimizer state to CPU)")
+        elif self.mode == "zero3" and not self.offload_params:
+            out.append("dist.offload_params=true (parameters to CPU)")
+        if not out and self.micro_batch > 1:
+            out.append(f"trainer.micro_batch_size={max(1, self.micro_batch // 2)}")
+        return out
+
+
+def plan(
+    cfg: TrainConfig,
+    world_size: int = 1,
+    gpu_mem_gb: float = 80.0,
+    mfu: float = 0.4,
+    peak_tflops: float = H100_SXM_BF16_TFLOPS,
+    gpus_per_node: int | None = None,
+) -> MemoryPlan:
+    """The memory and time plan for ``cfg`` on ``world_size`` GPUs of ``gpu_mem_gb`` GiB."""
+    m, t, d = cfg.model, cfg.trainer, cfg.dist
+    gpn = gpus_per_node or min(world_size, 8)
+    # precision "auto" trains in bf16 on a GPU, which is what this plans for.
+    precision = "fp32" if t.precision == "fp32" else "bf16"
+    act_bytes = 4 if precision == "fp32" else 2
+    total, body, largest = param_counts(m)
+    gpu, cpu = shard_states(
+        total, world_size, d.mode, precision, d.offload_optimizer, d.offload_params
+    )
+    gather = 0.0
+    if d.mode in ("zero3", "fsdp2"):
+        gather = (2 * state_bytes_per_param(d.mode, precision)["params"]) * largest
+    b, s = t.micro_batch_size, cfg.data.seq_len
+    act_off, logits = activation_bytes(m, b, s, act_bytes, checkpointing=False)
+    act_on, _ = activation_bytes(m, b, s, act_bytes, checkpointing=True)
+    fpt = flops_per_token(m, s)
+    step_time = fpt * t.batch_tokens / (world_size * peak_tflops * 1e12 * mfu)
+    steps = t.max_steps or (math.ceil(t.max_tokens / t.batch_tokens) if t.max_tokens else None)
+    return MemoryPlan(
+        model=m.name,
+        n_params=total,
+        n_params_non_embedding=body,
+        largest_layer_params=largest,
+        vocab_size=m.vocab_size,
+        padded_vocab_size=padded_vocab(m),
+        world_size=world_size,
+        gpus_per_node=gpn,
+        mode=d.mode,
+        precision=precision,
+        offload_optimizer=d.offload_optimizer,
+        offload_params=d.offload_params,
+        micro_batch=b,
+        seq_len=s,
+        grad_accum=t.batch_tokens // (b * s * world_size),
+        tokens_per_step=t.batch_tokens,
+        max_steps=steps,
+        bytes_per_param=state_bytes_per_param(d.mode, precision),
+        params_bytes=gpu["params"],
+        grads_bytes=gpu["grads"],
+        optim_bytes=gpu["optim"],
+        gather_bytes=gather,
+        cpu_bytes_per_node=gpn * sum(cpu.values()),
+        activation_checkpointing=t.activation_checkpointing,
+        activation_bytes=act_on if t.activation_checkpointing else act_off,
+        activation_bytes_no_ckpt=act_off,
+        activation_bytes_ckpt=act_on,
+        logits_bytes=logits,
+        flops_per_token=fpt,
+        flops_per_step=fpt * t.batch_tokens,
+        mfu=mfu,
+        peak_tflops=peak_tflops,
+        step_time_s=step_time,
+        run_time_s=step_time * steps if steps else None,
+        gpu_mem_bytes=gpu_mem_gb * GiB,
+    )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:9.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days ({format_eta(seconds)})"
+    return format_eta(seconds) if seconds >= 60 else f"{seconds:.2f} s"
+
+
+def format_plan(p: MemoryPlan) -> str:
+    bpp = p.bytes_per_param
+    optim_note = "fp32 master + Adam m, v" if p.precision != "fp32" else "Adam m, v"
+    if bpp["optim"] == 16:
+        optim_note += " + fp32 grad partition"
+    shard = {
+        "single": "replicated",
+        "ddp": "replicated",
+        "zero1": "optimizer sharded",
+        "zero2": "optimizer + grads sharded",
+        "zero3": "everything sharded",
+        "fsdp2": "everything sharded",
+    }[p.mode]
+    offload = [
+        k for k, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on
+    ]
+    moved = {
+        "params": p.offload_params,
+        "grads": p.offload_optimizer and p.mode in ("zero2", "zero3"),
+        "optim": p.offload_optimizer,
+    }
+    cpu = {k: ", offloaded to CPU" if on else "" for k, on in moved.items()}
+    ckpt = "on" if p.activation_checkpointing else "off"
+    other_ckpt = (
+        p.activation_bytes_no_ckpt if p.activation_checkpointing else p.activation_bytes_ckpt
+    )
+    lines = [
+        f"llmtrain-plan | {p.model} on {p.world_size} GPU(s) ({p.gpus_per_node} per node), "
+        f"dist {p.mode} ({shard}), {p.precision}"
+        + (f", offload {' + '.join(offload)}" if offload else ""),
+        "",
+        f"  parameters     {_count(p.n_params)} total ({p.n_params:,}), "
+        f"{_count(p.n_params_non_embedding)} non-embedding; vocab {p.vocab_size} padded to "
+        f"{p.padded_vocab_size}",
+        f"  batch          {p.micro_batch} seq x {p.seq_len} tok x {p.grad_accum} accum x "
+        f"{p.world_size} GPU = {p.tokens_per_step:,} tokens/step",
+        "",
+        "  memory per GPU                                 bytes/param before sharding",
+        f"  params        {_gib(p.params_bytes)}   {bpp['params']} ({p.precision}){cpu['params']}",
+        f"  grads         {_gib(p.grads_bytes)}   {bpp['grads']} ({p.precision}){cpu['grads']}",
+        f"  optimizer     {_gib(p.optim_bytes)}   {bpp['optim']} ({optim_note}){cpu['optim']}",
+    ]
+    if p.gather_bytes:
+        lines.append(
+            f"  gathered layer{_gib(p.gather_bytes)}   params + grads of the largest "
+            f"layer ({_count(p.largest_layer_params)})"
+        )
+    lines += [
+        f"  activations   {_gib(p.activation_bytes)}   checkpointing {ckpt} "
+        f"({'off' if p.activation_checkpointing else 'on'}: {other_ckpt / GiB:.2f} GiB)",
+        f"  logits        {_gib(p.logits_bytes)}   fp32 logits + log-softmax for the loss",
+        f"  total         {_gib(p.total_bytes)}",
+    ]
+    if p.cpu_bytes_per_node:
+        lines.append(
+            f"  CPU per node  {_gib(p.cpu_bytes_per_node)}   offloaded states of "
+            f"{p.gpus_per_node} GPU(s) (DeepSpeed asks 1.5x for buffers)"
+        )
+    share = 100 * p.headroom_bytes / p.gpu_mem_bytes
+    if p.fits:
+        verdict = f"fits: {p.headroom_bytes / GiB:.2f} GiB headroom ({share:.0f}%)"
+        if share < 10:
+            verdict += "; tight, CUDA context and fragmentation need ~1-3 GiB"
+    else:
+        verdict = f"does not fit: {-p.headroom_bytes / GiB:.2f} GiB over"
+    lines += [f"  GPU {p.gpu_mem_bytes / GiB:.0f} GiB    {verdict}"]
+    if not p.fits or share < 10:
+        lines += ["  try           " + h for h in p.hints()]
+    lines += [
+        "",
+        f"  compute        {p.flops_per_token / 1e9:.3f} GFLOPs/token (6N + 12 L h T), "
+        f"{p.flops_per_step / 1e15:.2f} PFLOPs/step",
+        f"  step time      {_duration(p.step_time_s)} at {100 * p.mfu:.0f}% MFU of "
+        f"{p.peak_tflops:g} TFLOP/s x {p.world_size} GPU(s)",
+    ]
+    if p.max_steps:
+        lines.append(
+            f"  run            {p.max_steps:,} steps = {p.max_steps * p.tokens_per_step:,}"
+            f" tokens: {_duration(p.run_time_s or 0.0)}"
+        )
+    else:
+        lines.append("  run            no horizon: set trainer.max_steps or trainer.max_tokens")
+    if p.activation_checkpointing:
+        lines.append(
+            "  note           checkpointing recomputes the forward (~1/3 more compute)\n"
+            "                 and MFU counts model FLOPs only, so expect a lower one"
+        )
+    return "\n".join(lines)
+
+
+def _load(overrides: list[str], world_size: int) -> TrainConfig:
+    """load_config, but a missing horizon is no reason not to plan memory."""
+    try:
+        return load_config(overrides, world_size=world_size)
+    except ConfigError as e:
+        if not str(e).startswith("trainer.max_steps: set trainer.max_steps"):
+            raise
+    cfg = load_config([*overrides, "trainer.max_steps=1"], world_size=world_size)
+    cfg.trainer.max_steps = None
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmtrain-plan",
+        description="Memory per GPU and time for a training config, before launching. Flags "
+        "first, then the same Hydra overrides as llmtrain-train.",
+        epilog="example: llmtrain-plan --gpus 8 --gpu-mem 80 model=llama-8b dist.mode=zero3 "
+        "trainer.micro_batch_size=1 data.seq_len=4096 trainer.max_tokens=20e9",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="world size: GPUs in the whole run (default: $WORLD_SIZE or 1)",
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="for CPU offload memory per node (default: min(gpus, 8))",
+    )
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument(
+        "--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=H100_SXM_BF16_TFLOPS,
+        help="device peak TFLOP/s (default: H100 SXM dense bf16, 989)",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt2-small")
+    args = parser.parse_args(argv)
+    if args.gpus < 1 or not 0 < args.mfu <= 1 or args.gpu_mem <= 0 or args.peak_tflops <= 0:
+        parser.error("--gpus must be >= 1, --mfu in (0, 1], --gpu-mem and --peak-tflops > 0")
+    try:
+        cfg = _load(args.overrides, args.gpus)
+    except ConfigError as e:
+        print(f"llmtrain-plan: bad config: {e}", file=sys.stderr)
+        return 2
+    p = plan(cfg, args.gpus, args.gpu_mem, args.mfu, args.peak_tflops, args.gpus_per_node)
+    print(format_plan(p))
+    return 0 if p.fits else 1

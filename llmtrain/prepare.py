@@ -1,0 +1,222 @@
+"""llmtrain-prepare: tokenize any data source into llm.c ``.bin`` shards, resumably.
+
+    llmtrain-prepare data=fineweb out_dir=/data/fineweb10B [num_proc=16] [data.shard_tokens=...]
+
+``out_dir=`` and ``num_proc=`` (default: all cores) are this command's own arguments and are
+taken out of the command line; everything else is a Hydra override of the training config, so
+``data=...`` means exactly what it means for ``llmtrain-train``. Writes
+``{name}_val_000000.bin, ...`` and ``{name}_train_000000.bin, ...`` (documents in source order,
+each followed by EOT; shards end at document boundaries, about ``data.shard_tokens`` tokens each)
+plus ``manifest.json``. An interrupted run resumes after the last finished shard. Train with
+``data=shards data.path=OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from itertools import islice
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtrain.config import CONF_DIR, ConfigError, DataConfig
+from llmtrain.data import (
+    STATS,
+    clean_texts,
+    load_documents,
+    validation_documents,
+)
+from llmtrain.shards import write_shard
+from llmtrain.tokenizer import get_tokenizer
+
+_TOKENIZER = None
+
+
+def _init(name: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = get_tokenizer(name)
+
+
+def _encode(chunk: tuple[int, list[str], dict]) -> tuple[int, np.ndarray, dict]:
+    rows, texts, stats = chunk
+    ids = _TOKENIZER.encode_batch(texts)
+    for doc in ids:
+        doc.append(_TOKENIZER.eot_id)
+    return rows, np.fromiter((t for doc in ids for t in doc), np.uint32), stats
+
+
+def _chunks(ds: Any, cfg: DataConfig, heldout: frozenset, size: int) -> Any:
+    """(rows read, usable texts, their skip counts) per ``size`` rows, in source order."""
+    it = iter(ds)
+    while rows := list(islice(it, size)):
+        stats = dict.fromkeys(STATS, 0)
+        yield len(rows), clean_texts(rows, cfg, heldout, stats), stats
+
+
+def prepare(
+    cfg: DataConfig,
+    out_dir: str | os.PathLike,
+    num_proc: int | None = None,
+    progress: bool = True,
+    chunk_docs: int = 256,  # documents per task sent to a tokenizer process
+) -> dict[str, Any]:
+    """Write the val and train shards of ``cfg`` into ``out_dir``; returns the manifest."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k
+        in (
+            "path",
+            "config_name",
+            "files",
+            "val_files",
+            "text_column",
+            "train_split",
+            "val_split",
+            "val_docs",
+            "tokenizer",
+            "shard_tokens",
+        )
+    }
+    manifest_path = out / "manifest.json"
+    manifest: dict[str, Any] = {
+        "format": "llm.c .bin (magic 20240520)",
+        "source": source,
+        "splits": {},
+    }
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("source") != source:
+            raise ConfigError(
+                f"{manifest_path} was written for {old.get('source')}, not {source}; "
+                "use another out_dir"
+            )
+        manifest = old
+    tok = get_tokenizer(cfg.tokenizer)
+
+    def save() -> None:
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+
+    val_ds, heldout = validation_documents(cfg)
+    splits = {
+        "val": (val_ds, frozenset()),
+        "train": (load_documents(cfg, cfg.train_split), heldout),
+    }
+    with Pool(
+        num_proc or os.cpu_count() or 1, initializer=_init, initargs=(cfg.tokenizer,)
+    ) as pool:
+        for split, (ds, exclude) in splits.items():
+            entry = manifest["splits"].setdefault(
+                split, {"shards": [], "rows": 0, "done": False, "stats": dict.fromkeys(STATS, 0)}
+            )
+            if entry["done"]:
+                continue
+            stats = dict(entry["stats"])
+            chunks = _chunks(
+                ds.skip(entry["rows"]) if entry["rows"] else ds, cfg, exclude, chunk_docs
+            )
+            bar = tqdm(
+                desc=f"{split} docs", initial=entry["rows"], unit="doc", disable=not progress
+            )
+            buf: list[np.ndarray] = []
+            rows_done = entry["rows"]
+            for rows, ids, chunk_stats in pool.imap(_encode, chunks):
+                rows_done += rows
+                stats = {k: stats[k] + chunk_stats[k] for k in STATS}
+                bar.update(rows)
+                buf.append(ids)
+                if sum(len(b) for b in buf) >= cfg.shard_tokens:
+                    _flush(
+                        buf,
+                        out / f"{cfg.name}_{split}_{len(entry['shards']):06d}.bin",
+                        tok.vocab_size,
+                        entry,
+                        rows_done,
+                        stats,
+                    )
+                    save()
+            if buf:
+                _flush(
+                    buf,
+                    out / f"{cfg.name}_{split}_{len(entry['shards']):06d}.bin",
+                    tok.vocab_size,
+                    entry,
+                    rows_done,
+                    stats,
+                )
+            entry["done"], entry["rows"], entry["stats"] = True, rows_done, dict(stats)
+            save()
+            bar.close()
+    return manifest
+
+
+def _flush(
+    buf: list[np.ndarray], path: Path, vocab_size: int, entry: dict, rows: int, stats: dict
+) -> None:
+    """Write the buffered tokens as the split's next shard and record it in the manifest."""
+    tokens = np.concatenate(buf)
+    write_shard(path, tokens, vocab_size)
+    entry["shards"].append(
+        {"file": path.name, "tokens": int(len(tokens)), "rows": rows, "stats": dict(stats)}
+    )
+    entry["rows"], entry["stats"] = rows, dict(stats)
+    buf.clear()
+
+
+def _parse(argv: list[str]) -> tuple[list[str], str, int | None]:
+    out_dir, num_proc, overrides = None, None, []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "out_dir":
+            out_dir = value
+        elif key.lstrip("+") == "num_proc":
+            num_proc = int(value)
+        else:
+            overrides.append(arg)
+    if not out_dir:
+        raise ConfigError("out_dir: missing; usage: llmtrain-prepare data=<source> out_dir=DIR")
+    return overrides, out_dir, num_proc
+
+
+def load_data_config(overrides: list[str]) -> DataConfig:
+    """Compose ``conf/`` with the overrides and return only its (typed) data section."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            node = compose(config_name="train", overrides=overrides)
+        data = OmegaConf.to_object(node.data)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(str(e)) from e
+    assert isinstance(data, DataConfig)
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides, out_dir, num_proc = _parse(sys.argv[1:] if argv is None else argv)
+    cfg = load_data_config(overrides)
+    if cfg.source == "shards":
+        raise ConfigError("data: already shards; pick a text source, e.g. data=fineweb")
+    manifest = prepare(cfg, out_dir, num_proc)
+    for split, entry in manifest["splits"].items():
+        tokens = sum(s["tokens"] for s in entry["shards"])
+        print(
+            f"{split}: {len(entry['shards'])} shards, {tokens:,} tokens, skipped {entry['stats']}"
+        )
+    print(f"train with: data=shards data.path={out_dir}")
+
+
+if __name__ == "__main__":
+    main()

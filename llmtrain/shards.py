@@ -1,0 +1,134 @@
+"""Pre-tokenized shards in llm.c's ``.bin`` format, read through memmaps.
+
+Format (llm.c ``dev/data/data_common.py``, modded-nanogpt ``data/fineweb.py``): a header of 256
+int32 -- magic 20240520, version, token count -- then the tokens: uint16 for version 1, uint32
+for version 2 (vocabularies over 65,535 ids). Our files hold documents each followed by EOT;
+llm.c's put EOT before each document. Either way documents are EOT-separated.
+
+Training reads the concatenation of the files (in a seed-and-epoch shuffled file order) as one
+token stream; window g starts at token g * stride, and of S = world_size x num_workers slots,
+slot s takes windows s, s + S, s + 2S, ... A position is just (epoch, next window), so resume is
+exact and costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from llmtrain.config import DataConfig
+from llmtrain.data import STATS, DataError
+
+MAGIC = 20240520
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+DTYPES = {1: np.uint16, 2: np.uint32}
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
+    """Write ``tokens`` as one llm.c shard, atomically (a temp file renamed into place)."""
+    version = 1 if vocab_size <= 2**16 else 2
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (MAGIC, version, len(tokens))
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=DTYPES[version]).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """The tokens of one shard as a read-only memmap; checks magic, version and length."""
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != MAGIC:
+        raise DataError(f"{path}: not an llm.c token shard (magic {MAGIC} expected)")
+    version, ntok = int(header[1]), int(header[2])
+    if version not in DTYPES:
+        raise DataError(f"{path}: unsupported shard version {version} (known: 1 uint16, 2 uint32)")
+    dtype = DTYPES[version]
+    expected = HEADER_BYTES + ntok * np.dtype(dtype).itemsize
+    if os.path.getsize(path) != expected:
+        raise DataError(
+            f"{path}: {os.path.getsize(path)} bytes, header says {expected}; "
+            "the file is truncated or still being written"
+        )
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(ntok,))
+
+
+def shard_files(cfg: DataConfig, split: str) -> list[str]:
+    """The shards of a split: ``DIR/*train*.bin`` / ``DIR/*val*.bin`` (llm.c's names)."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"data.path={cfg.path!r}: no such directory (run llmtrain-prepare first)")
+    pattern = "*train*.bin" if split == "train" else "*val*.bin"
+    files = sorted(str(p) for p in root.glob(pattern))
+    if not files:
+        raise DataError(f"data.path={cfg.path!r}: no {pattern} shard files")
+    return files
+
+
+class ShardWindows(IterableDataset):
+    """Windows of seq_len + 1 tokens from memmapped shards, with the data.py item protocol."""
+
+    def __init__(
+        self, cfg: DataConfig, split: str, batch_size: int, seed: int, rank: int, world_size: int
+    ) -> None:
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.train = split == "train"
+        self.rank, self.world_size = rank, world_size
+        self.files = shard_files(cfg, split)
+        self.lengths = [len(read_shard(f)) for f in self.files]
+        self.resume: list[dict | None] = []
+
+    def _order(self, epoch: int) -> list[int]:
+        if not (self.train and self.cfg.shuffle):
+            return list(range(len(self.files)))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.files)).tolist()
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        start = self.resume[worker] if worker < len(self.resume) else None
+        yield from self._windows(worker, slot, slots, start)
+
+    def _windows(self, worker: int, slot: int, slots: int, pos: dict | None) -> Iterator[tuple]:
+        L, stride = self.cfg.seq_len + 1, self.cfg.stride or self.cfg.seq_len
+        total = sum(self.lengths)
+        count = (total - L) // stride + 1 if total >= L else 0  # windows per epoch
+        pos = dict(pos or {"epoch": 0, "next": slot})
+        stats = dict.fromkeys(STATS, 0)
+        maps = [read_shard(f) for f in self.files]
+        batch: list[np.ndarray] = []
+        while True:
+            order = self._order(pos["epoch"])
+            cum = np.cumsum([0] + [self.lengths[i] for i in order])
+            while pos["next"] < count:
+                batch.append(_read(maps, order, cum, pos["next"] * stride, L))
+                pos["next"] += slots
+                if len(batch) == self.batch_size:
+                    yield worker, np.stack(batch), dict(pos), stats
+                    batch = []
+            if not self.train or count == 0:
+                if batch:
+                    yield worker, np.stack(batch), dict(pos), stats
+                yield worker, None, dict(pos), stats
+                return
+            pos = {"epoch": pos["epoch"] + 1, "next": slot}
+
+
+def _read(maps: list[np.ndarray], order: list[int], cum: np.ndarray, start: int, n: int) -> Any:
+    """Tokens [start, start + n) of the files concatenated in ``order``, as int64."""
+    i = int(np.searchsorted(cum, start, side="right")) - 1
+    parts, off = [], start - int(cum[i])
+    while n > 0:
+        piece = maps[order[i]][off : off + n]
+        parts.append(piece)
+        n -= len(piece)
+        i, off = i + 1, 0
+    return np.concatenate(parts).astype(np.int64)

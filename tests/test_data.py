@@ -1,0 +1,243 @@
+"""The data pipeline against tiktoken itself: token ids, rank/worker splits, exact resume, bad data.
+
+Offline, CPU. Tests that read ../shared/data skip when it is absent; the rest use the shipped
+sample or files they write themselves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llmtrain.config import DataConfig
+from llmtrain.data import SAMPLE_DIR, DataError, build_dataloader
+from llmtrain.tokenizer import get_tokenizer
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # 5 s per shuffled pass otherwise
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+TOK = get_tokenizer("gpt2")
+EOT = TOK.eot_id
+
+
+def docs_of(files: list[Path]) -> list[str]:
+    return [t for f in sorted(files) for t in pq.read_table(f)["text"].to_pylist()]
+
+
+def stream_of(texts: list[str]) -> list[int]:
+    """The reference token stream: tiktoken's own encode_ordinary, EOT after each document."""
+    out: list[int] = []
+    for t in texts:
+        out += TOK.encoding.encode_ordinary(t) + [EOT]
+    return out
+
+
+def unwindow(batches, stride: int) -> list[int]:
+    """Windows taken every ``stride`` tokens back into the stream they were cut from."""
+    windows = [w for x, y in batches for w in torch.cat([x, y[:, -1:]], 1).tolist()]
+    out = list(windows[0])
+    for w in windows[1:]:
+        out += w[len(w) - stride :]
+    return out
+
+
+def take(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def small(**kw) -> DataConfig:
+    return replace(DataConfig(), **{"seq_len": 32, "tokenize_batch": 8, "pin_memory": False, **kw})
+
+
+def test_sample_val_equals_tiktoken():
+    cfg = small(seq_len=64)
+    batches = list(build_dataloader(cfg, TOK, split="val", batch_size=4))
+    x, y = batches[0]
+    assert x.dtype == torch.long and x.shape == (4, 64) and torch.equal(x[:, 1:], y[:, :-1])
+    ref = stream_of(docs_of(list((SAMPLE_DIR / "data" / "validation").glob("*.parquet"))))
+    got = unwindow(batches, 64)
+    assert got == ref[: len(got)] and len(ref) - len(got) < 65  # only the final partial window
+    assert len(list(build_dataloader(cfg, TOK, split="val", batch_size=4))) == len(batches)
+
+
+def test_sample_train_unshuffled_equals_tiktoken():
+    cfg = small(shuffle=False)
+    got = unwindow(take(build_dataloader(cfg, TOK, split="train", batch_size=8), 30), 32)
+    ref = stream_of(docs_of(list((SAMPLE_DIR / "data" / "train").glob("*.parquet"))))
+    assert got == ref[: len(got)]
+
+
+def test_stride_overlaps_windows(tmp_path):
+    (tmp_path / "a.txt").write_text("one two three four five six seven eight nine ten " * 40)
+    cfg = small(files=str(tmp_path / "a.txt"), stride=8, val_files=str(tmp_path / "a.txt"))
+    x, y = next(iter(build_dataloader(cfg, TOK, split="val", batch_size=3)))
+    ref = stream_of([(tmp_path / "a.txt").read_text()])
+    for i in range(3):  # GPTDatasetV1: window i starts at i * stride
+        assert (
+            x[i].tolist() == ref[8 * i : 8 * i + 32]
+            and y[i].tolist() == ref[8 * i + 1 : 8 * i + 33]
+        )
+
+
+@needs_shared
+def test_fineweb_code_path_holds_out_documents():
+    root = SHARED / "fineweb-sample"
+    cfg = small(path=str(root), val_split=None, val_docs=5, shuffle=False)
+    docs = docs_of(list((root / "data" / "train").glob("*.parquet")))
+    val = unwindow(list(build_dataloader(cfg, TOK, split="val", batch_size=4)), 32)
+    assert val == stream_of(docs[:5])[: len(val)]
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=8)
+    train = unwindow(take(loader, 20), 32)
+    assert train == stream_of(docs[5:])[: len(train)]
+
+
+def test_fineweb_offline_is_one_fast_clear_error(monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = small(path="HuggingFaceFW/fineweb", config_name="sample-10BT", val_split=None)
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="HuggingFaceFW/fineweb") as e:
+        build_dataloader(cfg, TOK, split="train", batch_size=2)
+    assert "HF_HUB_OFFLINE" in str(e.value) and "HF_DATASETS_OFFLINE" in str(e.value)
+    assert time.perf_counter() - start < 15
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_and_workers_are_disjoint_and_cover(world_size):
+    """One pass over the sample's train split by every (rank, worker): each document once."""
+    docs = docs_of(list((SAMPLE_DIR / "data" / "train").glob("*.parquet")))
+    ref = {tuple(stream_of([d])) for d in docs}
+    assert len(ref) == len(docs)
+    cfg = small(num_workers=2)
+    found, covered, slots = [], 0, 0
+    for rank in range(world_size):
+        loader = build_dataloader(cfg, TOK, split="train", batch_size=4, rank=rank,
+                                  world_size=world_size, seed=3)  # fmt: skip
+        assert loader.num_workers == 2
+        loader.source.train = False  # one pass, ending with each worker's last batch
+        per_worker: dict[int, list] = {0: [], 1: []}
+        for batch in loader:  # the worker that made a batch is the one before "next"
+            per_worker[(loader.state_dict()["next"] - 1) % 2].append(batch)
+        for batches in per_worker.values():
+            slots += 1
+            tokens = unwindow(batches, 32)
+            covered += len(tokens)
+            pieces, cur = [], []
+            for t in tokens:
+                cur.append(t)
+                if t == EOT:
+                    pieces.append(tuple(cur))
+                    cur = []
+            found += pieces
+    assert len(found) == len(set(found)) and set(found) <= ref  # disjoint, real documents
+    total = sum(len(d) for d in ref)
+    assert total - covered < slots * 33 and len(ref) - len(found) <= slots
+
+
+def write_txt_corpus(root: Path, n: int = 12) -> str:
+    docs = [d for d in docs_of(list((SAMPLE_DIR / "data" / "validation").glob("*.parquet")))][:n]
+    for i, d in enumerate(docs):
+        (root / f"doc{i:02d}.txt").write_text(d[:1500])
+    return str(root / "*.txt")
+
+
+def resume_case(kind: str, tmp_path: Path) -> DataConfig:
+    if kind == "parquet":
+        return small()
+    if kind == "txt-stride":
+        return small(files=write_txt_corpus(tmp_path), stride=20, val_docs=2, seq_len=24)
+    if kind == "jsonl-buffer-free":
+        rows = docs_of(list((SAMPLE_DIR / "data" / "validation").glob("*.parquet")))[:30]
+        (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+        return small(files=str(tmp_path / "c.jsonl"), val_docs=3)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    ("kind", "k"), [("parquet", 9), ("txt-stride", 70), ("jsonl-buffer-free", 7)]
+)
+def test_resume_is_exact(tmp_path, kind, k, workers):
+    cfg = replace(resume_case(kind, tmp_path), num_workers=workers)
+    build = lambda: build_dataloader(cfg, TOK, split="train", batch_size=4, seed=7)
+    loader = build()
+    it = iter(loader)
+    for _ in range(k):
+        next(it)
+    buf = io.BytesIO()
+    torch.save(loader.state_dict(), buf)  # plain, picklable
+    expected = [next(it) for _ in range(6)]
+    resumed = build()
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    got = take(resumed, 6)
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    state = loader.state_dict()
+    assert state["windows"] == (k + 6) * 4 and state["global_tokens"] == (k + 6) * 4 * cfg.seq_len
+
+
+def test_epochs_reshuffle_and_count(tmp_path):
+    cfg = small(files=write_txt_corpus(tmp_path, 6), val_docs=1, seq_len=16)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=4, seed=1)
+    take(loader, 120)
+    assert loader.state_dict()["workers"][0]["epoch"] >= 1
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="data.files"):
+        build_dataloader(small(files=str(tmp_path / "nope.txt")), TOK, split="train", batch_size=2)
+
+
+def test_missing_text_column(tmp_path):
+    pq.write_table(pa.table({"content": ["a b c"] * 5}), tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="content"):
+        build_dataloader(small(files=str(tmp_path / "x.parquet")), TOK, split="train", batch_size=2)
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("  \n")
+    cfg = small(files=str(tmp_path / "*.txt"), val_files=str(tmp_path / "a.txt"))
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2)
+    with pytest.raises(DataError, match="no training window"):
+        next(iter(loader))
+    assert loader.stats["empty"] == 2
+
+
+def test_non_utf8_and_empty_documents_are_skipped_and_counted(tmp_path):
+    good = "A perfectly ordinary document about the weather. " * 30
+    (tmp_path / "good.txt").write_text(good)
+    (tmp_path / "bad.txt").write_bytes(b"valid start \xff\xfe broken bytes " * 20)
+    (tmp_path / "empty.txt").write_text("")
+    cfg = small(files=str(tmp_path / "*.txt"), val_files=str(tmp_path / "good.txt"))
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2)
+    got = unwindow(take(loader, 3), 32)
+    assert got == stream_of([good])[: len(got)]
+    assert loader.stats["undecodable"] == 1 and loader.stats["empty"] == 1
+
+
+def test_jsonl_rows_are_documents_and_empty_rows_counted(tmp_path):
+    rows = ["first document here", "", "second document", None]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    cfg = small(files=str(tmp_path / "c.jsonl"), val_docs=1, seq_len=4)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=1)
+    got = unwindow(take(loader, 2), 4)
+    assert got == stream_of(["second document"] * 4)[: len(got)]
+    assert loader.stats["empty"] >= 2 and loader.stats["heldout"] >= 1

@@ -1,0 +1,128 @@
+"""llm.c .bin shards: format compatibility both ways, rank/worker split, exact resume."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmtrain.config import DataConfig
+from llmtrain.data import DataError, build_dataloader
+from llmtrain.shards import read_shard, write_shard
+from llmtrain.tokenizer import get_tokenizer
+
+TOK = get_tokenizer("gpt2")
+
+
+def llmc_write(path: Path, toks: np.ndarray) -> None:
+    """llm.c dev/data/data_common.py write_datafile (GPT-2, version 1)."""
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(toks)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(toks.astype(np.uint16).tobytes())
+
+
+def nanogpt_read(path: Path) -> torch.Tensor:
+    """modded-nanogpt train_gpt.py _load_data_shard."""
+    header = torch.from_file(str(path), False, 256, dtype=torch.int32)
+    assert header[0] == 20240520 and header[1] == 1
+    num_tokens = int(header[2])
+    with path.open("rb", buffering=0) as f:
+        tokens = torch.empty(num_tokens, dtype=torch.uint16)
+        f.seek(256 * 4)
+        assert f.readinto(tokens.numpy()) == 2 * num_tokens
+    return tokens
+
+
+def test_llmc_files_load_and_ours_load_there(tmp_path):
+    toks = np.random.default_rng(0).integers(0, 50257, 5000)
+    llmc_write(tmp_path / "a.bin", toks)
+    assert np.array_equal(read_shard(tmp_path / "a.bin"), toks)
+    write_shard(tmp_path / "b.bin", toks, vocab_size=50257)
+    assert torch.equal(nanogpt_read(tmp_path / "b.bin").long(), torch.from_numpy(toks))
+
+
+def test_large_vocab_uses_uint32_version_2(tmp_path):
+    toks = np.array([0, 70000, 100276, 5], dtype=np.int64)
+    write_shard(tmp_path / "c.bin", toks, vocab_size=100277)
+    assert np.fromfile(tmp_path / "c.bin", np.int32, 3).tolist() == [20240520, 2, 4]
+    assert read_shard(tmp_path / "c.bin").tolist() == toks.tolist()
+
+
+def test_truncated_or_foreign_file_is_a_clear_error(tmp_path):
+    write_shard(tmp_path / "d.bin", np.arange(100), 50257)
+    data = (tmp_path / "d.bin").read_bytes()
+    (tmp_path / "d.bin").write_bytes(data[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        read_shard(tmp_path / "d.bin")
+    (tmp_path / "e.bin").write_bytes(b"x" * 2000)
+    with pytest.raises(DataError, match="magic"):
+        read_shard(tmp_path / "e.bin")
+
+
+@pytest.fixture
+def shard_dir(tmp_path) -> Path:
+    # Token ids that encode their own position make coverage checks exact.
+    stream = np.arange(7 * 997) % 50000
+    for i, part in enumerate(np.array_split(stream, 7)):
+        write_shard(tmp_path / f"x_train_{i:06d}.bin", part, 50257)
+    write_shard(tmp_path / "x_val_000000.bin", stream[:700], 50257)
+    return tmp_path
+
+
+def cfg_for(root: Path, **kw) -> DataConfig:
+    return replace(
+        DataConfig(),
+        **{"source": "shards", "path": str(root), "seq_len": 32, "pin_memory": False, **kw},
+    )
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_and_workers_are_disjoint_and_cover(shard_dir, world_size):
+    starts = []
+    for rank in range(world_size):
+        loader = build_dataloader(
+            cfg_for(shard_dir, num_workers=2, shuffle=False),
+            TOK,
+            split="train",
+            batch_size=4,
+            rank=rank,
+            world_size=world_size,
+        )
+        loader.source.train = False  # one pass
+        starts += [int(x[i, 0]) for x, _ in loader for i in range(len(x))]
+    assert len(starts) == len(set(starts))
+    assert sorted(starts) == list(range(0, 7 * 997 - 32, 32))  # every window, once
+
+
+def test_tokens_and_val(shard_dir):
+    x, y = next(iter(build_dataloader(cfg_for(shard_dir), TOK, split="val", batch_size=2)))
+    assert x[0].tolist() == list(range(32)) and y[1].tolist() == list(range(33, 65))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact_across_epochs(shard_dir, workers):
+    cfg = cfg_for(shard_dir, num_workers=workers, stride=24)
+    build = lambda: build_dataloader(cfg, TOK, split="train", batch_size=8, world_size=1, seed=5)
+    loader = build()
+    it = iter(loader)
+    for _ in range(40):  # one epoch is ~36 batches
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(5)]
+    resumed = build()
+    resumed.load_state_dict(state)
+    it2 = iter(resumed)
+    for ex, ey in expected:
+        x, y = next(it2)
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert max(w["epoch"] for w in state["workers"]) >= 1
+
+
+def test_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="llmtrain-prepare"):
+        build_dataloader(cfg_for(tmp_path / "none"), TOK, split="train", batch_size=2)
