@@ -417,6 +417,12 @@ class TokenLoader:
                 f"{self._describe()}: no {'training' if self.train else 'validation'} "
                 f"window of data.seq_len+1={self.cfg.seq_len + 1} tokens "
                 f"(skipped: {self.stats}); the corpus is empty or too small"
+                + (
+                    ". Every document was held out for validation: give the validation text "
+                    "separately with data.val_files=PATH (a .txt file is one document)"
+                    if self.train and self.stats.get("heldout") and not self.stats.get("documents")
+                    else ""
+                )
             )
 
     def _describe(self) -> str:

@@ -30,7 +30,7 @@ from llmtrain.config import (
     world_size_from_env,
 )
 from llmtrain.consolidate import load_data_state, load_state
-from llmtrain.data import build_dataloader
+from llmtrain.data import DataError, build_dataloader
 from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
 from llmtrain.metrics import (
     MetricsFile,
@@ -348,6 +348,9 @@ def _hydra_main(node: DictConfig) -> None:
         train(cfg, run_dir)
     except ConfigError as e:
         print(f"llmtrain: config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except DataError as e:
+        print(f"llmtrain: data error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -30,7 +30,7 @@ def test_llama_sizes_inherit_llama_style():
 def test_experiment_pins_a_run():
     cfg = load_config(["experiment=smoke"])
     assert cfg.experiment == "smoke" and cfg.model.name == "tiny"
-    assert cfg.trainer.max_steps == 120
+    assert cfg.trainer.max_steps == 100
 
 
 @pytest.mark.parametrize(

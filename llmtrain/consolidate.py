@@ -1,0 +1,196 @@
+"""Moving checkpoints between layouts: full state dicts for export, other world sizes on resume.
+
+What ``accelerator.save_state`` writes under each dist mode (every rank writes its own part)::
+
+    single, ddp   model.safetensors, optimizer.bin                     (already full)
+    zero1/2/3     pytorch_model/  mp_rank_00_model_states.pt, zero_pp_rank_<r>_..._states.pt
+    fsdp2         pytorch_model_fsdp_0/, optimizer_0/                  (torch DCP)
+
+Export: :func:`full_state_dict` rebuilds the fp32 weights from any of them on one CPU process
+(DeepSpeed's ``zero_to_fp32``; DCP's own loader), and ``python -m llmtrain.consolidate CKPT``
+writes them as ``CKPT/model.safetensors`` (``--dtype bf16`` for half the size).
+
+Resume on another world size (:func:`load_state`):
+- single/ddp: the files are full; nothing to do.
+- fsdp2: DCP reshards on load by itself.
+- zero1/2/3: the checkpoint is converted once to DeepSpeed's universal format (one file per
+  parameter and optimizer moment, ``CKPT/universal/``) and loaded with ``load_universal``.
+- data: the position is the global count of consumed windows. With ``data.source=shards``
+  window g of the global stream goes to rank g mod world_size, so after G windows every
+  rank of the new layout starts at G + rank: no window is repeated or skipped
+  (:func:`redistribute_data_state`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.config import ConfigError
+
+DS_TAG = "pytorch_model"  # the DeepSpeed tag accelerator.save_state uses
+FSDP_MODEL = "pytorch_model_fsdp_0"
+UNIVERSAL = "universal"
+
+
+def layout(ckpt: Path) -> str:
+    if (ckpt / "model.safetensors").is_file():
+        return "full"
+    if (ckpt / DS_TAG).is_dir():
+        return "deepspeed"
+    if (ckpt / FSDP_MODEL).is_dir():
+        return "dcp"
+    raise FileNotFoundError(f"{ckpt}: no model.safetensors, {DS_TAG}/ or {FSDP_MODEL}/ inside")
+
+
+def full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The model's fp32 state dict from a checkpoint of any dist mode, on CPU, no process group."""
+    ckpt = Path(ckpt)
+    kind = layout(ckpt)
+    if kind == "full":
+        from safetensors.torch import load_file
+
+        return load_file(str(ckpt / "model.safetensors"))
+    if kind == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    else:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        tmp = ckpt / "consolidated.pt.tmp"
+        dcp_to_torch_save(str(ckpt / FSDP_MODEL), str(tmp))
+        state = torch.load(tmp, weights_only=True)["model"]
+        tmp.unlink()
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32") -> Path:
+    """Write the full state dict of ``ckpt`` as safetensors (tied weights stored once)."""
+    from safetensors.torch import save_file
+
+    ckpt = Path(ckpt)
+    out = Path(out) if out else ckpt / "model.safetensors"
+    state = full_state_dict(ckpt)
+    cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, t in state.items():
+        key = t.data_ptr()
+        if key in seen:  # tied lm_head / wte: GPT.load_state_dict re-ties it
+            continue
+        seen[key] = name
+        tensors[name] = t.to(cast).contiguous()
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "dtype": dtype})
+    os.replace(tmp, out)
+    return out
+
+
+def _universal(ckpt: Path) -> Path:
+    """``ckpt``'s DeepSpeed shards in the universal format (converted once, then reused)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    root = ckpt / UNIVERSAL
+    if (root / DS_TAG).is_dir():
+        return root
+    tmp = ckpt / (UNIVERSAL + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt / DS_TAG), output_folder=str(tmp / DS_TAG),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        inject_missing_state=True,
+    )
+    ds_to_universal.main(args)
+    os.replace(tmp, root)
+    return root
+
+
+def load_state(accelerator, model, ckpt: Path, saved_world: int, mode: str) -> None:
+    """``accelerator.load_state`` that also accepts a checkpoint from another world size."""
+    world = accelerator.num_processes
+    if saved_world == world or mode not in ("zero1", "zero2", "zero3"):
+        accelerator.load_state(str(ckpt))
+        return
+    if accelerator.is_main_process:
+        _universal(ckpt)
+    accelerator.wait_for_everyone()
+    # The engine reads this flag at load time; the universal files carry no per-rank RNG.
+    model._config.load_universal_checkpoint = True
+    try:
+        model.load_checkpoint(str(ckpt / UNIVERSAL), tag=DS_TAG, load_module_strict=True,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    finally:
+        model._config.load_universal_checkpoint = False
+
+
+def redistribute_data_state(states: list[dict[str, Any]], rank: int, world: int
+                            ) -> dict[str, Any]:
+    """The data position for ``rank`` of ``world`` from the states all old ranks saved."""
+    old = len(states)
+    first = states[0]
+    if first["kind"] != "shards" or first["num_workers"] != 0:
+        raise ConfigError(
+            f"trainer.resume: the checkpoint was written by {old} processes and this launch has "
+            f"{world}. Its data position can move to another world size only with "
+            f"data.source=shards and data.num_workers=0 (one global window order; see "
+            f"llmtrain-prepare); the streaming source splits files by rank. Resume with {old} "
+            "processes, or convert the corpus to shards."
+        )
+    positions = [s["workers"][0] for s in states]
+    if all(p is None for p in positions):
+        consumed, epoch = 0, 0
+    else:
+        epochs = {p["epoch"] for p in positions if p is not None}
+        prefix = {p["next"] - r for r, p in enumerate(positions) if p is not None}
+        if len(epochs) != 1 or len(prefix) != 1 or None in positions:
+            raise ConfigError(
+                f"trainer.resume: this checkpoint's data position straddles an epoch boundary "
+                f"and cannot be split over {world} processes; resume with {old} processes or "
+                "from another checkpoint"
+            )
+        consumed, epoch = prefix.pop(), epochs.pop()
+    total = first["global_windows"]
+    batch = first["windows"] // max(1, first["batches"]) if first["batches"] else None
+    stats = {k: sum(s["stats"][0][k] for s in states) for k in states[0]["stats"][0]}
+    state = {**first, "world_size": world, "rank": rank, "next": 0, "done": [False],
+             "workers": [{"epoch": epoch, "next": consumed + rank} if total else None],
+             "stats": [stats if rank == 0 else dict.fromkeys(stats, 0)]}
+    if batch:
+        state["batches"] = total // (batch * world)
+    return state
+
+
+def load_data_state(ckpt: Path, rank: int, world: int, saved_world: int) -> dict[str, Any]:
+    if saved_world == world:
+        path = ckpt / f"data_state_{rank}.pt"
+        if not path.is_file():
+            raise ConfigError(f"trainer.resume: {path} is missing; the checkpoint is incomplete")
+        return torch.load(path, weights_only=True)
+    states = [torch.load(ckpt / f"data_state_{r}.pt", weights_only=True)
+              for r in range(saved_world)]
+    return redistribute_data_state(states, rank, world)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmtrain.consolidate",
+        description="Write a checkpoint's full model weights (any dist mode) as safetensors.")
+    parser.add_argument("checkpoint", help="a step_XXXXXXX directory")
+    parser.add_argument("--out", help="output file (default: CHECKPOINT/model.safetensors)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    args = parser.parse_args(argv)
+    print(export(args.checkpoint, args.out, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["full_state_dict", "export", "load_state", "load_data_state",
+           "redistribute_data_state"]
