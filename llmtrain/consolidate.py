@@ -102,8 +102,12 @@ def _universal(ckpt: Path) -> Path:
     tmp = ckpt / (UNIVERSAL + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(
-        input_folder=str(ckpt / DS_TAG), output_folder=str(tmp / DS_TAG),
-        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        input_folder=str(ckpt / DS_TAG),
+        output_folder=str(tmp / DS_TAG),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
         inject_missing_state=True,
     )
     ds_to_universal.main(args)
@@ -120,17 +124,32 @@ def load_state(accelerator, model, ckpt: Path, saved_world: int, mode: str) -> N
     if accelerator.is_main_process:
         _universal(ckpt)
     accelerator.wait_for_everyone()
+    # DeepSpeed's ZeRO-3 universal loader copies param group 0's hyperparameters onto every
+    # group, which would put weight decay on the no-decay group (biases, norms): keep ours.
+    groups = model.optimizer.optimizer.param_groups
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     # The engine reads this flag at load time; the universal files carry no per-rank RNG.
     model._config.load_universal_checkpoint = True
     try:
-        model.load_checkpoint(str(ckpt / UNIVERSAL), tag=DS_TAG, load_module_strict=True,
-                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        model.load_checkpoint(
+            str(ckpt / UNIVERSAL),
+            tag=DS_TAG,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
     finally:
         model._config.load_universal_checkpoint = False
+    for group, saved in zip(groups, hyper, strict=True):
+        group.update(saved)
+    # It also gives every parameter group the same ``step`` tensor, which torch's AdamW then
+    # increments once per group and step: each group needs its own.
+    for state in model.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
-def redistribute_data_state(states: list[dict[str, Any]], rank: int, world: int
-                            ) -> dict[str, Any]:
+def redistribute_data_state(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
     """The data position for ``rank`` of ``world`` from the states all old ranks saved."""
     old = len(states)
     first = states[0]
@@ -158,9 +177,15 @@ def redistribute_data_state(states: list[dict[str, Any]], rank: int, world: int
     total = first["global_windows"]
     batch = first["windows"] // max(1, first["batches"]) if first["batches"] else None
     stats = {k: sum(s["stats"][0][k] for s in states) for k in states[0]["stats"][0]}
-    state = {**first, "world_size": world, "rank": rank, "next": 0, "done": [False],
-             "workers": [{"epoch": epoch, "next": consumed + rank} if total else None],
-             "stats": [stats if rank == 0 else dict.fromkeys(stats, 0)]}
+    state = {
+        **first,
+        "world_size": world,
+        "rank": rank,
+        "next": 0,
+        "done": [False],
+        "workers": [{"epoch": epoch, "next": consumed + rank} if total else None],
+        "stats": [stats if rank == 0 else dict.fromkeys(stats, 0)],
+    }
     if batch:
         state["batches"] = total // (batch * world)
     return state
@@ -172,15 +197,17 @@ def load_data_state(ckpt: Path, rank: int, world: int, saved_world: int) -> dict
         if not path.is_file():
             raise ConfigError(f"trainer.resume: {path} is missing; the checkpoint is incomplete")
         return torch.load(path, weights_only=True)
-    states = [torch.load(ckpt / f"data_state_{r}.pt", weights_only=True)
-              for r in range(saved_world)]
+    states = [
+        torch.load(ckpt / f"data_state_{r}.pt", weights_only=True) for r in range(saved_world)
+    ]
     return redistribute_data_state(states, rank, world)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m llmtrain.consolidate",
-        description="Write a checkpoint's full model weights (any dist mode) as safetensors.")
+        description="Write a checkpoint's full model weights (any dist mode) as safetensors.",
+    )
     parser.add_argument("checkpoint", help="a step_XXXXXXX directory")
     parser.add_argument("--out", help="output file (default: CHECKPOINT/model.safetensors)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -192,5 +219,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["full_state_dict", "export", "load_state", "load_data_state",
-           "redistribute_data_state"]
+__all__ = ["full_state_dict", "export", "load_state", "load_data_state", "redistribute_data_state"]

@@ -74,25 +74,40 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
                 f"stage {stage}; pass dist=zero{stage} or launch with launch/multi-gpu.yaml"
             )
     if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and mode != "fsdp2":
-        raise ConfigError(f"dist.mode: {mode!r} but the accelerate config file asks for FSDP; "
-                          "pass dist=fsdp2 or launch with launch/multi-gpu.yaml")
+        raise ConfigError(
+            f"dist.mode: {mode!r} but the accelerate config file asks for FSDP; "
+            "pass dist=fsdp2 or launch with launch/multi-gpu.yaml"
+        )
     if mode == "fsdp2" and resolve_device(cfg.trainer.device) == "cpu" and world_size < 2:
-        raise ConfigError("dist.mode: fsdp2 on CPU needs at least 2 processes "
-                          "(accelerate launch --config_file launch/cpu.yaml); use dist=single")
+        raise ConfigError(
+            "dist.mode: fsdp2 on CPU needs at least 2 processes "
+            "(accelerate launch --config_file launch/cpu.yaml); use dist=single"
+        )
 
 
 # DeepSpeed keys that restate a Hydra value; a user JSON must agree with them or be refused.
-OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "train_batch_size", "gradient_clipping", "zero_optimization.stage",
-              "bf16.enabled", "fp16.enabled", "zero_optimization.offload_optimizer.device",
-              "zero_optimization.offload_param.device")
-HYDRA_KEY = {"train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
-             "gradient_accumulation_steps": "trainer.batch_tokens (derived accumulation)",
-             "train_batch_size": "trainer.batch_tokens / data.seq_len",
-             "gradient_clipping": "optim.grad_clip", "zero_optimization.stage": "dist.mode",
-             "bf16.enabled": "trainer.precision", "fp16.enabled": "trainer.precision",
-             "zero_optimization.offload_optimizer.device": "dist.offload_optimizer",
-             "zero_optimization.offload_param.device": "dist.offload_params"}
+OWNED_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+    "zero_optimization.stage",
+    "bf16.enabled",
+    "fp16.enabled",
+    "zero_optimization.offload_optimizer.device",
+    "zero_optimization.offload_param.device",
+)
+HYDRA_KEY = {
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.batch_tokens (derived accumulation)",
+    "train_batch_size": "trainer.batch_tokens / data.seq_len",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "dist.mode",
+    "bf16.enabled": "trainer.precision",
+    "fp16.enabled": "trainer.precision",
+    "zero_optimization.offload_optimizer.device": "dist.offload_optimizer",
+    "zero_optimization.offload_param.device": "dist.offload_params",
+}
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -110,15 +125,19 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, device: str,
-                     load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: TrainConfig, grad_accum: int, world_size: int, device: str, load_universal: bool = False
+) -> dict[str, Any]:
     """The DeepSpeed JSON for ``cfg``; ``dist.deepspeed_config`` (a user file) may add tuning
     keys (bucket sizes, prefetch) but every key Hydra owns must agree or the run is refused."""
     d, t = cfg.dist, cfg.trainer
     precision = resolve_precision(t.precision, device)
     offload = {"device": "cpu", "pin_memory": device == "cuda"}
-    zero: dict[str, Any] = {"stage": ZERO_STAGE[d.mode], "contiguous_gradients": True,
-                            "overlap_comm": device == "cuda"}
+    zero: dict[str, Any] = {
+        "stage": ZERO_STAGE[d.mode],
+        "contiguous_gradients": True,
+        "overlap_comm": device == "cuda",
+    }
     if d.offload_optimizer:
         zero["offload_optimizer"] = offload
     if d.offload_params:
@@ -148,26 +167,34 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, device:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"dist.deepspeed_config: cannot read {path}: {e}") from e
     if "optimizer" in user or "scheduler" in user:
-        raise ConfigError(f"dist.deepspeed_config: {path} has an optimizer/scheduler block; "
-                          "llmtrain builds them from the optim group, remove the block")
+        raise ConfigError(
+            f"dist.deepspeed_config: {path} has an optimizer/scheduler block; "
+            "llmtrain builds them from the optim group, remove the block"
+        )
     wrong = []
     for key in OWNED_KEYS:
         mine, theirs = _get(generated, key), _get(user, key)
         if key.endswith("offload_optimizer.device") or key.endswith("offload_param.device"):
             mine = mine or "none"
         if theirs not in (None, "auto") and theirs != mine:
-            wrong.append(f"  {key}: {path.name} has {theirs!r}, the config gives {mine!r} "
-                         f"(from {HYDRA_KEY[key]})")
+            wrong.append(
+                f"  {key}: {path.name} has {theirs!r}, the config gives {mine!r} "
+                f"(from {HYDRA_KEY[key]})"
+            )
     if wrong:
-        raise ConfigError("dist.deepspeed_config: the DeepSpeed JSON disagrees with the Hydra "
-                          "config, which is the source of truth:\n" + "\n".join(wrong) +
-                          "\nSet these keys to \"auto\" (or delete them) in the JSON, or change "
-                          "the Hydra values.")
+        raise ConfigError(
+            "dist.deepspeed_config: the DeepSpeed JSON disagrees with the Hydra "
+            "config, which is the source of truth:\n"
+            + "\n".join(wrong)
+            + '\nSet these keys to "auto" (or delete them) in the JSON, or change '
+            "the Hydra values."
+        )
     return _merge(user, generated)
 
 
-def _deepspeed_plugin(cfg: TrainConfig, grad_accum: int, world_size: int, device: str,
-                      load_universal: bool):
+def _deepspeed_plugin(
+    cfg: TrainConfig, grad_accum: int, world_size: int, device: str, load_universal: bool
+):
     from accelerate.utils import DeepSpeedPlugin
 
     if device == "cpu":
@@ -201,18 +228,22 @@ def _fsdp2_plugin(cfg: TrainConfig):
     )
 
 
-def build_accelerator(cfg: TrainConfig, grad_accum: int,
-                      load_universal: bool = False) -> Accelerator:
+def build_accelerator(
+    cfg: TrainConfig, grad_accum: int, load_universal: bool = False
+) -> Accelerator:
     """``load_universal``: the resume checkpoint is a DeepSpeed universal checkpoint (it was
     written under another world size, see :mod:`llmtrain.consolidate`)."""
     device = resolve_device(cfg.trainer.device)
+    if cfg.dist.mode in ("zero1", "zero2", "zero3", "fsdp2") and "RANK" not in os.environ:
+        _world_of_one_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backend = cfg.dist.backend or ("nccl" if device == "cuda" else "gloo")
     mode = cfg.dist.mode
     plugins: dict[str, Any] = {}
     if mode in ZERO_STAGE:
-        plugins["deepspeed_plugin"] = _deepspeed_plugin(cfg, grad_accum, world, device,
-                                                        load_universal)
+        plugins["deepspeed_plugin"] = _deepspeed_plugin(
+            cfg, grad_accum, world, device, load_universal
+        )
     elif mode == "fsdp2":
         plugins["fsdp_plugin"] = _fsdp2_plugin(cfg)
     # cpu=True drops a DeepSpeed plugin without a word; DeepSpeed finds the CPU itself.
@@ -227,7 +258,9 @@ def build_accelerator(cfg: TrainConfig, grad_accum: int,
         # A backend given to a single process makes Accelerate expect a process group.
         kwargs_handlers=[
             InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
-        ] if world > 1 else [],
+        ]
+        if world > 1
+        else [],
         **plugins,
     )
     if mode == "fsdp2" and device == "cpu":
@@ -240,6 +273,21 @@ def build_accelerator(cfg: TrainConfig, grad_accum: int,
             "(launch/*.yaml) and that transformers is installed for DeepSpeed."
         )
     return accelerator
+
+
+def _world_of_one_env() -> None:
+    """DeepSpeed and FSDP2 need a process group even for one process (``llmtrain-train
+    dist=zero3`` on one GPU, no launcher); without torchrun's variables DeepSpeed goes looking
+    for MPI. This sets them for a world of one on a free local port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(port))):  # fmt: skip
+        os.environ.setdefault(key, value)
 
 
 def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
@@ -269,8 +317,13 @@ def build_dist_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: 
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     o = cfg.optim
-    return DeepSpeedCPUAdam(model.configure_param_groups(o.weight_decay), lr=o.lr,
-                            betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    return DeepSpeedCPUAdam(
+        model.configure_param_groups(o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        adamw_mode=True,
+    )
 
 
 def local_numel(model: torch.nn.Module) -> int:

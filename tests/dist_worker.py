@@ -1,0 +1,125 @@
+"""Fast multi-process runs for tests: fork ranks from this already-imported process.
+
+``torchrun`` costs 6-10 s per launch (a fresh interpreter importing torch, DeepSpeed and
+Accelerate); forking costs ~1 s. Each worker gets torchrun's environment variables, runs
+``fn(*args)``, and sends back its return value. Workers end with a barrier and ``os._exit``:
+torch 2.13's gloo teardown can abort a finished process otherwise (pytorch issue 190489).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Imported before forking so no worker pays for it.
+import accelerate  # noqa: F401
+import deepspeed  # noqa: F401
+import torch.multiprocessing as mp
+import transformers  # noqa: F401  (Accelerate's DeepSpeed path needs it importable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def skip_shm_op_build() -> None:
+    """DeepSpeed JIT-builds a shared-memory all-reduce op (~32 s cold) at every CPU init; it is
+    only used for inference. The module object must be patched through sys.modules: the name
+    ``deepspeed.comm.torch`` resolves to a function when imported as an attribute."""
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _reset_singletons() -> None:
+    """Forked from a process that may have run single-process training: forget its state."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    GradientState._reset_state()
+
+
+def _worker(
+    rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple, env: dict[str, str]
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "GROUP_RANK": "0",
+            "NODE_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    _reset_singletons()
+    skip_shm_op_build()
+    code = 0
+    try:
+        result: Any = fn(*args)
+        payload = ("ok", result)
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent
+        payload = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        code = 1
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(payload))
+    try:
+        import torch.distributed as dist
+
+        if code == 0 and dist.is_initialized():
+            dist.barrier()
+    except Exception:  # noqa: BLE001
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run(
+    fn: Callable,
+    world: int,
+    *args: Any,
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+) -> list[Any]:
+    """``fn(*args)`` on ``world`` forked ranks; returns each rank's result, rank order."""
+    out = Path(tmp) / f"results-{free_port()}"
+    out.mkdir(parents=True)
+    ctx = mp.start_processes(
+        _worker,
+        args=(world, free_port(), str(out), fn, args, env or {}),
+        nprocs=world,
+        join=False,
+        start_method="fork",
+    )
+    try:
+        while not ctx.join(timeout=timeout):
+            pass
+    except mp.ProcessRaisedException:
+        pass
+    except mp.ProcessExitedException as e:
+        errors = [
+            pickle.loads(p.read_bytes())[1]
+            for p in sorted(out.glob("rank*.pkl"))
+            if pickle.loads(p.read_bytes())[0] == "error"
+        ]
+        raise RuntimeError("\n".join(errors) or str(e)) from None
+    results = [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(world)]
+    errors = [value for status, value in results if status == "error"]
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [value for _, value in results]

@@ -1,0 +1,359 @@
+"""Distributed modes on CPU: 2 forked processes, gloo (see tests/dist_worker.py).
+
+Each mode must really run as itself (several misconfigurations train happily as plain DDP or
+as two unsynchronised replicas): world size 2, the expected Accelerate distributed type and
+wrapped model, per-rank parameter / optimizer storage ~1/2 where the mode shards, losses equal
+to one process, bitwise-equal losses after save -> fresh processes -> resume, and checkpoints
+that move between 1 and 2 processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtrain.config import ConfigError, load_config
+from llmtrain.dist import check_launch, deepspeed_config
+
+pytestmark = pytest.mark.timeout(150)
+
+FAST = [
+    "experiment=smoke",
+    "logger=none",
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=4",
+    "trainer.batch_tokens=1024",
+    "trainer.eval_batches=1",
+    "trainer.sample_every=0",
+    "trainer.log_every=1",
+    "trainer.eval_every=1000",
+    "trainer.ckpt_every=2",
+    "trainer.keep_last=5",
+    "data.source=shards",
+]
+
+
+# --- the DeepSpeed config is generated from Hydra; a user JSON must agree -------------------
+
+
+def test_deepspeed_config_comes_from_hydra(tmp_path):
+    cfg = load_config(
+        FAST + ["dist=zero3-offload", "optim.grad_clip=0.5", "data.path=x"], world_size=2
+    )
+    ds = deepspeed_config(cfg, grad_accum=2, world_size=2, device="cpu")
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in ds["zero_optimization"]
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+    user = tmp_path / "ds.json"
+    user.write_text(
+        json.dumps(
+            {
+                "gradient_clipping": "auto",
+                "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 123},
+            }
+        )
+    )
+    cfg.dist.deepspeed_config = str(user)
+    merged = deepspeed_config(cfg, 2, 2, "cpu")
+    assert merged["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
+    assert merged["gradient_clipping"] == 0.5
+
+    user.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 8,
+                "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": 2},
+            }
+        )
+    )
+    with pytest.raises(ConfigError) as e:
+        deepspeed_config(cfg, 2, 2, "cpu")
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "trainer.micro_batch_size",
+        "gradient_clipping",
+        "optim.grad_clip",
+        "zero_optimization.stage",
+    ):
+        assert key in str(e.value)
+
+
+def test_launcher_mismatches_fail_before_any_process_group(monkeypatch):
+    cfg = load_config(FAST + ["dist=ddp", "data.path=x"], world_size=2)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="dist=zero3"):
+        check_launch(cfg, 2)
+    cfg.dist.mode = "zero3"
+    check_launch(cfg, 2)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    cfg.dist.mode = "single"
+    with pytest.raises(ConfigError, match="dist.mode"):
+        check_launch(cfg, 2)
+
+
+# --- multi-process runs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """The shipped sample as llm.c token shards: one global window order for every world size."""
+    import pyarrow.parquet as pq
+
+    from llmtrain.data import SAMPLE_DIR
+    from llmtrain.shards import write_shard
+    from llmtrain.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("gpt2")
+    out = tmp_path_factory.mktemp("shards")
+    for split, sub, n in (("train", "train", 120), ("val", "validation", 10)):
+        files = sorted(SAMPLE_DIR.glob(f"data/{sub}/*.parquet"))
+        texts = pq.read_table(files[0]).column("text").to_pylist()[:n]
+        ids = [t + [tok.eot_id] for t in tok.encode_batch(texts)]
+        write_shard(out / f"sample_{split}_000.bin", sum(ids, []), tok.vocab_size)
+    return out
+
+
+def _train(run_dir: str, overrides: list[str]) -> dict:
+    """Runs in each worker: train, then report what this rank stored and saw."""
+    import llmtrain.train as train_mod
+    from llmtrain.dist import local_numel
+
+    seen = {}
+    build = train_mod.build_accelerator
+
+    def spy(*args, **kwargs):
+        acc = seen["acc"] = build(*args, **kwargs)
+        prepare = acc.prepare
+
+        def keep(*objs):
+            seen["model"], seen["opt"] = out = prepare(*objs)
+            return out
+
+        acc.prepare = keep
+        return acc
+
+    train_mod.build_accelerator = spy
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    train_mod.train(load_config(FAST + overrides), Path(run_dir))
+    acc = seen["acc"]
+    model, opt = seen["model"], seen["opt"].optimizer
+    opt_numel = 0
+    for state in _optimizer_states(opt):
+        for v in state.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                opt_numel += v.to_local().numel() if hasattr(v, "to_local") else v.numel()
+    return {
+        "world": acc.num_processes,
+        "type": str(acc.distributed_type),
+        "model": type(model).__name__,
+        "params": local_numel(model),
+        "opt": opt_numel,
+    }
+
+
+def _optimizer_states(opt):
+    """Optimizer moments per parameter (the base optimizer's, under DeepSpeed)."""
+    base = getattr(opt, "optimizer", opt)
+    return list(base.state.values())
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def run(tmp: Path, world: int, run_dir: Path, overrides: list[str]) -> list[dict]:
+    from dist_worker import run as fork_run
+
+    return fork_run(_train, world, str(run_dir), overrides, tmp=tmp)
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> dict[int, float]:
+    """One process, same global batch: the losses every mode must reproduce."""
+    tmp = tmp_path_factory.mktemp("single")
+    run(tmp, 1, tmp / "run", [f"data.path={shards}", "trainer.max_steps=4"])
+    return losses(tmp / "run")
+
+
+EXPECT = {  # distributed type, wrapped model, parameters sharded, optimizer state sharded
+    "ddp": ("MULTI_CPU", "DistributedDataParallel", False, False),
+    "zero1": ("DEEPSPEED", "DeepSpeedEngine", False, True),
+    "zero2": ("DEEPSPEED", "DeepSpeedEngine", False, True),
+    "zero3": ("DEEPSPEED", "DeepSpeedEngine", True, True),
+    "fsdp2": ("FSDP", "FSDPGPT", True, True),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", list(EXPECT))
+def test_mode_shards_matches_one_process_and_resumes_bitwise(mode, shards, reference, tmp_path):
+    args = [f"data.path={shards}", f"dist={mode}"]
+    full = run(tmp_path, 2, tmp_path / "full", args + ["trainer.max_steps=4"])
+    dist_type, wrapped, shards_params, shards_opt = EXPECT[mode]
+    total = sum(p.numel() for p in _tiny_model().parameters())
+    for rank in full:
+        assert rank["world"] == 2 and rank["type"].endswith(dist_type), rank
+        assert rank["model"] == wrapped, rank
+        share = rank["params"] / total
+        assert (0.4 < share < 0.6) if shards_params else share == 1.0, (mode, rank, total)
+        opt_share = rank["opt"] / (2 * total)  # two AdamW moments per parameter
+        assert (0.4 < opt_share < 0.6) if shards_opt else opt_share == 1.0, (mode, rank)
+    got = losses(tmp_path / "full")
+    for step, loss in reference.items():
+        assert got[step] == pytest.approx(loss, rel=2e-6, abs=2e-6), (mode, step)
+
+    ckpt = tmp_path / "full" / "checkpoints" / "step_0000002"
+    resumed = tmp_path / "resumed"
+    run(tmp_path, 2, resumed, args + ["trainer.max_steps=4", f"trainer.resume={ckpt}"])
+    assert [losses(resumed)[s] for s in (3, 4)] == [got[3], got[4]]  # bitwise
+
+
+def _tiny_model():
+    from llmtrain.model import GPT
+
+    return GPT(load_config(FAST + ["data.path=x"]).model)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "mode,before,after",
+    [
+        ("zero3", 2, 1),
+        ("zero3", 1, 2),
+        ("zero2", 2, 1),
+        ("ddp", 2, 1),
+        ("ddp", 1, 2),
+    ],
+)
+def test_checkpoint_moves_between_world_sizes(mode, before, after, shards, reference, tmp_path):
+    args = [f"data.path={shards}", f"dist={mode}" if before > 1 or mode != "ddp" else "dist=single"]
+    run(tmp_path, before, tmp_path / "a", args + ["trainer.max_steps=2"])
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000002"
+    args[1] = f"dist={mode}" if after > 1 or mode != "ddp" else "dist=single"
+    run(tmp_path, after, tmp_path / "b", args + ["trainer.max_steps=4", f"trainer.resume={ckpt}"])
+    got = losses(tmp_path / "b")
+    # Same global windows in the same steps: the one-process losses, up to reduction order.
+    for step in (3, 4):
+        assert got[step] == pytest.approx(reference[step], rel=2e-6, abs=2e-6), (step, got)
+    state = torch.load(
+        tmp_path / "b" / "checkpoints" / "step_0000004" / "data_state_0.pt", weights_only=True
+    )
+    assert state["world_size"] == after and state["global_windows"] == 4 * 1024 // 64
+
+
+@pytest.mark.distributed
+def test_fsdp2_checkpoint_reshards_to_more_processes(shards, reference, tmp_path):
+    args = [f"data.path={shards}", "dist=fsdp2"]
+    run(tmp_path, 2, tmp_path / "a", args + ["trainer.max_steps=2"])
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000002"
+    run(
+        tmp_path,
+        4,
+        tmp_path / "b",
+        args + ["trainer.max_steps=3", f"trainer.resume={ckpt}", "trainer.micro_batch_size=2"],
+    )
+    assert losses(tmp_path / "b")[3] == pytest.approx(reference[3], rel=2e-6, abs=2e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["zero3", "fsdp2"])
+def test_consolidated_export_matches_training(mode, shards, tmp_path):
+    from llmtrain.checkpoint import load_model
+    from llmtrain.consolidate import export, full_state_dict
+
+    args = [f"data.path={shards}", f"dist={mode}", "trainer.max_steps=2"]
+    run(tmp_path, 2, tmp_path / "r", args)
+    run(tmp_path, 2, tmp_path / "d", [f"data.path={shards}", "dist=ddp", "trainer.max_steps=2"])
+    ckpt = tmp_path / "r" / "checkpoints" / "step_0000002"
+    sharded = full_state_dict(ckpt)
+    ddp = full_state_dict(tmp_path / "d" / "checkpoints" / "step_0000002")
+    for name, t in ddp.items():
+        torch.testing.assert_close(sharded[name], t, rtol=1e-5, atol=1e-6, msg=name)
+    export(ckpt, dtype="bf16")
+    model, _ = load_model(ckpt)
+    assert next(model.parameters()).dtype == torch.float32  # load_model upcasts bf16 exports
+
+
+def test_world_size_change_needs_a_global_window_order():
+    from llmtrain.consolidate import redistribute_data_state
+
+    hf = {"kind": "hf", "num_workers": 0}
+    with pytest.raises(ConfigError, match="data.source=shards"):
+        redistribute_data_state([hf, hf], rank=0, world=1)
+    # shards: ranks 0 and 1 of 2 consumed windows {0..7}; 4 ranks continue from window 8.
+    base = {
+        "kind": "shards",
+        "num_workers": 0,
+        "version": 1,
+        "rank": 0,
+        "world_size": 2,
+        "seq_len": 64,
+        "next": 0,
+        "done": [False],
+        "batches": 1,
+        "windows": 4,
+        "global_windows": 8,
+        "global_tokens": 512,
+    }
+    states = [
+        {**base, "workers": [{"epoch": 0, "next": 8 + r}], "stats": [{"documents": 0}]}
+        for r in range(2)
+    ]
+    new = [redistribute_data_state(states, r, 4) for r in range(4)]
+    assert [s["workers"][0]["next"] for s in new] == [8, 9, 10, 11]
+    assert all(s["world_size"] == 4 and s["rank"] == r for r, s in enumerate(new))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_real_accelerate_launch_trains_and_resumes_auto(tmp_path):
+    """The documented command, launcher and all: 2 CPU processes, ZeRO-3, then resume=auto."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(Path(__file__).resolve().parents[1] / "launch" / "cpu.yaml"),
+        "-m",
+        "llmtrain.train",
+        "experiment=smoke",
+        "dist=zero3",
+        "logger=none",
+        "trainer.ckpt_every=2",
+        "trainer.sample_every=0",
+        "trainer.eval_batches=1",
+        "trainer.log_every=1",
+        f"hydra.run.dir={run_dir}",
+        "trainer.resume=auto",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for steps in (2, 4):
+        out = subprocess.run(
+            [*cmd, f"trainer.max_steps={steps}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=360,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed    from" in out.stdout and "at step 2" in out.stdout
+    assert "2 proc = 1,024 tokens/step" in out.stdout  # really two processes
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]  # one metrics file across the restart
+    assert (run_dir / "checkpoints" / "step_0000004" / "pytorch_model").is_dir()  # ZeRO shards
