@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--top", type=int, default=15)
     args, overrides = parser.parse_known_args()
-    cfg = load_config(["logger=none", "data=shards", "data.path=unused", *overrides])
+    cfg = load_config(["logger=none", "data=shards", "data.path=unused", "trainer.max_steps=1",
+                       *overrides])
     torch.manual_seed(0)
     model = GPT(cfg.model).cuda()
     opt = build_optimizer(model, cfg.optim, "cuda")
@@ -56,7 +57,7 @@ def main() -> None:
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = step_model(x[:, :-1], x[:, 1:])
+            _, loss = step_model(x[:, :-1], x[:, 1:], return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

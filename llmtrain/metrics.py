@@ -17,7 +17,8 @@ from llmtrain.config import LoggerConfig, ModelConfig
 # order against torch.cuda.get_device_name(), so more specific names come first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("GH200", 989.0),
-    ("H200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),  # SXM (e.g. "NVIDIA H200")
     ("H100 NVL", 835.0),
     ("H100 PCIe", 756.0),
     ("H100", 989.0),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")

@@ -26,9 +26,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from llmtrain.config import ModelConfig
+
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def padded_size(n: int, multiple: int) -> int:
@@ -274,12 +277,15 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) float, and the mean cross-entropy on targets.
 
         The loss is over the true vocabulary only (padding columns excluded), in float32;
         targets equal to -100 are ignored. With ``kv_cache`` the positions continue after the
-        cached ones (generation).
+        cached ones (generation). ``return_logits=False`` (the training step) returns None for
+        the logits: the (B, T, V) float32 tensor then never has to exist, which under compile
+        lets the loss fuse into the head's output (gpt2-small, batch 32: 6.6 GB per micro-batch).
         """
         B, T = idx.shape
         past = kv_cache[0].pos if kv_cache else 0
@@ -304,15 +310,15 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, kv_cache[i] if kv_cache else None)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x).float()  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, padded V), in the autocast dtype
 
         loss = None
         if targets is not None:
-            true_logits = logits[..., : self.vocab_size]
+            true_logits = logits[..., : self.vocab_size].float()
             loss = F.cross_entropy(
                 true_logits.reshape(-1, self.vocab_size), targets.reshape(-1), ignore_index=-100
             )
-        return logits, loss
+        return (logits.float() if return_logits else None), loss
 
     @torch.no_grad()
     def generate(
@@ -323,11 +329,14 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        stop_id: int | None = None,
     ) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens -> (B, T + max_new_tokens), with a KV cache.
 
         temperature 0 is greedy. Only true vocabulary ids are ever produced. The caller sets
-        ``eval()`` (dropout) and autocast; the total length must fit ``context_length``.
+        ``eval()`` (dropout) and autocast; the total length must fit ``context_length``. With
+        ``stop_id`` it returns early, shorter, once every row has produced that id (rows that
+        stopped before keep going until then: what follows the stop id is the caller's to drop).
         """
         total = idx.size(1) + max_new_tokens
         if total > self.cfg.context_length:
@@ -338,13 +347,22 @@ class GPT(nn.Module):
             )
         cache = self.new_kv_cache(total)
         out = idx
-        logits, _ = self(idx, kv_cache=cache)  # prefill: the whole prompt at once
-        for step in range(max_new_tokens):
-            last = logits[:, -1, : self.vocab_size]  # (B, vocab) padding ids cut off
-            next_id = sample_next(last, temperature, top_k, top_p, generator)  # (B, 1)
-            out = torch.cat((out, next_id), dim=1)
-            if step + 1 < max_new_tokens:
-                logits, _ = self(next_id, kv_cache=cache)  # one position, cached keys reused
+        stopped = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1)
+        # Every decoding step attends over one more cached key, a new shape: cuDNN attention
+        # builds a plan per shape (~40 ms each on an H100 in bf16, 40x the step itself); the
+        # flash and memory-efficient kernels take any length as it comes.
+        with sdpa_kernel(DECODE_ATTENTION):
+            logits, _ = self(idx, kv_cache=cache)  # prefill: the whole prompt at once
+            for step in range(max_new_tokens):
+                last = logits[:, -1, : self.vocab_size]  # (B, vocab) padding ids cut off
+                next_id = sample_next(last, temperature, top_k, top_p, generator)  # (B, 1)
+                out = torch.cat((out, next_id), dim=1)
+                if stop_id is not None:
+                    stopped |= next_id == stop_id
+                    if stopped.all():
+                        break
+                if step + 1 < max_new_tokens:
+                    logits, _ = self(next_id, kv_cache=cache)  # one position, cached keys reused
         return out
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# llmtrain-bench on one H100, from the repo root (not pip-installed there: PYTHONPATH=.).
+# Needs on the device: torch (2.11+cu130), accelerate, tiktoken, pyarrow, numpy, safetensors,
+# pyyaml, plus the carried hydra-core / omegaconf / antlr4-python3-runtime wheels.
+# datasets, wandb and deepspeed are NOT needed (except by the zero3 run in part 3) (data=shards: the harness writes
+# the shipped sample as llm.c shards into ~/.cache/llmtrain/sample-shards on first use).
+#
+# Device time: ~30 min per session, 10 min per call. Run one part per `run` call:
+#   bash benchmarks/h100.sh 1    # env + gpt2-small compile off (+ bare baseline) and on  ~4 min
+#   bash benchmarks/h100.sh 2    # llama-1b seq 2048 compile off and on                  ~5 min
+#   bash benchmarks/h100.sh 3    # gpt2-small 1 process under dist=fsdp2 (and zero3)      ~3 min
+# Each part copies the records it appended to $OUT/new-<part>.jsonl; back here:
+#   cat <files_at>/new-*.jsonl >> benchmarks/results.jsonl && python -m llmtrain.bench --table
+set -uo pipefail
+export PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+export TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
+PART=${1:-1}
+R=benchmarks/results.jsonl
+N0=$( [ -f $R ] && wc -l < $R || echo 0 )
+B="python3 -m llmtrain.bench"
+L="python3 -m accelerate.commands.launch --num_processes 1"  # accelerate launch
+
+# GPT-2 124M at seq 1024: 32 x 1024 x 16 accum = 524,288 tokens/step (the GPT-2 / llm.c batch).
+GPT2="model=gpt2-small data=shards data.seq_len=1024 trainer.micro_batch_size=32 trainer.batch_tokens=524288"
+# Llama 1B at seq 2048: 8 x 2048 x 8 accum = 131,072 tokens/step, no activation checkpointing.
+# If micro 8 runs out of memory: trainer.micro_batch_size=4 (accum becomes 16).
+LLAMA="model=llama-1b data=shards data.seq_len=2048 trainer.micro_batch_size=8 trainer.batch_tokens=131072"
+
+case $PART in
+1)
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/env.txt"
+  python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
+  $B --make-shards ~/.cache/llmtrain/sample-shards
+  $B --steps 15 --warmup 3 --baseline $GPT2 trainer.compile=false 2>&1 | tee "$OUT/gpt2-eager.log"
+  $B --steps 15 --warmup 3 $GPT2 trainer.compile=true 2>&1 | tee "$OUT/gpt2-compile.log"
+  ;;
+2)
+  $B --steps 10 --warmup 2 $LLAMA trainer.compile=false 2>&1 | tee "$OUT/llama-eager.log"
+  $B --steps 10 --warmup 3 $LLAMA trainer.compile=true 2>&1 | tee "$OUT/llama-compile.log"
+  ;;
+3)
+  # FSDP2 needs a process group even for 1 process: launch through accelerate (torchrun inside).
+  $L --config_file launch/fsdp2.yaml -m llmtrain.bench \
+    --steps 10 --warmup 3 $GPT2 dist=fsdp2 trainer.compile=false 2>&1 | tee "$OUT/gpt2-fsdp2.log"
+  # ZeRO-3 needs `deepspeed` importable (carry its wheel: pip wheel deepspeed --no-deps builds a
+  # pure-Python wheel with DS_BUILD_OPS=0; plus hjson, ninja, py-cpuinfo, msgpack, pydantic,
+  # nvidia-ml-py, einops if absent). Skipped when it is missing.
+  if python3 -c "import deepspeed" 2>/dev/null; then
+    $L --config_file launch/zero3.yaml -m llmtrain.bench \
+      --steps 10 --warmup 3 $GPT2 dist=zero3 trainer.compile=false 2>&1 | tee "$OUT/gpt2-zero3.log"
+  else
+    echo "deepspeed not importable: dist=zero3 skipped" | tee "$OUT/gpt2-zero3.log"
+  fi
+  ;;
+esac
+tail -n +$((N0 + 1)) $R > "$OUT/new-$PART.jsonl" 2>/dev/null || true
+echo "appended $(wc -l < "$OUT/new-$PART.jsonl") record(s) -> $OUT/new-$PART.jsonl"

@@ -1,0 +1,403 @@
+"""``llmtrain-bench``: tokens/s, MFU, step time, data wait and peak memory of any config.
+
+The framework is timed through its real loop (:func:`llmtrain.train.train`, with a step hook
+that syncs the device and reads the clock at each step boundary); ``--baseline`` also times a
+bare PyTorch loop over the same model, seed, batches (already on the device), optimizer,
+precision, compile, accumulation and clipping, interleaved with it in the same process.
+
+    llmtrain-bench --steps 30 --warmup 5 --baseline --repeats 3 experiment=smoke
+    llmtrain-bench model=gpt2-small data=shards trainer.batch_tokens=524288 \
+        trainer.micro_batch_size=16 trainer.compile=true
+    python -m llmtrain.bench --table          # benchmarks/results.jsonl -> RESULTS.md
+
+Every measured run appends one JSON object to ``benchmarks/results.jsonl``. ``data=shards``
+without ``data.path`` uses the shipped sample written once as llm.c shards (no ``datasets``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.config import CONF_DIR, ConfigError, TrainConfig, load_config, validate
+from llmtrain.data import DataError
+
+REPO = CONF_DIR.parent
+RESULTS = REPO / "benchmarks" / "results.jsonl"
+MARKDOWN = REPO / "benchmarks" / "RESULTS.md"
+NEVER = 10**9  # an interval past any bench horizon: no log, eval or checkpoint in the window
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain"
+    return Path(root) / "sample-shards"
+
+
+def make_sample_shards(out: Path) -> Path:
+    """The shipped FineWeb sample as llm.c shards (train and val), read with pyarrow only."""
+    import pyarrow.parquet as pq
+
+    from llmtrain.data import SAMPLE_DIR
+    from llmtrain.shards import write_shard
+    from llmtrain.tokenizer import get_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = get_tokenizer("gpt2")
+    for split, sub in (("train", "train"), ("val", "validation")):
+        path = out / f"sample_{split}_000.bin"
+        if path.exists():
+            continue
+        texts = [
+            t
+            for f in sorted(SAMPLE_DIR.glob(f"data/{sub}/*.parquet"))
+            for t in pq.read_table(f).column("text").to_pylist()
+        ]
+        ids = [i for doc in tok.encode_batch(texts) for i in (*doc, tok.eot_id)]
+        write_shard(path, ids, tok.vocab_size)
+    return out
+
+
+def bench_config(overrides: list[str], steps: int, warmup: int) -> TrainConfig:
+    """The config as the overrides compose it, run for warmup + steps steps with logging,
+    eval, checkpoints and samples out of the measured window."""
+    overrides = list(overrides)
+    wants_shards = any(o in ("data=shards", "data.source=shards") for o in overrides)
+    if wants_shards and not any(o.startswith("data.path=") for o in overrides):
+        overrides.append(f"data.path={make_sample_shards(cache_dir())}")
+    # The horizon is the bench's (set below); a placeholder first so validation passes.
+    cfg = load_config(["trainer.max_steps=1", *overrides])
+    cfg.trainer = dataclasses.replace(
+        cfg.trainer,
+        max_steps=warmup + steps,
+        max_tokens=None,
+        log_every=NEVER,  # the loop still logs (one record) and evals after its last step
+        eval_every=NEVER,
+        eval_batches=1,
+        ckpt_every=NEVER,
+        sample_every=0,
+        resume="none",
+    )
+    cfg.logger = dataclasses.replace(cfg.logger, name="none")
+    return validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+class StepClock:
+    """The step hook: device-synced wall time and cumulative data wait after every step."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start: float | None = None
+        self.ends: list[float] = []
+        self.waits: list[float] = []
+
+    def __call__(self, state, throughput) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        if self.start is None:  # the loop's Throughput is not reset before the first step
+            self.start = throughput.start
+        self.ends.append(time.perf_counter())
+        self.waits.append(throughput.data_wait)
+
+    def summary(self, warmup: int) -> dict[str, Any]:
+        times = [b - a for a, b in zip([self.start, *self.ends], self.ends, strict=False)]
+        measured = times[warmup:]
+        window = self.ends[-1] - self.ends[warmup - 1]
+        return {
+            "window_s": window,
+            "step_time_s": window / len(measured),
+            "step_time_p50_s": statistics.median(measured),
+            "first_step_s": times[0],
+            "data_wait_frac": (self.waits[-1] - self.waits[warmup - 1]) / window,
+            "times": measured,
+        }
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_framework(cfg: TrainConfig, warmup: int, plan, device) -> dict[str, Any]:
+    """One timed run of the real loop; its mean training loss comes from its own log record."""
+    from llmtrain.train import peak_memory_gb, train
+
+    reset_peak(device)
+    clock = StepClock(device)
+    with tempfile.TemporaryDirectory(prefix="llmtrain-bench-") as run_dir:
+        train(cfg, Path(run_dir), step_hook=clock, final_save=False)
+        metrics = Path(run_dir) / "metrics.jsonl"  # written by the main process only
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+    losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    return {
+        **clock.summary(warmup),
+        "peak_mem_gb": peak_memory_gb(device),
+        "loss": losses[-1] if losses else None,
+    }
+
+
+def sample_batches(cfg: TrainConfig, plan, total_steps: int, max_bytes: int = 2**30):
+    """The framework's first micro-batches in its order (same loader, seed, rank), on the CPU;
+    at most ``max_bytes``, cycled when the run needs more (then the loss check is skipped)."""
+    from llmtrain.data import build_dataloader
+    from llmtrain.tokenizer import get_tokenizer
+
+    need = total_steps * plan.grad_accum
+    per_batch = 2 * 8 * plan.micro_batch * plan.seq_len
+    n = min(need, max(plan.grad_accum, max_bytes // per_batch))
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    loader = build_dataloader(
+        cfg.data, tokenizer, split="train", batch_size=plan.micro_batch, seed=cfg.trainer.seed
+    )
+    out = []
+    for x, y in loader:
+        out.append((x.contiguous(), y.contiguous()))
+        if len(out) == n:
+            break
+    return out, n == need
+
+
+def run_bare(cfg: TrainConfig, cpu_batches, warmup: int, plan, device) -> dict[str, Any]:
+    """A bare PyTorch loop: what the framework's step computes, with nothing around it."""
+    from llmtrain.dist import resolve_precision
+    from llmtrain.model import GPT
+    from llmtrain.optim import build_optimizer, lr_at, set_lr
+    from llmtrain.train import peak_memory_gb
+
+    reset_peak(device)
+    batches = [(x.to(device), y.to(device)) for x, y in cpu_batches]
+    torch.manual_seed(cfg.trainer.seed)
+    model = GPT(cfg.model)
+    if cfg.trainer.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    precision = resolve_precision(cfg.trainer.precision, device.type)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    accum, clip, total = plan.grad_accum, cfg.optim.grad_clip or math.inf, plan.max_steps
+    loss_sum = torch.zeros((), device=device)
+    clock, no_wait = StepClock(device), _NoWait()
+    model.train()
+    for step in range(total):
+        set_lr(optimizer, lr_at(step, cfg.optim, total))
+        for i in range(accum):
+            x, y = batches[(step * accum + i) % len(batches)]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                _, loss = model(x, y, return_logits=False)
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock(None, no_wait)
+    loss = loss_sum.item() / (accum * total)
+    peak = peak_memory_gb(device)
+    del model, optimizer, batches
+    return {**clock.summary(warmup), "peak_mem_gb": peak, "loss": loss}
+
+
+class _NoWait:
+    """The bare loop's stand-in for the loop's Throughput: batches are already on the device."""
+
+    def __init__(self) -> None:
+        self.start, self.data_wait = time.perf_counter(), 0.0
+
+
+def command_line(argv: list[str] | None) -> str:
+    if argv is not None or not sys.argv[0].endswith(".py"):
+        prog = "llmtrain-bench"
+    else:
+        prog = "python -m llmtrain.bench"
+    if "LOCAL_RANK" in os.environ:  # under accelerate launch / torchrun
+        prog = f"<launcher, WORLD_SIZE={os.environ.get('WORLD_SIZE', '1')}> {prog}"
+    return " ".join([prog, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    from llmtrain.dist import resolve_device, resolve_precision
+    from llmtrain.metrics import device_peak_tflops, flops_per_token, git_sha, mfu
+    from llmtrain.train import Plan
+
+    if min(args.warmup, args.steps, args.repeats) < 1:
+        raise ConfigError("--warmup, --steps and --repeats must each be at least 1")
+    cfg = bench_config(args.overrides, args.steps, args.warmup)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = Plan.from_config(cfg, world)
+    device = torch.device(resolve_device(cfg.trainer.device))
+    precision = resolve_precision(cfg.trainer.precision, device.type)
+    if args.baseline and (world > 1 or precision == "fp16"):
+        raise ConfigError(
+            "--baseline: the bare loop is one process in fp32 or bf16; run it with one process "
+            "and trainer.precision=bf16 or fp32"
+        )
+    cpu_batches, same_batches = (
+        sample_batches(cfg, plan, plan.max_steps) if args.baseline else ([], False)
+    )
+    framework, bare = [], []
+    for r in range(args.repeats):
+        # Alternate which loop goes first, so a drift in machine load hits both alike.
+        order = ("framework", "bare") if r % 2 == 0 else ("bare", "framework")
+        for which in order:
+            if which == "framework":
+                framework.append(run_framework(cfg, args.warmup, plan, device))
+            elif args.baseline:
+                bare.append(run_bare(cfg, cpu_batches, args.warmup, plan, device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak_tflops = device_peak_tflops(name if device.type == "cuda" else None)
+    fpt = flops_per_token(cfg.model, plan.seq_len)
+    step_time = statistics.median(x["step_time_s"] for x in framework)
+    times = sorted(t for x in framework for t in x["times"])  # every measured step, all runs
+    tok_s = plan.tokens_per_step / step_time
+    record: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(argv),
+        "model": cfg.model.name,
+        "dist": cfg.dist.mode,
+        "world_size": world,
+        "device": name,
+        "seq_len": plan.seq_len,
+        "micro_batch": plan.micro_batch,
+        "grad_accum": plan.grad_accum,
+        "batch_tokens": plan.tokens_per_step,
+        "data": f"{cfg.data.name} ({cfg.data.source}, {cfg.data.num_workers} workers)",
+        "compile": cfg.trainer.compile,
+        "activation_checkpointing": cfg.trainer.activation_checkpointing,
+        "precision": "fp32" if precision == "no" else precision,
+        "fused_adamw": cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda",
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "repeats": len(framework),
+        "tokens_per_s": tok_s,
+        "tokens_per_s_per_device": tok_s / world,
+        "flops_per_token": fpt,
+        "peak_tflops": peak_tflops,
+        "mfu": mfu(tok_s / world, fpt, peak_tflops),
+        "step_time_s": step_time,
+        "step_time_p50_s": statistics.median(times),
+        "step_time_p90_s": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "first_step_s": framework[0]["first_step_s"],
+        # The first step also compiles; what it costs beyond a steady step is compile time
+        # (from the first run: later repeats may hit the compile caches).
+        "compile_s": (
+            framework[0]["first_step_s"] - framework[0]["step_time_p50_s"]
+            if cfg.trainer.compile
+            else None
+        ),
+        "data_wait_frac": statistics.median(x["data_wait_frac"] for x in framework),
+        "peak_mem_gb": max(x["peak_mem_gb"] for x in framework),
+        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu max RSS",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "git_sha": git_sha(),
+        "note": args.note,
+    }
+    if args.baseline:
+        bare_time = statistics.median(x["step_time_s"] for x in bare)
+        bare_p50 = statistics.median(t for x in bare for t in x["times"])
+        record.update(
+            bare_step_time_s=bare_time,
+            bare_step_time_p50_s=bare_p50,
+            bare_tokens_per_s=plan.tokens_per_step / bare_time,
+            bare_peak_mem_gb=max(x["peak_mem_gb"] for x in bare),
+            # The median step of every run pooled: robust to bursts of load on a shared host.
+            overhead_vs_bare=record["step_time_p50_s"] / bare_p50,
+            overhead_vs_bare_mean=step_time / bare_time,
+            step_times_s=[x["step_time_s"] for x in framework],
+            bare_step_times_s=[x["step_time_s"] for x in bare],
+            # Same batches in the same order: the mean losses agree (to fp rounding).
+            loss_framework=framework[0]["loss"] if same_batches else None,
+            loss_bare=bare[0]["loss"] if same_batches else None,
+        )
+    return record
+
+
+def report(r: dict[str, Any]) -> str:
+    mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak for device)"
+    lines = [
+        f"bench | {r['model']} on {r['device']} x{r['world_size']} ({r['dist']}), "
+        f"seq {r['seq_len']}, {r['micro_batch']} x {r['grad_accum']} accum = "
+        f"{r['batch_tokens']:,} tokens/step, "
+        f"{r['precision']}, compile {'on' if r['compile'] else 'off'}",
+        f"  tokens/s    {r['tokens_per_s']:,.0f} global, "
+        f"{r['tokens_per_s_per_device']:,.0f} per device",
+        f"  mfu         {mfu_s}",
+        f"  step time   mean {1e3 * r['step_time_s']:.1f} ms, p50 {1e3 * r['step_time_p50_s']:.1f}"
+        f" ms, p90 {1e3 * r['step_time_p90_s']:.1f} ms over {r['steps']} steps "
+        f"(mean: median of {r['repeats']} runs; p50/p90 over all their steps); first step "
+        f"{r['first_step_s']:.2f} s",
+        f"  data wait   {100 * r['data_wait_frac']:.2f}% of the step",
+        f"  peak memory {r['peak_mem_gb']:.2f} GB ({r['peak_mem_kind']})",
+    ]
+    if r["compile_s"] is not None:
+        lines.append(f"  compile     {r['compile_s']:.1f} s (first step minus a steady step)")
+    if "overhead_vs_bare" in r:
+        lines.append(
+            f"  vs bare     {r['overhead_vs_bare']:.3f}x by median step: framework "
+            f"{1e3 * r['step_time_p50_s']:.1f} ms, bare loop {1e3 * r['bare_step_time_p50_s']:.1f}"
+            f" ms; by mean step {r['overhead_vs_bare_mean']:.3f}x ({1e3 * r['step_time_s']:.1f} "
+            f"vs {1e3 * r['bare_step_time_s']:.1f} ms); losses {r['loss_framework']} vs "
+            f"{r['loss_bare']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="llmtrain-bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps, not measured")
+    ap.add_argument("--baseline", action="store_true", help="also time the bare PyTorch loop")
+    ap.add_argument("--repeats", type=int, default=1, help="runs (interleaved with --baseline)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to append to")
+    ap.add_argument("--no-record", action="store_true", help="print only, append nothing")
+    ap.add_argument("--note", default=None, help="free text stored in the record")
+    ap.add_argument("--make-shards", type=Path, metavar="DIR", help="write sample shards, exit")
+    ap.add_argument("--table", action="store_true", help="render --out into --markdown, exit")
+    ap.add_argument("--markdown", type=Path, default=MARKDOWN)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for llmtrain-train")
+    args = ap.parse_intermixed_args(argv)
+    if args.make_shards:
+        print(f"sample shards in {make_sample_shards(args.make_shards)}")
+        return
+    if args.table:
+        from llmtrain.bench_table import write_table
+
+        write_table(args.out, args.markdown)
+        print(f"wrote {args.markdown} from {args.out}")
+        return
+    try:
+        record = measure(args, argv)
+    except (ConfigError, DataError) as e:
+        print(f"llmtrain-bench: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(report(record), flush=True)
+    if not args.no_record:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(f"  recorded in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""llmtrain-export: a checkpoint of any dist mode -> a Hugging Face ``transformers`` directory.
+
+::
+
+    llmtrain-export runs/smoke runs/smoke-hf       # the run's newest complete checkpoint
+    llmtrain-export runs/smoke/checkpoints/step_0000100 out/ --dtype bf16 --force
+
+What OUT holds, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(OUT)``:
+
+- ``config.json``: ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` (:func:`llmtrain.hf.hf_config`),
+  bos/eos = the tokenizer's end-of-text id.
+- ``model.safetensors``: the weights through :func:`llmtrain.consolidate.full_state_dict`
+  (single, DDP, ZeRO-1/2/3 or FSDP2 checkpoints alike) and :func:`llmtrain.hf.to_hf_state_dict`.
+  The vocabulary padding is cut off: ``vocab_size`` in config.json is ``model.vocab_size``, the
+  tokenizer's true size, so the logits have exactly as many columns as the tokenizer has ids.
+  A tied ``lm_head`` is stored once, as transformers itself does.
+- ``generation_config.json``: bos/eos/pad = end-of-text, so ``generate`` stops at the end of a
+  document and needs no pad token; everything else is transformers' default (greedy).
+- ``tokenizer.json`` + ``tokenizer_config.json``: the run's tiktoken encoding converted with
+  transformers' ``TikTokenConverter`` (same ranks, same pre-tokenizer pattern). Token ids equal
+  ``tiktoken``'s ``encode(text, allowed_special="all")``: ``<|endoftext|>`` in a text is the
+  special token, as in every Hugging Face GPT-2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.checkpoint import STEP_DIR, TRAINER_STATE, latest_checkpoint, saved_config
+from llmtrain.config import ConfigError, TrainConfig
+from llmtrain.consolidate import full_state_dict
+from llmtrain.hf import hf_config, hf_family, to_hf_state_dict
+from llmtrain.model import GPT
+from llmtrain.tokenizer import Tokenizer, get_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, a ``checkpoints/`` root or a run directory -> one complete checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: not a directory; give a step_XXXXXXX or run directory")
+    if (path / TRAINER_STATE).is_file():
+        ckpt = path
+    elif STEP_DIR.match(path.name.removesuffix(".tmp")):
+        raise FileNotFoundError(
+            f"{path}: incomplete checkpoint (no {TRAINER_STATE}: its save never finished); "
+            "use an older step_XXXXXXX directory or the run directory"
+        )
+    else:
+        ckpt = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"{path}: no complete llmtrain checkpoint inside (expected a step_XXXXXXX "
+                f"directory with {TRAINER_STATE}, a checkpoints/ directory or a run directory)"
+            )
+    if not (ckpt / "config.yaml").is_file():
+        raise FileNotFoundError(f"{ckpt / 'config.yaml'} is missing: the model shape is unknown")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig, Path]:
+    """(fp32 state dict, saved config, checkpoint dir) for a checkpoint of any dist mode."""
+    ckpt = resolve_checkpoint(path)
+    cfg = saved_config(ckpt)
+    # fp32 whatever was stored (``python -m llmtrain.consolidate --dtype bf16`` writes bf16)
+    state = {k.removeprefix("_orig_mod."): v.float() for k, v in full_state_dict(ckpt).items()}
+    if cfg.model.tie_embeddings:  # safetensors stores a shared tensor once, under either name
+        tied = state.get("transformer.wte.weight", state.get("lm_head.weight"))
+        if tied is not None:
+            state["transformer.wte.weight"] = state["lm_head.weight"] = tied
+    with torch.device("meta"):  # the names and shapes, without allocating or initialising
+        expected = {k: v.shape for k, v in GPT(cfg.model).state_dict().items()}
+    problems = [f"missing {k}" for k in expected.keys() - state.keys()]
+    problems += [f"unexpected {k}" for k in state.keys() - expected.keys()]
+    problems += [
+        f"{k}: shape {tuple(state[k].shape)}, config says {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in state and state[k].shape != shape
+    ]
+    if problems:
+        raise ValueError(
+            f"{ckpt}: the weights do not match its config.yaml: " + "; ".join(sorted(problems)[:5])
+        )
+    return state, cfg, ckpt
+
+
+@lru_cache(maxsize=4)
+def _converted(tokenizer: Tokenizer) -> Any:
+    """A ``tokenizers.Tokenizer`` with the encoding's ranks, pattern and specials (~3 s)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    enc = tokenizer.encoding
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = Path(tmp) / "ranks.tiktoken"  # tiktoken's file format: base64(bytes) rank
+        lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in enc._mergeable_ranks.items())
+        ranks.write_text("".join(lines))
+        # the private fields are what transformers' own convert_tiktoken_to_fast reads
+        return TikTokenConverter(
+            vocab_file=str(ranks), pattern=enc._pat_str, extra_special_tokens=enc._special_tokens
+        ).converted()
+
+
+def hf_tokenizer(tokenizer: Tokenizer, context_length: int) -> Any:
+    """The tiktoken encoding as a transformers fast tokenizer (same ids, checked for specials)."""
+    from transformers import PreTrainedTokenizerFast
+
+    converted = _converted(tokenizer)
+    specials = tokenizer.encoding._special_tokens  # {text: id}
+    eot = tokenizer.decode([tokenizer.eot_id])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=converted,
+        bos_token=eot,
+        eos_token=eot,
+        model_max_length=context_length,
+        clean_up_tokenization_spaces=False,  # decode must give back the text unchanged
+    )
+    wrong = {t: i for t, i in specials.items() if fast.convert_tokens_to_ids(t) != i}
+    if wrong:  # the converter appends specials after the ranks; gappy ids cannot be represented
+        raise ConfigError(
+            f"data.tokenizer={tokenizer.name}: special tokens {sorted(wrong)} would get other ids "
+            "in the transformers tokenizer; export supports encodings whose special ids follow "
+            "their ranks (gpt2, r50k_base, p50k_base)"
+        )
+    return fast
+
+
+def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
+    """Write ``ckpt`` as a transformers directory ``out``; returns the checkpoint used."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out}: directory is not empty; pass --force to replace it")
+    ckpt = resolve_checkpoint(ckpt)
+    if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
+        raise FileExistsError(f"{out}: holds the checkpoint {ckpt}; choose another OUT")
+    state, cfg, ckpt = load_checkpoint(ckpt)
+    try:
+        family = hf_family(cfg.model)
+    except ConfigError as e:
+        raise ConfigError(f"cannot export {ckpt}: {e}") from e
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"{ckpt}: model.vocab_size={cfg.model.vocab_size} is smaller than the "
+            f"{tokenizer.name} tokenizer's {tokenizer.vocab_size} ids"
+        )
+    eot = tokenizer.eot_id
+
+    config = hf_config(cfg.model)
+    config.architectures = [HF_CLASSES[family]]
+    config.bos_token_id = config.eos_token_id = eot
+    config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    generation = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    weights = to_hf_state_dict(state, cfg.model)
+    if cfg.model.tie_embeddings:  # transformers re-ties lm_head to the embedding on load
+        del weights["lm_head.weight"]
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in weights.items()}
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crashed export
+    tmp.mkdir(parents=True)
+    try:
+        config.save_pretrained(tmp)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors creates the file 0600; give it the mode (umask) the other files got
+        os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
+        generation.save_pretrained(tmp)
+        hf_tokenizer(tokenizer, cfg.model.context_length).save_pretrained(tmp)
+        # transformers 5 names its class TokenizersBackend, which 4.x cannot load; both load
+        # tokenizer.json under the older name
+        tok_config = tmp / "tokenizer_config.json"
+        fields = json.loads(tok_config.read_text())
+        tok_config.write_text(json.dumps({**fields, "tokenizer_class": TOKENIZER_CLASS}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.is_dir():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return ckpt
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="llmtrain-export",
+        description="Write an llmtrain checkpoint (any dist mode) as a Hugging Face transformers "
+        "directory: GPT2LMHeadModel or LlamaForCausalLM, config, generation config, tokenizer.",
+    )
+    parser.add_argument("checkpoint", help="a step_XXXXXXX dir, a checkpoints/ dir or a run dir")
+    parser.add_argument("out", help="output directory (created; must be empty unless --force)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights dtype")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = export(args.checkpoint, args.out, args.dtype, args.force)
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+        sys.exit(f"llmtrain-export: error: {e}")
+    cfg = saved_config(ckpt)
+    family = HF_CLASSES[hf_family(cfg.model)]
+    print(f"exported {ckpt} -> {args.out} ({family}, {args.dtype}, vocab {cfg.model.vocab_size})")
+    print(f"load it: AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["export", "hf_tokenizer", "load_checkpoint", "resolve_checkpoint"]

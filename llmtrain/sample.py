@@ -1,0 +1,160 @@
+"""llmtrain-sample: text from a checkpoint of any dist mode, through ``GPT.generate``.
+
+::
+
+    llmtrain-sample runs/smoke --prompt "The meaning of life is" --num-samples 3 --seed 1
+
+Generation keeps a KV cache (one forward pass per new token over one position), so its cost grows
+linearly with the length. ``--temperature 0`` is greedy and ignores top-k/top-p; otherwise the
+next token is drawn from the ``top_k`` most likely and/or the smallest set holding ``top_p`` of
+the probability (Holtzman et al. 2020). All samples are one batch drawn from one seeded generator:
+the same seed gives the same text. A sample ends at the tokenizer's end-of-text token (the model
+would start an unrelated document after it) or after ``--max-new-tokens``.
+
+The prompt may contain ``<|endoftext|>`` as the special token (as the exported Hugging Face
+tokenizer reads it); an empty prompt starts from end-of-text alone, like GPT-2's unconditional
+samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from llmtrain.checkpoint import load_trainer_state
+from llmtrain.config import TrainConfig
+from llmtrain.export import load_checkpoint
+from llmtrain.model import GPT
+from llmtrain.tokenizer import Tokenizer, get_tokenizer
+
+
+def load_gpt(path: str | Path, device: str = "cpu") -> tuple[GPT, TrainConfig, Path]:
+    """(model in eval mode on ``device``, saved config, checkpoint dir) for CKPT of any layout."""
+    state, cfg, ckpt = load_checkpoint(path)
+    model = GPT(cfg.model)
+    model.load_state_dict(state)  # load_checkpoint checked names and shapes; tied heads are both
+    return model.to(device).eval(), cfg, ckpt
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Prompt ids as the exported transformers tokenizer gives them; empty -> [end-of-text]."""
+    return tokenizer.encoding.encode(prompt, allowed_special="all") or [tokenizer.eot_id]
+
+
+@torch.no_grad()
+def sample(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    num_samples: int = 1,
+    stop_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[list[int]]:
+    """``num_samples`` continuations of ``prompt`` (new ids only), each cut after ``stop_id``."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([prompt] * num_samples, device=device)  # (num_samples, T)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_id)
+    samples = []
+    for row in out[:, len(prompt) :].tolist():
+        if stop_id in row:
+            row = row[: row.index(stop_id) + 1]
+        samples.append(row)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="llmtrain-sample",
+        description="Generate text from an llmtrain checkpoint (any dist mode) with a KV cache.",
+    )
+    parser.add_argument("checkpoint", help="a step_XXXXXXX dir, a checkpoints/ dir or a run dir")
+    parser.add_argument("--prompt", default="", help="text to continue (default: unconditional)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens per sample (default: 100, or what fits in the context)",
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="0 = no top-k cut")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = no cut")
+    parser.add_argument("--seed", type=int, default=None, help="default: a fresh random seed")
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda"
+    )
+    args = parser.parse_args(argv)
+    if args.temperature < 0:
+        parser.error(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        parser.error(f"--top-k {args.top_k}: must be >= 0 (0 disables it)")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.num_samples < 1:
+        parser.error(f"--num-samples {args.num_samples}: must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (use --device cpu)")
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    seed = args.seed if args.seed is not None else torch.seed() % 2**31
+
+    try:
+        model, cfg, ckpt = load_gpt(args.checkpoint, device)
+        tokenizer = get_tokenizer(cfg.data.tokenizer)
+        prompt = encode_prompt(tokenizer, args.prompt)
+        room = cfg.model.context_length - len(prompt)
+        max_new = args.max_new_tokens or min(100, room)
+        if max_new < 1:
+            raise ValueError(
+                f"the prompt is {len(prompt)} tokens; model.context_length="
+                f"{cfg.model.context_length} leaves no room to generate"
+            )
+        step = load_trainer_state(ckpt).step
+        greedy = args.temperature == 0
+        how = (
+            "greedy"
+            if greedy
+            else f"temperature {args.temperature}, top_k {args.top_k or 'off'}, "
+            f"top_p {args.top_p}, seed {seed}"
+        )
+        print(f"{ckpt} (step {step}, {cfg.model.name}) on {device}/{dtype}: {how}", file=sys.stderr)
+        samples = sample(
+            model,
+            prompt,
+            max_new,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            seed=seed,
+            num_samples=args.num_samples,
+            stop_id=tokenizer.eot_id,
+            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+        )
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+        sys.exit(f"llmtrain-sample: error: {e}")
+    for i, ids in enumerate(samples, 1):
+        ended = ids[-1:] == [tokenizer.eot_id]
+        text = tokenizer.decode(ids[:-1] if ended else ids)
+        print(f"=== sample {i}/{len(samples)} ===")
+        print(args.prompt + text + ("\n[end of text]" if ended else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["encode_prompt", "load_gpt", "sample"]

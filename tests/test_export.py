@@ -1,0 +1,265 @@
+"""llmtrain.export: a trained smoke checkpoint -> a transformers directory that AutoModel and
+AutoTokenizer load, checked against our own model and against tiktoken itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtrain.config import load_config
+from llmtrain.export import export, main
+from llmtrain.sample import load_gpt
+from llmtrain.tokenizer import get_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+SMOKE = [
+    "experiment=smoke",
+    "logger=none",
+    "trainer.max_steps=2",
+    "trainer.ckpt_every=2",
+    "trainer.eval_every=1000",
+    "trainer.eval_batches=1",
+    "trainer.sample_every=0",
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=4",
+    "trainer.batch_tokens=256",
+]
+FAMILIES = {  # GPT-2 (tied head) and a grouped-query Llama (untied head)
+    "gpt2": [],
+    "llama": ["model=llama-style", "model.n_head=4", "model.n_kv_head=2", "model.ffn_hidden=96"],
+}
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+V = 50257  # gpt2's true vocabulary; the model pads it to 50304
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread; on a busy two-core machine its
+    synchronisation made these tests ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def smoke_run(tmp_path_factory, family: str) -> Path:
+    """A 2-step smoke run, trained once per test session (test_sample.py shares it)."""
+    from llmtrain.train import train
+
+    run = tmp_path_factory.getbasetemp() / f"smoke-{family}"
+    if not (run / "checkpoints" / "latest").is_file():
+        train(load_config(SMOKE + FAMILIES[family]), run)
+    return run
+
+
+def exported(tmp_path_factory, family: str) -> Path:
+    """``smoke_run`` exported (fp32), once per test session."""
+    out = tmp_path_factory.getbasetemp() / f"hf-{family}"
+    if not (out / "model.safetensors").is_file():
+        export(smoke_run(tmp_path_factory, family), out)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+def test_export_writes_a_transformers_directory(tmp_path_factory, family):
+    out = exported(tmp_path_factory, family)
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [HF_CLASS[family]] and config["vocab_size"] == V
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loads in 4.x and 5.x
+    assert config["eos_token_id"] == config["bos_token_id"] == 50256
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == generation["pad_token_id"] == 50256
+
+
+def test_logits_equal_ours(tmp_path_factory, family):
+    run, out = smoke_run(tmp_path_factory, family), exported(tmp_path_factory, family)
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(theirs).__name__ == HF_CLASS[family]
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    ours, _, _ = load_gpt(run)
+    idx = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs.eval()(idx).logits
+        logits, _ = ours(idx)
+    assert expected.shape == (2, 48, V)  # the vocabulary padding is cut off
+    assert (expected - expected.mean(-1, keepdim=True)).abs().max() > 1e-2  # not a vacuous check
+    torch.testing.assert_close(logits[..., :V], expected, atol=1e-5, rtol=1e-5)
+
+
+TEXTS = [
+    "Hello, world! The quick brown fox.",
+    "  leading spaces\n\n\ttabs and\r\nCRLF   trailing  ",
+    "naïve café — 日本語のテキスト, 한국어, Ελληνικά, emoji 🤖👍🏽 and zalgo Z̸̢͉a̶l̷g̵o",
+    "<|endoftext|>a new document<|endoftext|><|endoftext|>",
+    "it's I'LL we've they'd 1234567890 3.14159 $5,000.00 ...!?",
+    "def f(x):\n    return {'a': [1, 2]}  # code\n",
+    "",
+    " ",
+    "\n\n\n",
+    "a" * 500,
+]
+
+
+def test_tokenizer_ids_equal_tiktoken(tmp_path_factory):
+    from llmtrain.data import SAMPLE_DIR
+
+    tok = transformers.AutoTokenizer.from_pretrained(exported(tmp_path_factory, "gpt2"))
+    enc = get_tokenizer("gpt2").encoding
+    assert len(tok) == V and tok.eos_token_id == tok.bos_token_id == 50256
+    import pyarrow.parquet as pq
+
+    files = sorted(SAMPLE_DIR.glob("data/validation/*.parquet"))
+    texts = TEXTS + pq.read_table(files[0]).column("text").to_pylist()[:20]  # real web text
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids == enc.encode(text, allowed_special="all"), text[:60]
+        assert tok.decode(ids) == text
+
+
+def test_bf16_export_through_the_cli(tmp_path_factory, tmp_path):
+    run = smoke_run(tmp_path_factory, "llama")
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        cli("llmtrain-export", "llmtrain.export")
+        + [str(run / "checkpoints"), str(out)]
+        + ["--dtype", "bf16"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "LlamaForCausalLM" in proc.stdout and str(out) in proc.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    fp32 = exported(tmp_path_factory, "llama") / "model.safetensors"
+    assert (out / "model.safetensors").stat().st_size < 0.6 * fp32.stat().st_size
+    ours, _, _ = load_gpt(run)
+    idx = torch.arange(16)[None]
+    with torch.no_grad():
+        close = model.float()(idx).logits
+        torch.testing.assert_close(ours(idx)[0][..., :V], close, atol=2e-2, rtol=0)
+
+
+def run_main(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code not in (0, None)
+    return capsys.readouterr().err + str(e.value.code)
+
+
+def test_bad_checkpoints_fail_naming_the_path(tmp_path_factory, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    missing = tmp_path / "nowhere"
+    assert f"{missing}: no such" in run_main([str(missing), out], capsys)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert f"{empty}: no complete llmtrain checkpoint" in run_main([str(empty), out], capsys)
+
+    src = smoke_run(tmp_path_factory, "gpt2") / "checkpoints" / "step_0000002"
+    crashed = tmp_path / "run" / "checkpoints" / "step_0000004.tmp"
+    shutil.copytree(src, crashed)
+    (crashed / "trainer_state.json").unlink()  # a save that never finished
+    assert "incomplete checkpoint" in run_main([str(crashed), out], capsys)
+    # the run dir skips the leftover and, holding nothing complete, says so
+    assert "no complete llmtrain checkpoint" in run_main([str(tmp_path / "run"), out], capsys)
+
+    no_weights = tmp_path / "w" / "step_0000002"
+    shutil.copytree(src, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    assert f"{no_weights}: no model.safetensors" in run_main([str(no_weights), out], capsys)
+    assert not Path(out).exists()
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path_factory, tmp_path, capsys):
+    run = smoke_run(tmp_path_factory, "gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "not empty; pass --force" in run_main([str(run), str(out)], capsys)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert "holds the checkpoint" in run_main([str(run), str(run.parent), "--force"], capsys)
+    ckpt = run / "checkpoints" / "step_0000002"
+    assert "holds the checkpoint" in run_main([str(ckpt), str(ckpt), "--force"], capsys)
+
+    main([str(run), str(out), "--force"])
+    assert "GPT2LMHeadModel" in capsys.readouterr().out
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (tmp_path / "out.tmp").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["zero3", "fsdp2"])
+def test_sharded_checkpoint_exports(mode, tmp_path, monkeypatch):
+    """Two forked gloo ranks write ZeRO-3 / FSDP2 shards (no model.safetensors); the export
+    loads in transformers with our logits, and llmtrain-sample reads the same shards."""
+    from dist_worker import run as fork_run
+
+    # set by the in-process CPU runs above; inherited, it turns DeepSpeed into plain MULTI_CPU
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+
+    shards = tmp_path / "shards"
+    _write_shards(shards)
+    run = tmp_path / "run"
+    overrides = SMOKE + [f"dist={mode}", "data.source=shards", f"data.path={shards}"]
+    fork_run(_train, 2, str(run), overrides + ["trainer.batch_tokens=512"], tmp=tmp_path)
+    ckpt = run / "checkpoints" / "step_0000002"
+    assert not (ckpt / "model.safetensors").exists()  # really sharded
+    export(run, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ours, _, _ = load_gpt(ckpt)
+    idx = torch.arange(32)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0][..., :V], theirs(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def _write_shards(out: Path) -> None:
+    """The shipped sample as llm.c token shards (the layout every world size can split)."""
+    import pyarrow.parquet as pq
+
+    from llmtrain.data import SAMPLE_DIR
+    from llmtrain.shards import write_shard
+
+    tok = get_tokenizer("gpt2")
+    out.mkdir()
+    for split, sub in (("train", "train"), ("val", "validation")):
+        files = sorted(SAMPLE_DIR.glob(f"data/{sub}/*.parquet"))
+        texts = pq.read_table(files[0]).column("text").to_pylist()[:40]
+        ids = [t + [tok.eot_id] for t in tok.encode_batch(texts)]
+        write_shard(out / f"sample_{split}_000.bin", sum(ids, []), tok.vocab_size)
+
+
+def _train(run_dir: str, overrides: list[str]) -> None:
+    from llmtrain.train import train
+
+    train(load_config(overrides), Path(run_dir))
+
+
+def cli(script: str, module: str) -> list[str]:
+    """The installed console script (checks the entry point), else ``python -m``."""
+    path = Path(sys.executable).with_name(script)
+    return [str(path)] if path.is_file() else [sys.executable, "-m", module]
