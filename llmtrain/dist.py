@@ -248,9 +248,38 @@ def build_accelerator(
         plugins["fsdp_plugin"] = _fsdp2_plugin(cfg)
     # cpu=True drops a DeepSpeed plugin without a word; DeepSpeed finds the CPU itself.
     cpu = device == "cpu" and mode not in ZERO_STAGE
-    if cpu:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-    accelerator = Accelerator(
+    # Accelerate's state reads CPU mode from the environment too; set only while it is built,
+    # so a later run in this process (a notebook, a forked test) is not forced onto the CPU.
+    set_env = cpu and "ACCELERATE_USE_CPU" not in os.environ
+    if set_env:
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        accelerator = _accelerator(cfg, device, grad_accum, world, backend, cpu, plugins)
+    finally:
+        if set_env:
+            del os.environ["ACCELERATE_USE_CPU"]
+    if mode == "fsdp2" and device == "cpu":
+        _fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    expected = EXPECTED_TYPE[mode]
+    if accelerator.distributed_type not in expected:
+        raise RuntimeError(
+            f"dist.mode={mode}: Accelerate set up {accelerator.distributed_type}, expected "
+            f"{' or '.join(str(e) for e in expected)}. Check the accelerate config file "
+            "(launch/*.yaml) and that transformers is installed for DeepSpeed."
+        )
+    return accelerator
+
+
+def _accelerator(
+    cfg: TrainConfig,
+    device: str,
+    grad_accum: int,
+    world: int,
+    backend: str,
+    cpu: bool,
+    plugins: dict[str, Any],
+) -> Accelerator:
+    return Accelerator(
         cpu=cpu,
         mixed_precision=resolve_precision(cfg.trainer.precision, device),
         gradient_accumulation_steps=grad_accum,
@@ -263,16 +292,6 @@ def build_accelerator(
         else [],
         **plugins,
     )
-    if mode == "fsdp2" and device == "cpu":
-        _fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
-    expected = EXPECTED_TYPE[mode]
-    if accelerator.distributed_type not in expected:
-        raise RuntimeError(
-            f"dist.mode={mode}: Accelerate set up {accelerator.distributed_type}, expected "
-            f"{' or '.join(str(e) for e in expected)}. Check the accelerate config file "
-            "(launch/*.yaml) and that transformers is installed for DeepSpeed."
-        )
-    return accelerator
 
 
 def _world_of_one_env() -> None:

@@ -204,11 +204,27 @@ def load_data_config(overrides: list[str]) -> DataConfig:
     return data
 
 
+USAGE = """usage: llmtrain-prepare data=<source> out_dir=DIR [num_proc=N] [data.* overrides]
+
+Tokenize a text source once into llm.c token shards (DIR/*_train_*.bin, DIR/*_val_*.bin);
+train on them with data=shards data.path=DIR. Examples:
+  llmtrain-prepare data=sample out_dir=shards/sample
+  llmtrain-prepare data=fineweb out_dir=shards/fineweb num_proc=8   # resumable; stop any time
+  llmtrain-prepare data=local data.files='corpus/*.txt' out_dir=shards/corpus"""
+
+
 def main(argv: list[str] | None = None) -> None:
-    overrides, out_dir, num_proc = _parse(sys.argv[1:] if argv is None else argv)
-    cfg = load_data_config(overrides)
-    if cfg.source == "shards":
-        raise ConfigError("data: already shards; pick a text source, e.g. data=fineweb")
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return
+    try:
+        overrides, out_dir, num_proc = _parse(args)
+        cfg = load_data_config(overrides)
+        if cfg.source == "shards":
+            raise ConfigError("data: already shards; pick a text source, e.g. data=fineweb")
+    except ConfigError as e:
+        sys.exit(f"llmtrain-prepare: config error: {e}\n\n{USAGE}")
     manifest = prepare(cfg, out_dir, num_proc)
     for split, entry in manifest["splits"].items():
         tokens = sum(s["tokens"] for s in entry["shards"])
