@@ -46,8 +46,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--top", type=int, default=15)
     args, overrides = parser.parse_known_args()
-    cfg = load_config(["logger=none", "data=shards", "data.path=unused", "trainer.max_steps=1",
-                       *overrides])
+    cfg = load_config(
+        ["logger=none", "data=shards", "data.path=unused", "trainer.max_steps=1", *overrides]
+    )
     torch.manual_seed(0)
     model = GPT(cfg.model).cuda()
     opt = build_optimizer(model, cfg.optim, "cuda")

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic directories, a ``latest`` pointer, keep-last-K, exact resume.
+"""Checkpoints: atomic directories, a ``latest`` pointer, keep-last-K, exact resume, and what
+happens when things go wrong (see "When things go wrong" in the README).
 
 Layout of ``RUN_DIR/checkpoints/``::
 
@@ -9,18 +10,32 @@ Layout of ``RUN_DIR/checkpoints/``::
         data_state_<rank>.pt  each rank's data-pipeline position
         config.yaml           the resolved config, for load_model and resume checks
         receipt.json          package version, git sha, torch version
+        manifest.json         size and sha256 of every file above (llmtrain/integrity.py)
     latest                   a text file naming the newest complete checkpoint
 
-A checkpoint is written under ``step_XXXXXXX.tmp`` and renamed only once every rank has
-finished writing, so a crash mid-save never leaves a directory that looks complete.
+A checkpoint is written under ``step_XXXXXXX.tmp``, hashed and fsynced, and renamed only once
+every rank has finished, so a crash mid-save never leaves a directory that looks complete; the
+next save removes the leftover. A failed write on any rank (disk full, read-only directory)
+fails the save on every rank and leaves the previous checkpoint and ``latest`` as they were.
+Weights with a NaN or inf are never saved. Resume verifies the manifest and, with
+``trainer.resume=auto``, falls back to the newest checkpoint that is intact.
+
+SIGTERM and SIGUSR1 (Slurm's warning before a preemption or the time limit) only set a flag;
+the loop finishes its step, every rank agrees at the same step, saves, and the process exits
+with :data:`EXIT_PREEMPTED` so the job script requeues it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +43,37 @@ from typing import Any
 import torch
 
 from llmtrain.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, config_to_yaml
+from llmtrain.integrity import (
+    CheckpointError,
+    assign,
+    broadcast,
+    check_files,
+    digest,
+    fsync_dir,
+    gather,
+    listing,
+    rank_world,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TRAINER_STATE = "trainer_state.json"
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped by a signal, checkpoint saved, requeue me
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; the previous one and ``latest`` are untouched."""
+
+
+class Diverged(RuntimeError):
+    """Training went non-finite beyond recovery; the message names the last good checkpoint."""
+
+
+class Preempted(Exception):
+    """A preemption signal stopped the run after a checkpoint; exit with EXIT_PREEMPTED."""
 
 
 @dataclass
@@ -38,7 +81,8 @@ class TrainerState:
     step: int = 0  # optimizer steps completed
     tokens: int = 0  # global training tokens consumed
     world_size: int = 1
-    bad_steps: int = 0  # non-finite steps skipped so far
+    bad_steps: int = 0  # consecutive non-finite steps skipped (resets on a good step)
+    skipped_steps: int = 0  # non-finite steps skipped over the whole run
 
 
 def step_dir_name(step: int) -> str:
@@ -57,21 +101,80 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint: the ``latest`` pointer if valid, else the newest dir."""
+def candidates(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints to resume from, best first: ``latest``'s target, then newest first."""
+    found = complete_checkpoints(ckpt_root)[::-1]
     pointer = ckpt_root / "latest"
     if pointer.is_file():
-        candidate = ckpt_root / pointer.read_text().strip()
-        if (candidate / TRAINER_STATE).is_file():
-            return candidate
-    found = complete_checkpoints(ckpt_root)
-    return found[-1] if found else None
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            target = ckpt_root / pointer.read_text().strip()
+            if target in found:
+                found.remove(target)
+                found.insert(0, target)
+    return found
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint: the ``latest`` pointer if valid, else the newest dir."""
+    found = candidates(ckpt_root)
+    return found[0] if found else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+HINTS = {
+    errno.ENOSPC: "the disk is full: free space or point hydra.run.dir at a larger disk",
+    errno.EDQUOT: "the disk quota is exceeded: free space or point hydra.run.dir elsewhere",
+    errno.EFBIG: "a file exceeds the size limit (ulimit -f or the file system's)",
+    errno.EACCES: "the run dir is not writable by this user",
+    errno.EPERM: "the run dir does not allow writing",
+    errno.EROFS: "the run dir is on a read-only file system",
+}
+
+
+def _describe(e: OSError, where: Path) -> str:
+    hint = HINTS.get(e.errno or 0)
+    return f"{e.filename or where}: {e.strerror or e}" + (f" ({hint})" if hint else "")
+
+
+def _free_space_problem(ckpt_root: Path) -> str | None:
+    """Refuse early when the last checkpoint's size is more than the free space: a write that
+    fails halfway through DeepSpeed's save could leave the other ranks waiting in a collective."""
+    last = latest_checkpoint(ckpt_root)
+    if last is None:
+        return None
+    try:
+        need = sum(e["size"] for e in read_manifest(last).values())
+    except CheckpointError:
+        return None
+    free = shutil.disk_usage(ckpt_root).free
+    if free >= need:
+        return None
+    err = OSError(errno.ENOSPC, f"{free / 1e9:.2f} GB free, the last checkpoint took "
+                  f"{need / 1e9:.2f} GB", str(ckpt_root))  # fmt: skip
+    return _describe(err, ckpt_root)
+
+
+def nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter with a NaN or inf in this rank's part, or None."""
+    names, flags = [], []
+    for name, p in model.named_parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: this rank's partition
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2: this rank's shard
+        if t.numel():
+            names.append(name)
+            flags.append(torch.isfinite(t.detach()).all())
+    if not flags:
+        return None
+    ok = torch.stack(flags).cpu()  # one host sync for the whole model
+    return None if bool(ok.all()) else names[int((~ok).nonzero()[0])]
 
 
 def save_checkpoint(
@@ -82,48 +185,201 @@ def save_checkpoint(
     cfg: TrainConfig,
     receipt: dict[str, str],
     keep_last: int,
+    model: torch.nn.Module | None = None,
 ) -> Path:
-    """Every rank calls this; returns the final checkpoint directory."""
+    """Every rank calls this; returns the final checkpoint directory.
+
+    Raises Diverged (on every rank) when ``model`` holds a non-finite weight, and SaveError when
+    any rank fails to write; neither leaves anything but the previous checkpoints behind.
+    """
     final = ckpt_root / step_dir_name(state.step)
     tmp = ckpt_root / (final.name + ".tmp")
-    if accelerator.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crashed save
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    torch.save(data_state, tmp / f"data_state_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "config.yaml").write_text(config_to_yaml(cfg))
-        (tmp / "receipt.json").write_text(json.dumps(receipt, indent=2))
-        (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(ckpt_root / "latest", final.name)
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    previous = latest_checkpoint(ckpt_root)
+
+    bad = [b for b in gather(nonfinite_parameter(model) if model is not None else None) if b]
+    if bad:
+        raise Diverged(
+            f"step {state.step}: the weights hold NaN or inf (first: {bad[0]}); refusing to save "
+            f"them. The last good checkpoint is {previous or 'none (none was written)'}; lower "
+            "optim.lr or check the data, then resume from it."
+        )
+
+    def agree(error: str | None) -> None:
+        errors = [e for e in gather(error) if e]
+        if errors:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise SaveError(
+                f"checkpoint {final.name} not saved: {errors[0]}. The previous checkpoint "
+                f"{previous or '(none)'} is intact and {ckpt_root / 'latest'} is unchanged."
+            )
+
+    error = None
+    if main:
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            for stale in [*ckpt_root.glob("step_*.tmp"), ckpt_root / "latest.tmp"]:
+                if stale.is_dir():  # a crashed save's leftover
+                    shutil.rmtree(stale)
+                elif stale.exists():
+                    stale.unlink()
+            error = _free_space_problem(ckpt_root)
+            if error is None:
+                tmp.mkdir()
+        except OSError as e:
+            error = _describe(e, ckpt_root)
+    agree(error)
+
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        torch.save(data_state, tmp / f"data_state_{rank}.pt")
+        if main:
+            (tmp / "config.yaml").write_text(config_to_yaml(cfg))
+            (tmp / "receipt.json").write_text(json.dumps(receipt, indent=2))
+            (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
+    except OSError as e:
+        error = _describe(e, tmp)
+    agree(error)
+
+    # Every rank hashes (and fsyncs) a share of the files, largest first; rank 0 lists them.
+    files = broadcast(listing(tmp) if main else None)
+    entries = {}
+    try:
+        entries = digest(tmp, assign(files, rank_world()[1])[rank])
+    except OSError as e:
+        error = _describe(e, tmp)
+    agree(error)
+    parts = gather(entries)
+
+    if main:
+        try:
+            write_manifest(tmp, {k: v for part in parts for k, v in part.items()})
+            fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(ckpt_root)
+            _write_atomic(ckpt_root / "latest", final.name)
+        except OSError as e:
+            error = _describe(e, final)
+    agree(error)
+    if main:
         for old in complete_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
-    """``none`` -> None; ``auto`` -> newest complete checkpoint in this run (or None);
-    anything else is a checkpoint directory (or a checkpoints/ root) that must exist."""
+class Preemption:
+    """Whether a preemption signal arrived (and which); set by the handler, read by the loop."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Only a flag: the loop finishes its step and saves. Printing here could re-enter I/O.
+        self.signal = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def preemption_signals() -> Iterator[Preemption]:
+    """SIGTERM / SIGUSR1 set a flag while inside (the main thread only; elsewhere a no-op),
+    and the previous handlers come back after."""
+    flag = Preemption()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, flag._handle) for s in PREEMPT_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def resume_candidates(resume: str, ckpt_root: Path) -> tuple[list[Path], bool]:
+    """The checkpoints ``trainer.resume`` may use, best first, and whether falling back to the
+    next is allowed: ``auto`` (this run) or a run dir / checkpoints root may fall back; a
+    ``step_XXXXXXX`` directory named by the user may not. A path that holds none is an error."""
     if resume == "none":
-        return None
+        return [], False
     if resume == "auto":
-        return latest_checkpoint(ckpt_root)
+        return candidates(ckpt_root), True
     path = Path(resume)
     if (path / TRAINER_STATE).is_file():
-        return path
-    found = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
-    if found is None:
+        return [path], False
+    found = candidates(path) or candidates(path / "checkpoints")
+    if not found:
         raise ConfigError(
             f"trainer.resume: {resume!r} is not a complete checkpoint directory (it has no "
             f"{TRAINER_STATE}) and holds none; use trainer.resume=auto or a step_XXXXXXX dir"
         )
-    return found
+    return found, True
+
+
+def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
+    """The first candidate for ``trainer.resume``, unverified (see :func:`choose_resume`)."""
+    found, _ = resume_candidates(resume, ckpt_root)
+    return found[0] if found else None
+
+
+def preflight_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    """Before any process group starts (main process): a named resume target must exist and
+    the checkpoint to resume must have this model's shape."""
+    found, _ = resume_candidates(cfg.trainer.resume, run_dir / "checkpoints")
+    if not found:
+        return
+    try:
+        saved = saved_config(found[0])
+    except Exception:  # noqa: BLE001 -- a damaged checkpoint is reported by choose_resume
+        return
+    check_compatible(saved.model, cfg.model, found[0])
+
+
+def choose_resume(resume: str, ckpt_root: Path) -> Path | None:
+    """Every rank calls this once the process group is up; returns the same checkpoint on all.
+
+    Each candidate's manifest is verified (the ranks share the hashing). A damaged checkpoint
+    is skipped with a message when falling back is allowed, else it is a CheckpointError
+    naming the file; so is a run whose every checkpoint is damaged.
+    """
+    if resume == "none":
+        return None
+    main = rank_world()[0] == 0
+    found: tuple[list[str], bool, str | None] = ([], False, None)
+    if main:
+        try:
+            paths, fallback = resume_candidates(resume, ckpt_root)
+            found = ([str(p) for p in paths], fallback, None)
+        except ConfigError as e:
+            found = ([], False, str(e))
+    paths, fallback, error = broadcast(found)
+    if error:
+        raise ConfigError(error)
+    problems = []
+    for path in map(Path, paths):
+        problem = verify(path)
+        if problem is None:
+            if problems and main:
+                print(f"resume: falling back to {path}, the newest intact checkpoint", flush=True)
+            return path
+        if not fallback:
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
+        if main:
+            print(f"resume: skipping damaged checkpoint {path}: {problem}", flush=True)
+        problems.append(problem)
+    if problems:
+        raise CheckpointError(
+            "no intact checkpoint to resume from:\n  "
+            + "\n  ".join(problems)
+            + "\nMove the damaged checkpoints away (or start over with trainer.resume=none and "
+            "another hydra.run.dir)."
+        )
+    return None
 
 
 def saved_config(ckpt: Path) -> TrainConfig:
@@ -175,8 +431,7 @@ def load_data_state(ckpt: Path, rank: int) -> dict[str, Any] | None:
 
 def load_model(path: str | Path, device: str = "cpu"):
     """A checkpoint (or a run dir / checkpoints root) -> ``(GPT, TrainConfig)`` in fp32 on CPU."""
-    from safetensors.torch import load_file
-
+    from llmtrain.consolidate import full_state_dict, layout
     from llmtrain.model import GPT
 
     path = Path(path)
@@ -189,14 +444,14 @@ def load_model(path: str | Path, device: str = "cpu"):
         raise FileNotFoundError(f"no complete llmtrain checkpoint at {path}")
     cfg = saved_config(ckpt)
     model = GPT(cfg.model)
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{weights} not found: this checkpoint holds sharded weights; consolidate it first"
-        )
-    state = load_file(str(weights), device=device)
+    if layout(ckpt) == "full":
+        listed = read_manifest(ckpt)
+        problem = check_files(ckpt, {k: v for k, v in listed.items() if k == "model.safetensors"})
+        if problem:
+            raise CheckpointError(problem)
+    state = full_state_dict(ckpt)  # any dist mode: ZeRO and FSDP2 shards are gathered on CPU
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied_ok = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
     if set(missing) - tied_ok or unexpected:
-        raise RuntimeError(f"{weights}: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"{ckpt}: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval(), cfg

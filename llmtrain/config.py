@@ -9,7 +9,7 @@ relations between groups) before any process group or model is built.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,7 @@ class TrainerConfig:
     temperature: float = 0.8
     top_k: int = 50
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    on_save_error: str = "stop"  # a checkpoint write failed (disk full...): stop | continue
 
 
 @dataclass
@@ -177,6 +178,12 @@ DIST_MODES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGERS = ("wandb", "none")
+LOGGER_MODES = ("online", "offline", "disabled")
+BACKENDS = ("nccl", "gloo")
+ON_SAVE_ERROR = ("stop", "continue")
+# Environment variables holding credentials: never in a config, which is saved beside every
+# checkpoint, printed and sent to the logger.
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -253,6 +260,22 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
         "data.val_docs",
         "must be positive when data.val_split is null (the held-out set would be empty)",
     )
+    _require(
+        d.files is not None or d.source != "hf" or d.val_split != d.train_split,
+        "data.val_split",
+        f"is the training split {d.train_split!r}: validation would measure memorised data; "
+        "use the source's validation split or data.val_split=null (hold out data.val_docs)",
+    )
+    _require(
+        d.val_files is None or d.files is not None,
+        "data.val_files",
+        "is only read with data.files (local corpora); set data.files too, or remove it",
+    )
+    _require(
+        d.files is None or d.source == "hf",
+        "data.files",
+        f"is not read by data.source={d.source} (shards come from data.path); remove it",
+    )
 
     _positive(o, "optim", "lr", "eps")
     _one_of(o.schedule, "optim.schedule", SCHEDULES)
@@ -274,7 +297,35 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
         "dist.offload_optimizer",
         f"optimizer offload needs a ZeRO mode, got {cfg.dist.mode}",
     )
+    dist = cfg.dist
+    _require(
+        dist.reshard_after_forward or dist.mode != "zero3",
+        "dist.reshard_after_forward",
+        "false is not available with ZeRO-3 (DeepSpeed always re-partitions parameters after "
+        "forward); use dist=zero2 to keep whole parameters, or dist=fsdp2",
+    )
+    if dist.deepspeed_config is not None:
+        _require(
+            dist.mode.startswith("zero"),
+            "dist.deepspeed_config",
+            f"is only read by the ZeRO modes, not dist.mode={dist.mode}; remove it",
+        )
+        _require(
+            Path(dist.deepspeed_config).is_file(),
+            "dist.deepspeed_config",
+            f"{dist.deepspeed_config} does not exist (cwd {os.getcwd()})",
+        )
+    if dist.backend is not None:
+        _one_of(dist.backend, "dist.backend", BACKENDS)
+        _require(
+            dist.backend != "nccl" or t.device != "cpu",
+            "dist.backend",
+            "nccl needs GPUs; trainer.device=cpu runs on gloo (leave dist.backend unset)",
+        )
+    _positive(dist, "dist", "timeout_s")
     _one_of(cfg.logger.name, "logger.name", LOGGERS)
+    if cfg.logger.mode is not None:
+        _one_of(cfg.logger.mode, "logger.mode", LOGGER_MODES)
 
     _positive(
         t,
@@ -293,6 +344,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
     )
     _one_of(t.precision, "trainer.precision", PRECISIONS)
     _one_of(t.device, "trainer.device", DEVICES)
+    _one_of(t.on_save_error, "trainer.on_save_error", ON_SAVE_ERROR)
+    _require(
+        not (t.precision == "fp16" and t.device == "cpu"),
+        "trainer.precision",
+        "fp16 mixed precision needs a GPU; on trainer.device=cpu use fp32 or bf16",
+    )
     _require(
         t.max_steps is not None or t.max_tokens is not None,
         "trainer.max_steps",
@@ -305,6 +362,15 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
         f"{t.sample_tokens} leaves no room for the prompt in "
         f"model.context_length={m.context_length}",
     )
+    steps = t.max_steps or -(-(t.max_tokens or 0) // t.batch_tokens)
+    if o.schedule == "wsd" and steps:
+        decay = max(1, round(o.decay_fraction * steps))
+        _require(
+            o.warmup_steps + decay <= steps,
+            "optim.warmup_steps",
+            f"{o.warmup_steps} warmup + {decay} decay steps (optim.decay_fraction="
+            f"{o.decay_fraction}) exceed the {steps}-step horizon: wsd would decay during warmup",
+        )
     ws = world_size or 1
     window = t.micro_batch_size * d.seq_len * ws
     _require(
@@ -314,7 +380,29 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
         f"= {t.micro_batch_size} x {d.seq_len} x {ws} = {window}; "
         f"try {max(1, t.batch_tokens // window) * window}",
     )
+    _no_secrets(cfg)
     return cfg
+
+
+def _no_secrets(cfg: Any, prefix: str = "") -> None:
+    """Refuse a config that holds a credential from the environment (an API key pasted into
+    logger.run_name, a token in a data URL): the config is saved, printed and logged."""
+    secrets = {name: value for name in SECRET_ENV if len(value := os.environ.get(name, "")) >= 8}
+    if not secrets:
+        return
+    for f in fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _no_secrets(value, key + ".")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            for name, secret in secrets.items():
+                _require(
+                    not (isinstance(item, str) and secret in item),
+                    key,
+                    f"holds the value of ${name}; credentials belong in the environment only "
+                    "(the config is saved beside every checkpoint and sent to the logger)",
+                )
 
 
 def world_size_from_env() -> int:

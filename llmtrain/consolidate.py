@@ -8,7 +8,7 @@ What ``accelerator.save_state`` writes under each dist mode (every rank writes i
 
 Export: :func:`full_state_dict` rebuilds the fp32 weights from any of them on one CPU process
 (DeepSpeed's ``zero_to_fp32``; DCP's own loader), and ``python -m llmtrain.consolidate CKPT``
-writes them as ``CKPT/model.safetensors`` (``--dtype bf16`` for half the size).
+writes them as ``CKPT/consolidated.safetensors`` (``--dtype bf16`` for half the size).
 
 Resume on another world size (:func:`load_state`):
 - single/ddp: the files are full; nothing to do.
@@ -50,8 +50,16 @@ def layout(ckpt: Path) -> str:
 
 def full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """The model's fp32 state dict from a checkpoint of any dist mode, on CPU, no process group."""
+    from llmtrain.integrity import safe_loading
+
     ckpt = Path(ckpt)
     kind = layout(ckpt)
+    with safe_loading(ckpt):  # weights_only loads: a checkpoint is data, never code
+        state = _load_full(ckpt, kind)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def _load_full(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
     if kind == "full":
         from safetensors.torch import load_file
 
@@ -59,23 +67,24 @@ def full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     if kind == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
-    else:
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-        tmp = ckpt / "consolidated.pt.tmp"
-        dcp_to_torch_save(str(ckpt / FSDP_MODEL), str(tmp))
-        state = torch.load(tmp, weights_only=True)["model"]
-        tmp.unlink()
-    return {k: v.float().contiguous() for k, v in state.items()}
+    tmp = ckpt / "consolidated.pt.tmp"
+    dcp_to_torch_save(str(ckpt / FSDP_MODEL), str(tmp))
+    state = torch.load(tmp, weights_only=True)["model"]
+    tmp.unlink()
+    return state
 
 
 def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32") -> Path:
-    """Write the full state dict of ``ckpt`` as safetensors (tied weights stored once)."""
+    """Write the full state dict of ``ckpt`` as safetensors (tied weights stored once), by
+    default to ``CKPT/consolidated.safetensors``: never over a file the checkpoint's manifest
+    lists."""
     from safetensors.torch import save_file
 
     ckpt = Path(ckpt)
-    out = Path(out) if out else ckpt / "model.safetensors"
+    out = Path(out) if out else ckpt / "consolidated.safetensors"
     state = full_state_dict(ckpt)
     cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     seen: dict[int, str] = {}
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a checkpoint's full model weights (any dist mode) as safetensors.",
     )
     parser.add_argument("checkpoint", help="a step_XXXXXXX directory")
-    parser.add_argument("--out", help="output file (default: CHECKPOINT/model.safetensors)")
+    parser.add_argument("--out", help="output file (default: CHECKPOINT/consolidated.safetensors)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     print(export(args.checkpoint, args.out, args.dtype))

@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import json
 import logging
 import os
 import time
@@ -119,9 +120,15 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
             data_files["validation"] = _expand(cfg.val_files, "data.val_files")
         path, kwargs = _builder(list(chain(*data_files.values())), "data.files")
         kwargs["data_files"] = data_files
+        if path != "text":  # an empty .txt is an empty document (skipped and counted)
+            for f in chain(*data_files.values()):
+                if os.path.getsize(f) == 0:
+                    raise DataError(f"data.files: {f} is empty (0 bytes); remove or rebuild it")
     elif path == "sample":
         path = str(SAMPLE_DIR)
     what = f"data.path={cfg.path!r}" + (f" (config {name!r})" if name else "")
+    if cfg.files:
+        what = f"data.files={cfg.files!r}"
     try:
         ds = _retrying(
             lambda: datasets.load_dataset(path, name, split=split, streaming=True, **kwargs), what
@@ -136,13 +143,53 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
     except ValueError as e:
         if "split" in str(e).lower():
             raise DataError(f"{what}: has no split {split!r} ({e})") from e
-        raise
+        raise read_error(cfg, e) from e
+    except Exception as e:  # noqa: BLE001 -- a file datasets cannot parse: name it
+        raise read_error(cfg, e) from e
     if ds.features is not None and cfg.text_column not in ds.features:
         raise DataError(
             f"data.text_column={cfg.text_column!r} is not a column of {what}; "
             f"columns: {', '.join(ds.features)}"
         )
     return ds.select_columns([cfg.text_column]) if ds.features is not None else ds
+
+
+def _unreadable(f: str) -> str | None:
+    """Why local file ``f`` cannot be read as its builder reads it, or None."""
+    kind = BUILDERS.get(Path(f).suffix.lower())
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_table(f)
+        elif kind == "json":
+            with open(f, encoding="utf-8") as fh:
+                text = fh.read()
+            try:
+                json.loads(text)  # one JSON document
+            except json.JSONDecodeError:
+                for i, line in enumerate(text.splitlines(), 1):  # else JSON Lines
+                    try:
+                        if line.strip():
+                            json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"line {i} is not JSON ({e})"
+    except Exception as e:  # noqa: BLE001 -- the reason is the message
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def read_error(cfg: DataConfig, e: BaseException) -> DataError:
+    """A DataError for a failed read: the bad local file and why when one is found, else the
+    source and the original error."""
+    if cfg.files:
+        files = _expand(cfg.files, "data.files")
+        files += _expand(cfg.val_files, "data.val_files") if cfg.val_files else []
+        for f in files:
+            if (why := _unreadable(f)) is not None:
+                return DataError(f"data.files: {f}: {why}; fix or remove the file")
+        return DataError(f"data.files={cfg.files!r}: reading failed: {type(e).__name__}: {e}")
+    return DataError(f"data.path={cfg.path!r}: reading failed: {type(e).__name__}: {e}")
 
 
 def _digest(text: str) -> bytes:
@@ -212,10 +259,30 @@ class PackedDocuments(IterableDataset):
         train: bool,
         seed: int,
         heldout: frozenset[bytes],
+        node: tuple[int, int] | None = None,
     ) -> None:
         self.ds, self.tok, self.cfg = ds, tokenizer, cfg
         self.batch_size, self.train, self.seed, self.heldout = batch_size, train, seed, heldout
+        self.node = node  # (rank, world_size) to split ds by, in each worker (see _dataset)
         self.resume: list[dict | None] = []
+
+    def _dataset(self) -> Any:
+        """This worker's own ``datasets`` view of the rank's documents, made in the worker.
+
+        ``datasets`` keeps a dataset's epoch in a torch tensor in shared memory, shared by the
+        parent and every forked DataLoader worker, and ``set_epoch`` is a read-modify-write of it.
+        On one shared dataset, two workers setting the epoch at once could leave it at twice the
+        value (another shard order: two workers read the same shard and one shard is skipped),
+        and a worker starting a new epoch changed the shard order of one starting beside it. A
+        dataset made here has an epoch of its own. Validation (node None) is never shuffled: its
+        epoch stays 0.
+        """
+        if self.node is None:
+            return self.ds
+        from datasets.distributed import split_dataset_by_node
+
+        rank, world_size = self.node
+        return split_dataset_by_node(self.ds, rank=rank, world_size=world_size)
 
     def _hf_epoch(self, epoch: int) -> int:
         # datasets reshuffles the shard order with default_rng(epoch) for any nonzero epoch;
@@ -226,9 +293,9 @@ class PackedDocuments(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         start = self.resume[worker] if worker < len(self.resume) else None
-        yield from self._windows(worker, copy.deepcopy(start))
+        yield from self._windows(self._dataset(), worker, copy.deepcopy(start))
 
-    def _windows(self, worker: int, pos: dict | None) -> Iterator[tuple]:
+    def _windows(self, ds: Any, worker: int, pos: dict | None) -> Iterator[tuple]:
         cfg, L = self.cfg, self.cfg.seq_len + 1
         stride = cfg.stride or cfg.seq_len
         eot = self.tok.eot_id
@@ -243,12 +310,15 @@ class PackedDocuments(IterableDataset):
         stats = dict(pos["stats"])
         batch: list[np.ndarray] = []
         while True:  # epochs
-            self.ds.set_epoch(self._hf_epoch(pos["epoch"]))
-            self.ds.load_state_dict(pos["hf"])
-            rows_it = iter(self.ds)
+            ds.set_epoch(self._hf_epoch(pos["epoch"]))
+            ds.load_state_dict(pos["hf"])
+            rows_it = iter(ds)
             while True:  # batches of documents
-                rows = list(islice(rows_it, cfg.tokenize_batch))
-                hf_after = self.ds.state_dict() if rows else None
+                try:
+                    rows = list(islice(rows_it, cfg.tokenize_batch))
+                except Exception as e:  # noqa: BLE001 -- corrupt file, broken stream: name it
+                    raise read_error(cfg, e) from e
+                hf_after = ds.state_dict() if rows else None
                 texts = clean_texts(rows, cfg, self.heldout, stats)
                 ids = self.tok.encode_batch(texts)
                 for t in ids:
@@ -463,15 +533,12 @@ def build_dataloader(
             world_size=world_size,
             kind="shards",
         )
-    from datasets.distributed import split_dataset_by_node
-
     val_ds, heldout = validation_documents(cfg)
     if train:
         ds = load_documents(cfg, cfg.train_split)
         n = ds.n_shards
         if cfg.shuffle and cfg.shuffle_buffer > 0:
             ds = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     else:
         ds, cfg, n = val_ds, dataclasses.replace(cfg, shuffle=False), val_ds.n_shards
     # A rank gets n_shards / world_size shards when that divides, else every shard (and every
@@ -480,7 +547,14 @@ def build_dataloader(
     if not train and heldout:
         shards = 1  # take(val_docs) would be divided among workers; keep its order
     source = PackedDocuments(
-        ds, tokenizer, cfg, batch_size, train, seed, heldout if train else frozenset()
+        ds,
+        tokenizer,
+        cfg,
+        batch_size,
+        train,
+        seed,
+        heldout if train else frozenset(),
+        node=(rank, world_size) if train else None,  # split in each worker (see _dataset)
     )
     return TokenLoader(
         source,

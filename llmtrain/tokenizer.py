@@ -8,7 +8,7 @@ default needs no network. Any other name goes through ``tiktoken.get_encoding`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import tiktoken
@@ -55,7 +55,7 @@ class Tokenizer:
         return self.encoding.decode(ids)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gpt2_encoding() -> tiktoken.Encoding:
     ranks = tiktoken.load.load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_SHA256)
     return tiktoken.Encoding(

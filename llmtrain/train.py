@@ -6,10 +6,13 @@ accelerate launch --config_file launch/cpu.yaml -m llmtrain.train experiment=smo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from llmtrain.config import (
 from llmtrain.consolidate import load_data_state, load_state
 from llmtrain.data import DataError, build_dataloader
 from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
+from llmtrain.integrity import safe_loading
 from llmtrain.metrics import (
     MetricsFile,
     Throughput,
@@ -108,6 +112,20 @@ def batches(loader, stats: Throughput):
             for_start = time.perf_counter()
 
 
+def step_flags(accelerator, grad_norm, stop: bool) -> tuple[bool, bool]:
+    """(gradient finite, stop) as every rank sees them: one tiny all-reduce and the step's one
+    host sync. A signal can reach the ranks at slightly different steps; summing the flags
+    makes all of them stop (and save) at the same step."""
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor; collectives want local
+        grad_norm = grad_norm.full_tensor()
+    norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(accelerator.device)
+    flags = torch.stack([(~torch.isfinite(norm)).float(), torch.full_like(norm, float(stop))])
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    bad, stops = flags.tolist()
+    return bad == 0, stops > 0
+
+
 @torch.no_grad()
 def evaluate(model, accelerator, val_loader, n_batches: int) -> float:
     """Mean validation loss over the first ``n_batches`` batches, averaged over ranks."""
@@ -136,26 +154,47 @@ def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> s
     return tokenizer.decode(out[0].tolist())
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> ckpt.TrainerState:
-    """Train ``cfg`` with outputs in ``run_dir``; returns the final trainer state."""
+def train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    step_hook: Callable[[ckpt.TrainerState, Throughput], None] | None = None,
+    final_save: bool = True,
+) -> ckpt.TrainerState:
+    """Train ``cfg`` with outputs in ``run_dir``; returns the final trainer state.
+
+    ``step_hook(state, throughput)`` runs after every optimizer step, before logging (how
+    ``llmtrain-bench`` times the loop's own steps); ``final_save=False`` skips the checkpoint a
+    run otherwise writes at its end.
+
+    SIGTERM or SIGUSR1 make every rank finish its step, save, and raise ``ckpt.Preempted``.
+    """
+    with ckpt.preemption_signals() as preempt:
+        return _train(cfg, run_dir, preempt, step_hook, final_save)
+
+
+def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckpt.TrainerState:
     world = world_size_from_env()
     check_launch(cfg, world)
     plan = Plan.from_config(cfg, world)
-    accelerator = build_accelerator(cfg, plan.grad_accum)
-    is_main, rank = accelerator.is_main_process, accelerator.process_index
-    run_dir = Path(accelerator_broadcast(accelerator, str(run_dir.resolve())))
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = ckpt.resolve_resume(cfg.trainer.resume, ckpt_root)
-    if resume_from is not None:
-        ckpt.check_compatible(ckpt.saved_config(resume_from).model, cfg.model, resume_from)
-
-    torch.manual_seed(cfg.trainer.seed)
+    # Checked before any process group starts: a failing rank 0 then costs seconds, not a hang.
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
             f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens"
         )
+    if int(os.environ.get("RANK", "0")) == 0:  # other ranks learn the run dir by broadcast
+        ckpt.preflight_resume(cfg, run_dir)
+    accelerator = build_accelerator(cfg, plan.grad_accum)
+    is_main, rank = accelerator.is_main_process, accelerator.process_index
+    run_dir = Path(accelerator_broadcast(accelerator, str(run_dir.resolve())))
+    ckpt_root = run_dir / "checkpoints"
+    # Verified against its manifest; trainer.resume=auto falls back past damaged checkpoints.
+    resume_from = ckpt.choose_resume(cfg.trainer.resume, ckpt_root)
+    if resume_from is not None:
+        ckpt.check_compatible(ckpt.saved_config(resume_from).model, cfg.model, resume_from)
+
+    torch.manual_seed(cfg.trainer.seed)
     model = GPT(cfg.model)
     if cfg.trainer.activation_checkpointing:
         model.enable_activation_checkpointing()
@@ -170,13 +209,18 @@ def train(cfg: TrainConfig, run_dir: Path) -> ckpt.TrainerState:
     )
     train_loader = build_dataloader(cfg.data, tokenizer, split="train", **loader_args)
     val_loader = build_dataloader(cfg.data, tokenizer, split="val", **loader_args)
+    for _ in val_loader:  # an empty validation split fails now (DataError), not at the first eval
+        break
 
     state = ckpt.TrainerState(world_size=world)
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
-        # Both reshard when the checkpoint was written by another number of processes.
-        train_loader.load_state_dict(load_data_state(resume_from, rank, world, state.world_size))
-        load_state(accelerator, model, resume_from, state.world_size, cfg.dist.mode)
+        # Both reshard when the checkpoint was written by another number of processes; nothing
+        # in the checkpoint is unpickled beyond tensors and plain containers.
+        with safe_loading(resume_from):
+            data_state = load_data_state(resume_from, rank, world, state.world_size)
+            train_loader.load_state_dict(data_state)
+            load_state(accelerator, model, resume_from, state.world_size, cfg.dist.mode)
         state.world_size = world
 
     cfg_dict, run_receipt = config_to_dict(cfg), receipt()
@@ -205,20 +249,31 @@ def train(cfg: TrainConfig, run_dir: Path) -> ckpt.TrainerState:
     started, start_step, last_saved = time.perf_counter(), state.step, state.step
     model.train()
 
-    def save() -> Path:
-        path = ckpt.save_checkpoint(
-            accelerator,
-            ckpt_root,
-            state,
-            train_loader.state_dict(),
-            cfg,
-            run_receipt,
-            cfg.trainer.keep_last,
-        )
+    def save(final: bool = False) -> Path | None:
+        """A failed write stops the run unless trainer.on_save_error=continue (never the last
+        save); NaN weights are never saved (ckpt.Diverged)."""
+        try:
+            path = ckpt.save_checkpoint(
+                accelerator,
+                ckpt_root,
+                state,
+                train_loader.state_dict(),
+                cfg,
+                run_receipt,
+                cfg.trainer.keep_last,
+                model=model,
+            )
+        except ckpt.SaveError as e:
+            if final or cfg.trainer.on_save_error == "stop":
+                raise
+            if is_main:
+                print(f"warning: {e} Continuing (trainer.on_save_error=continue).", flush=True)
+            return None
         if is_main:
             print(f"checkpoint {path}", flush=True)
         return path
 
+    stop = False  # a preemption signal reached some rank
     while state.step < plan.max_steps:
         lr = lr_at(state.step, cfg.optim, plan.max_steps)
         set_lr(optimizer, lr)
@@ -230,13 +285,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> ckpt.TrainerState:
             # Gradients sync on the last micro-batch only; under DeepSpeed, backward() there
             # also clips and steps (optimizer.step() below is then a no-op).
             with accelerator.accumulate(model):
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
                 accelerator.backward(loss)  # divides by grad_accum
             step_loss += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-        if not torch.isfinite(torch.as_tensor(grad_norm)).item():  # one host sync per step
+        finite, stop = step_flags(accelerator, grad_norm, preempt.requested)
+        if not finite:
             optimizer.zero_grad(set_to_none=True)
             state.bad_steps += 1
+            state.skipped_steps += 1
             if is_main:
                 print(
                     f"step {state.step + 1}: non-finite gradient norm, step skipped "
@@ -245,11 +302,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> ckpt.TrainerState:
                 )
             if state.bad_steps >= cfg.trainer.max_bad_steps:
                 last = ckpt.latest_checkpoint(ckpt_root)
-                raise RuntimeError(
+                raise ckpt.Diverged(
                     f"{state.bad_steps} consecutive non-finite steps; stopping. The last good "
                     f"checkpoint is {last or 'none (no checkpoint was written)'}; lower "
                     f"optim.lr or check the data, then resume from it."
                 )
+            if stop:
+                break
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -259,6 +318,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> ckpt.TrainerState:
         loss_sum += step_loss
         interval_steps += 1
         throughput.tokens += plan.tokens_per_step
+        if step_hook is not None:
+            step_hook(state, throughput)
 
         if state.step % cfg.trainer.log_every == 0 or state.step == plan.max_steps:
             loss_sum = accelerator.reduce(loss_sum, reduction="mean")
@@ -275,6 +336,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> ckpt.TrainerState:
                 "mfu": mfu(tok_s / world, fpt, peak),
                 "peak_mem_gb": peak_memory_gb(accelerator.device),
                 "data_wait": wait,
+                "skipped_steps": state.skipped_steps,
             }
             metrics_file.write(record)
             logger.log(record, step=state.step)
@@ -310,15 +372,31 @@ def train(cfg: TrainConfig, run_dir: Path) -> ckpt.TrainerState:
             throughput.reset()
 
         if state.step % cfg.trainer.ckpt_every == 0:
-            save()
-            last_saved = state.step
+            if save() is not None:
+                last_saved = state.step
             throughput.reset()
+        if stop:
+            break
 
-    if last_saved != state.step:
-        save()
+    stop = stop and state.step < plan.max_steps  # a signal on the last step: the run is done
+    saved = ckpt.latest_checkpoint(ckpt_root) if last_saved == state.step else None
+    if stop and saved is None:
+        try:  # the previous checkpoint is intact if this fails; a requeue resumes from it
+            saved = save(final=True)
+        except ckpt.SaveError as e:
+            if is_main:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+    elif final_save and last_saved != state.step:
+        save(final=True)
     metrics_file.close()
     logger.finish()
     accelerator.end_training()
+    if stop:
+        saved = saved or ckpt.latest_checkpoint(ckpt_root) or "the start (no checkpoint)"
+        raise ckpt.Preempted(
+            f"stopped by {preempt.signal or 'a signal to another rank'} after step {state.step}; "
+            f"trainer.resume=auto resumes from {saved}"
+        )
     return state
 
 
@@ -340,6 +418,22 @@ def accelerator_broadcast(accelerator, value: str) -> str:
     return broadcast_object_list([value], from_process=0)[0]
 
 
+def _exit(code: int, what: str, error: Exception) -> None:
+    """Print why, record the code for a job script, and exit. A launcher (torchrun, accelerate
+    launch) reports its own status rather than its workers', so with ``LLMTRAIN_EXIT_FILE`` set
+    (the sbatch scripts set it) the code also goes to that file: 75 requeues, 2 does not."""
+    print(f"llmtrain: {what}: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if path := os.environ.get("LLMTRAIN_EXIT_FILE"):
+        with contextlib.suppress(OSError):
+            Path(path).write_text(f"{code}\n")
+    if code == ckpt.EXIT_PREEMPTED:
+        # os._exit: gloo's teardown race (DISTRIBUTED_CPU.md) must not turn the code the job
+        # script requeues on into an abort; the logger is already finished.
+        os._exit(code)
+    sys.exit(code)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_main(node: DictConfig) -> None:
     try:
@@ -347,18 +441,20 @@ def _hydra_main(node: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         train(cfg, run_dir)
     except ConfigError as e:
-        print(f"llmtrain: config error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(2, "config error", e)
     except DataError as e:
-        print(f"llmtrain: data error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(2, "data error", e)
+    except ckpt.CheckpointError as e:
+        _exit(2, "checkpoint error", e)
+    except (ckpt.SaveError, ckpt.Diverged) as e:
+        _exit(1, "stopped", e)
+    except ckpt.Preempted as e:
+        _exit(ckpt.EXIT_PREEMPTED, "preempted", e)
 
 
 def main() -> None:
     """Console entry. Ranks other than 0 must not create their own run dir: they start in
     ``.`` (which exists, so Hydra creates nothing) and receive rank 0's dir by broadcast."""
-    import os
-
     if int(os.environ.get("RANK", "0")) > 0 and not any(
         a.startswith("hydra.run.dir=") for a in sys.argv[1:]
     ):

@@ -58,6 +58,11 @@ run_nodes() {
     local args
     args="$(printf '%q ' "$@")"
     local rc=0
+    # The training processes write their exit code here: the launcher's own code is 1 for
+    # any failure of its workers, 75 (preempted) and 2 (config error) included.
+    export LLMTRAIN_EXIT_FILE="${RUN_DIR}/.exit-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+    mkdir -p "${RUN_DIR}"
+    rm -f "${LLMTRAIN_EXIT_FILE}"
     # One launcher per node; each computes its machine rank from its own SLURM_NODEID.
     # Slurm sends USR1 (--signal=USR1@90) to every process of the step. The launcher and
     # torchrun's agent inherit it as ignored (they would die of it); the training processes
@@ -69,6 +74,9 @@ run_nodes() {
         cmd=\"\$(node_command \"\${SLURM_NODEID}\" ${args})\"
         eval \"exec \${cmd}\"
     " || rc=$?
+    if [[ ${rc} -ne 0 && -s "${LLMTRAIN_EXIT_FILE}" ]]; then
+        rc="$(head -n 1 "${LLMTRAIN_EXIT_FILE}")"
+    fi
     # 75: preempted (USR1/TERM), a checkpoint was saved. Other failures (a crashed node, a
     # NCCL timeout) resume from the last checkpoint too. 2 is a config or data error: a
     # requeue would only fail again.

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -121,6 +123,30 @@ def test_fineweb_offline_is_one_fast_clear_error(monkeypatch):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_and_workers_are_disjoint_and_cover(world_size):
     """One pass over the sample's train split by every (rank, worker): each document once."""
+    check_disjoint_and_cover(world_size)
+
+
+def test_workers_setting_the_epoch_at_once_keep_their_shards(monkeypatch):
+    """datasets' set_epoch is ``epoch_tensor += epoch - epoch_tensor`` on a tensor in shared
+    memory. Force both workers of a rank to read it before either writes: on a dataset shared
+    by the workers the epoch became twice the value, so one worker read another shard order --
+    one shard twice, one never (an intermittent failure of the test above). Each worker must
+    have an epoch of its own."""
+    barrier = multiprocessing.get_context("fork").Barrier(2)
+
+    def set_epoch(self, epoch):
+        delta = epoch - self._epoch  # datasets' own read-modify-write, ...
+        try:
+            barrier.wait(timeout=20)  # ... with both workers reading before either writes
+        except threading.BrokenBarrierError:
+            barrier.reset()
+        self._epoch += delta
+
+    monkeypatch.setattr(datasets.IterableDataset, "set_epoch", set_epoch)
+    check_disjoint_and_cover(2)
+
+
+def check_disjoint_and_cover(world_size: int) -> None:
     docs = docs_of(list((SAMPLE_DIR / "data" / "train").glob("*.parquet")))
     ref = {tuple(stream_of([d])) for d in docs}
     assert len(ref) == len(docs)

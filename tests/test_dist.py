@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY
 
 from llmtrain.config import ConfigError, load_config
 from llmtrain.dist import check_launch, deepspeed_config
@@ -21,12 +22,7 @@ from llmtrain.dist import check_launch, deepspeed_config
 pytestmark = pytest.mark.timeout(150)
 
 FAST = [
-    "experiment=smoke",
-    "logger=none",
-    "model.n_layer=2",
-    "model.n_embd=64",
-    "data.seq_len=64",
-    "trainer.micro_batch_size=4",
+    *TINY,
     "trainer.batch_tokens=1024",
     "trainer.eval_batches=1",
     "trainer.sample_every=0",
@@ -281,9 +277,18 @@ def test_consolidated_export_matches_training(mode, shards, tmp_path):
     ddp = full_state_dict(tmp_path / "d" / "checkpoints" / "step_0000002")
     for name, t in ddp.items():
         torch.testing.assert_close(sharded[name], t, rtol=1e-5, atol=1e-6, msg=name)
-    export(ckpt, dtype="bf16")
-    model, _ = load_model(ckpt)
-    assert next(model.parameters()).dtype == torch.float32  # load_model upcasts bf16 exports
+    from safetensors.torch import load_file
+
+    out = export(ckpt, dtype="bf16")
+    assert out == ckpt / "consolidated.safetensors"  # beside the shards, never over a listed file
+    for name, t in load_file(str(out)).items():
+        assert t.dtype == torch.bfloat16
+        ref = ddp["transformer.wte.weight" if name == "lm_head.weight" else name]  # tied
+        torch.testing.assert_close(t.float(), ref, rtol=1e-2, atol=1e-2, msg=name)
+    model, _ = load_model(ckpt)  # straight from the shards, fp32
+    weights = model.state_dict()
+    for name, t in sharded.items():  # the tied lm_head may be listed under one name only
+        torch.testing.assert_close(weights[name], t, msg=name)
 
 
 def test_world_size_change_needs_a_global_window_order():

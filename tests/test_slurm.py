@@ -72,7 +72,7 @@ def test_sbatch_headers_ask_for_signal_and_requeue():
         assert "#SBATCH --signal=USR1@90" in text and "#SBATCH --requeue" in text
 
 
-def _fake_bin(tmp_path: Path, accelerate_rc: int) -> Path:
+def _fake_bin(tmp_path: Path, accelerate_rc: int, worker_code: int | None = None) -> Path:
     """srun runs its command once per node with SLURM_NODEID set; accelerate records its args."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -82,7 +82,10 @@ def _fake_bin(tmp_path: Path, accelerate_rc: int) -> Path:
         '  SLURM_NODEID=$n "$@" || rc=$?\ndone\nexit $rc\n',
         "scontrol": '#!/bin/bash\nif [ "$1" = show ]; then echo gpu07; echo gpu08; echo gpu09;\n'
         'else echo "$@" >> "$FAKE_LOG.scontrol"; fi\n',
-        "accelerate": f'#!/bin/bash\necho "$*" >> "$FAKE_LOG"\nexit {accelerate_rc}\n',
+        # Like torchrun: the workers' code goes to LLMTRAIN_EXIT_FILE, the launcher exits 1.
+        "accelerate": '#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n'
+        + (f'echo {worker_code} > "$LLMTRAIN_EXIT_FILE"\n' if worker_code is not None else "")
+        + f"exit {accelerate_rc}\n",
     }
     for name, body in scripts.items():
         p = bin_dir / name
@@ -91,11 +94,18 @@ def _fake_bin(tmp_path: Path, accelerate_rc: int) -> Path:
     return bin_dir
 
 
-@pytest.mark.parametrize("rc", [0, 1, 2, 75])
-def test_real_path_one_launcher_per_node_and_requeue_on_failure(tmp_path, rc):
+@pytest.mark.parametrize(
+    "launcher_rc, worker_code, rc",
+    [(0, None, 0), (1, None, 1), (1, 75, 75), (1, 2, 2), (2, None, 2)],
+)
+def test_real_path_one_launcher_per_node_and_requeue_on_failure(
+    tmp_path, launcher_rc, worker_code, rc
+):
     log = tmp_path / "calls"
-    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log)}
-    out = sbatch("multi-node.sbatch", ["dist=fsdp2"], env, _fake_bin(tmp_path, rc))
+    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log),
+           "LLMTRAIN_RUN_DIR": str(tmp_path / "run")}  # fmt: skip
+    out = sbatch("multi-node.sbatch", ["dist=fsdp2"], env,
+                 _fake_bin(tmp_path, launcher_rc, worker_code))  # fmt: skip
     assert out.returncode == rc, out.stderr
     calls = log.read_text().splitlines()
     assert [c.split("--machine_rank ")[1].split()[0] for c in calls] == ["0", "1", "2"]

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY
 
 from llmtrain.checkpoint import latest_checkpoint, load_model
 from llmtrain.config import ConfigError, load_config
 from llmtrain.train import train
 
 FAST = [
-    "experiment=smoke",
-    "logger=none",
-    "model.n_layer=2",
-    "model.n_embd=64",
-    "data.seq_len=64",
-    "trainer.micro_batch_size=4",
+    *TINY,
     "trainer.batch_tokens=512",
     "trainer.eval_batches=2",
     "trainer.sample_every=0",

@@ -1,0 +1,112 @@
+"""A catalogue of wrong configurations (issue 7, item 7): each is refused before any process
+group starts, with a message naming the key. The basic ones (unknown keys, wrong types, sizes
+that do not divide) are in tests/test_config.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import TINY
+
+import llmtrain.train as train_mod
+from llmtrain.config import ConfigError, config_to_yaml, load_config
+
+BASE = [
+    *TINY,
+    "trainer.batch_tokens=512",
+]
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+FAKE_HF = "hf_FakeTokenForConfigTests0123456789abcde"
+
+# (overrides, world size, key the message must name, environment)
+CASES = {
+    "unknown dist mode": (["dist.mode=fsdp3"], 1, "dist.mode", {}),
+    "zero3 keeps params": (
+        ["dist=zero3", "dist.reshard_after_forward=false"],
+        2,
+        "dist.reshard_after_forward",
+        {},
+    ),
+    "param offload without zero3": (
+        ["dist=zero2", "dist.offload_params=true"],
+        2,
+        "dist.offload_params",
+        {},
+    ),
+    "deepspeed json without zero": (
+        ["dist=ddp", "dist.deepspeed_config={tmp}/ds.json"],
+        2,
+        "dist.deepspeed_config",
+        {},
+    ),
+    "deepspeed json missing": (
+        ["dist=zero2", "dist.deepspeed_config={tmp}/nope.json"],
+        2,
+        "dist.deepspeed_config",
+        {},
+    ),
+    "fp16 on cpu": (["trainer.precision=fp16"], 1, "trainer.precision", {}),
+    "nccl on cpu": (["dist.backend=nccl"], 1, "dist.backend", {}),
+    "unknown backend": (["dist.backend=mpi"], 1, "dist.backend", {}),
+    "zero timeout": (["dist.timeout_s=0"], 1, "dist.timeout_s", {}),
+    "negative lr": (["optim.lr=-0.001"], 1, "optim.lr", {}),
+    "wsd warmup into decay": (
+        ["optim=adamw-wsd", "optim.warmup_steps=90"],
+        1,
+        "optim.warmup_steps",
+        {},
+    ),
+    "eval split empty": (["data.val_split=null", "data.val_docs=0"], 1, "data.val_docs", {}),
+    "eval on the train split": (["data.val_split=train"], 1, "data.val_split", {}),
+    "val_files without files": (["data.val_files={tmp}/v.txt"], 1, "data.val_files", {}),
+    "files with shards": (["data=shards", "data.files={tmp}/x.bin"], 1, "data.files", {}),
+    "unknown on_save_error": (["trainer.on_save_error=ignore"], 1, "trainer.on_save_error", {}),
+    "max_bad_steps 0": (["trainer.max_bad_steps=0"], 1, "trainer.max_bad_steps", {}),
+    "keep_last 0": (["trainer.keep_last=0"], 1, "trainer.keep_last", {}),
+    "unknown logger mode": (["logger.mode=onlin"], 1, "logger.mode", {}),
+    "batch not divisible by world": (["trainer.batch_tokens=768"], 2, "trainer.batch_tokens", {}),
+    "resume another shape": (["model.n_layer=3", "trainer.resume=auto"], 1, "model.n_layer", {}),
+    "resume from nothing": (["trainer.resume={tmp}/nowhere"], 1, "trainer.resume", {}),
+    "fsdp2 on one cpu process": (["dist=fsdp2"], 1, "dist.mode", {}),
+    "single with two processes": (["dist=single"], 2, "dist.mode", {}),
+    "vocab smaller than tokenizer": (["model.vocab_size=1000"], 1, "model.vocab_size", {}),
+    "api key in the config": (
+        [f"logger.run_name=run-{FAKE_KEY}"],
+        1,
+        "logger.run_name",
+        {"WANDB_API_KEY": FAKE_KEY},
+    ),
+    "hub token in a url": (
+        [f"data.path=https://u:{FAKE_HF}@example.org/d"],
+        1,
+        "data.path",
+        {"HF_TOKEN": FAKE_HF},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_config_is_refused_before_any_process_group(case, tmp_path, monkeypatch):
+    overrides, world, key, env = CASES[case]
+    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    run_dir = tmp_path / "run"
+    # A checkpoint of the 2-layer model, for the resume cases.
+    saved = run_dir / "checkpoints" / "step_0000002"
+    saved.mkdir(parents=True)
+    (saved / "config.yaml").write_text(config_to_yaml(load_config([*BASE, "trainer.max_steps=2"])))
+    (saved / "trainer_state.json").write_text(json.dumps({"step": 2, "tokens": 1024}))
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("a process group was about to start")
+
+    monkeypatch.setattr(train_mod, "build_accelerator", no_process_group)
+    with pytest.raises(ConfigError) as e:
+        train_mod.train(load_config([*BASE, *overrides], world_size=world), run_dir)
+    assert key in str(e.value)
+    for secret in env.values():
+        assert secret not in str(e.value)  # the refusal does not print the credential itself

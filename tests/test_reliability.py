@@ -1,0 +1,585 @@
+"""Faults injected on CPU; a run is never lost and never trains on garbage (issue 7).
+
+1 kill -9 mid-save   2 preemption signals   3 damaged checkpoints   4 NaN / inf
+5 disk full, read-only dir   6 bad data   8 unsafe pickles and credentials
+(7, bad configs, is tests/test_bad_configs.py.)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from tiny import TINY
+
+import llmtrain.train as train_mod
+from llmtrain import checkpoint as ckpt
+from llmtrain.config import DataConfig, load_config
+from llmtrain.data import DataError, build_dataloader
+from llmtrain.integrity import CheckpointError, check_pickle, safe_loading, verify
+from llmtrain.shards import read_shard, write_shard
+from llmtrain.tokenizer import get_tokenizer
+
+pytestmark = pytest.mark.timeout(240)
+
+FAST = [
+    *TINY,
+    "trainer.batch_tokens=256",
+    "trainer.sample_every=0",
+    "trainer.eval_every=1000",
+    "trainer.eval_batches=1",
+    "trainer.log_every=1",
+    "trainer.keep_last=5",
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(steps: int, *extra: str, world: int = 1):
+    return load_config([*FAST, f"trainer.max_steps={steps}", *extra], world_size=world)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended early ({proc.returncode}):\n{out}\n{err}")
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.2)
+
+
+def logged_at_least(run_dir: Path, n: int):
+    path = run_dir / "metrics.jsonl"
+    return lambda: path.is_file() and len(path.read_text().splitlines()) >= n
+
+
+# --- 1. kill -9 in the middle of a checkpoint write ---------------------------------------------
+
+KILLED_IN_SAVE = """
+import os, sys, time
+from pathlib import Path
+import accelerate
+from llmtrain.config import load_config
+from llmtrain.train import train
+
+run_dir, ready = Path(sys.argv[1]), Path(sys.argv[2])
+original, calls = accelerate.Accelerator.save_state, []
+
+def save_state(self, output_dir, **kw):
+    calls.append(output_dir)
+    original(self, output_dir, **kw)  # weights and optimizer are on disk, the rest is not
+    if len(calls) == 2:
+        ready.write_text(output_dir)
+        time.sleep(600)  # the parent kill -9s us here
+
+accelerate.Accelerator.save_state = save_state
+train(load_config(sys.argv[3:]), run_dir)
+"""
+
+
+def test_kill_9_during_save_keeps_previous_and_resume_auto_uses_it(tmp_path, capsys):
+    run_dir, ready = tmp_path / "run", tmp_path / "ready"
+    args = [*FAST, "trainer.max_steps=4", "trainer.ckpt_every=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_IN_SAVE, str(run_dir), str(ready), *args],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(ready.is_file, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+    root = run_dir / "checkpoints"
+    half = root / "step_0000004.tmp"
+    assert (half / "model.safetensors").is_file() and not (half / "manifest.json").exists()
+    assert (root / "latest").read_text() == "step_0000002"
+    assert ckpt.choose_resume("auto", root) == root / "step_0000002"
+    assert verify(root / "step_0000002") is None
+
+    train_mod.train(config(4, "trainer.ckpt_every=2", "trainer.resume=auto"), run_dir)
+    assert f"resumed    from {root / 'step_0000002'} at step 2" in capsys.readouterr().out
+    assert not half.exists()  # the next save removed the leftover
+    assert (root / "latest").read_text() == "step_0000004"
+    assert verify(root / "step_0000004") is None
+
+
+# --- 2. preemption: SIGTERM / SIGUSR1 -> finish the step, save, exit 75 -------------------------
+
+FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
+FAKE_HF_TOKEN = "hf_FakeTokenForLeakTestsOnly0123456789abc"
+
+
+def test_sigterm_saves_exits_75_and_resumes_and_leaks_no_credentials(tmp_path, capsys):
+    """A real ``llmtrain-train`` process, with fake credentials in its environment (item 8)."""
+    run_dir = tmp_path / "run"
+    cli = shutil.which("llmtrain-train") or ""
+    cmd = [cli] if cli else [sys.executable, "-m", "llmtrain.train"]
+    args = [*FAST, "trainer.max_steps=1000", "trainer.ckpt_every=1000", f"hydra.run.dir={run_dir}"]
+    args += ["logger=wandb", "logger.mode=offline"]
+    secrets = {"WANDB_API_KEY": FAKE_WANDB_KEY, "HF_TOKEN": FAKE_HF_TOKEN}
+    proc = subprocess.Popen(
+        [*cmd, *args],
+        env={**env(), **secrets, "WANDB_MODE": "offline"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(logged_at_least(run_dir, 2), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == ckpt.EXIT_PREEMPTED == 75, err[-3000:]
+    assert "preempted: stopped by SIGTERM" in err
+
+    stopped = steps_logged(run_dir)[-1]
+    root = run_dir / "checkpoints"
+    assert ckpt.latest_checkpoint(root) == root / f"step_{stopped:07d}"
+    assert ckpt.load_trainer_state(root / f"step_{stopped:07d}").step == stopped
+    assert verify(root / f"step_{stopped:07d}") is None
+
+    # Credentials appear nowhere: console, config, metrics, checkpoints, W&B's offline files.
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files)
+    for secret in secrets.values():
+        assert secret not in out and secret not in err
+        for p in files:
+            assert secret.encode() not in p.read_bytes(), p
+
+    train_mod.train(config(stopped + 2, "trainer.resume=auto"), run_dir)
+    assert f"from {root / f'step_{stopped:07d}'} at step {stopped}" in capsys.readouterr().out
+    assert steps_logged(run_dir)[-2:] == [stopped + 1, stopped + 2]
+
+
+def _signal_one_rank(run_dir: str, steps: int, resume: str) -> dict:
+    """In each forked rank: only rank 1 gets SIGUSR1, at the start of step 3."""
+    import llmtrain.train as tm
+
+    rank = int(os.environ["RANK"])
+    lr_at = tm.lr_at
+
+    def lr_and_signal(step, *args):
+        if rank == 1 and step == 2 and resume == "none":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return lr_at(step, *args)
+
+    tm.lr_at = lr_and_signal
+    cfg = config(steps, "dist=ddp", "trainer.batch_tokens=512", f"trainer.resume={resume}", world=2)
+    try:
+        state = tm.train(cfg, Path(run_dir))
+        return {"preempted": False, "step": state.step}
+    except ckpt.Preempted as e:
+        return {"preempted": True, "message": str(e)}
+
+
+@pytest.mark.distributed
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    from dist_worker import run
+
+    run_dir = tmp_path / "run"
+    results = run(_signal_one_rank, 2, str(run_dir), 10, "none", tmp=tmp_path)
+    assert [r["preempted"] for r in results] == [True, True]
+    assert "SIGUSR1" in results[1]["message"] and "another rank" in results[0]["message"]
+    root = run_dir / "checkpoints"
+    saved = root / "step_0000003"
+    assert ckpt.latest_checkpoint(root) == saved, results
+    assert {p.name for p in saved.glob("data_state_*.pt")} == {"data_state_0.pt", "data_state_1.pt"}
+    assert steps_logged(run_dir) == [1, 2, 3]
+
+    results = run(_signal_one_rank, 2, str(run_dir), 5, "auto", tmp=tmp_path)
+    assert results == [{"preempted": False, "step": 5}] * 2
+    assert steps_logged(run_dir) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_real_accelerate_launch_sigusr1_exits_75_on_every_rank(tmp_path):
+    """As Slurm does it: USR1 to every process of the step; the launcher ignores it (the sbatch
+    scripts trap it), the two training processes save one checkpoint and exit 75."""
+    run_dir = tmp_path / "run"
+    args = [*FAST, "dist=ddp", "trainer.batch_tokens=512", "trainer.max_steps=1000"]
+    args += ["trainer.ckpt_every=1000", f"hydra.run.dir={run_dir}"]
+    launch = ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "cpu.yaml")]
+    line = " ".join([*launch, "-m", "llmtrain.train", *args])
+    proc = subprocess.Popen(
+        ["bash", "-c", f"trap '' USR1; exec {line}"],
+        env={**env(), "PYTHONWARNINGS": "ignore"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(logged_at_least(run_dir, 2), proc, timeout=200)
+        # Slurm signals every process of the step, whatever its process group (torch's agent
+        # starts the workers in their own sessions, so killpg would not reach them).
+        launcher = psutil.Process(proc.pid)
+        for p in [launcher, *launcher.children(recursive=True)]:
+            p.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert err.count("preempted: stopped by SIGUSR1") == 2, err[-3000:]
+    assert err.count("exitcode  : 75") == 2  # torch's agent reports each worker's code...
+    assert proc.returncode == 1  # ...and exits 1 itself: a job script sees 1, not 75
+    stopped = steps_logged(run_dir)[-1]
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == f"step_{stopped:07d}"
+
+
+# --- 3. damaged checkpoints -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    train_mod.train(config(4, "trainer.ckpt_every=2"), run_dir)
+    return run_dir
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "flipped byte": ("model.safetensors", flip_byte),
+    "truncated": ("optimizer.bin", lambda p: p.write_bytes(p.read_bytes()[:100])),
+    # Accelerate skips a missing RNG file with an INFO line: resume would silently differ.
+    "missing rng shard": ("random_states_0.pkl", Path.unlink),
+    "missing data shard": ("data_state_0.pt", Path.unlink),
+    "missing manifest": ("manifest.json", Path.unlink),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_checkpoint_is_named_and_auto_falls_back(case, two_checkpoints, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    root = run_dir / "checkpoints"
+    name, damage = DAMAGE[case]
+    damage(root / "step_0000004" / name)
+
+    with pytest.raises(CheckpointError, match=name):
+        ckpt.choose_resume(str(root / "step_0000004"), root)
+    assert ckpt.choose_resume("auto", root) == root / "step_0000002"
+    out = capsys.readouterr().out
+    assert f"skipping damaged checkpoint {root / 'step_0000004'}" in out and name in out
+    assert "falling back to" in out
+    if case == "flipped byte":  # end to end: the run goes on from step 2
+        train_mod.train(config(3, "trainer.resume=auto"), run_dir)
+        assert "at step 2" in capsys.readouterr().out
+        assert steps_logged(run_dir)[-1] == 3
+
+
+def test_every_checkpoint_damaged_is_an_error(two_checkpoints, tmp_path):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(two_checkpoints / "checkpoints", root)
+    for step in ("step_0000002", "step_0000004"):
+        flip_byte(root / step / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        ckpt.choose_resume("auto", root)
+
+
+# --- 4. NaN / inf ------------------------------------------------------------------------------
+
+
+def poisoned_model(monkeypatch, bad_calls: set[int]) -> None:
+    """The training forward returns a NaN loss on the given (1-based) calls."""
+    calls = [0]
+
+    class Poisoned(train_mod.GPT):
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
+            if self.training:
+                calls[0] += 1
+                if calls[0] in bad_calls and loss is not None:
+                    loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(train_mod, "GPT", Poisoned)
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    poisoned_model(monkeypatch, {3, 4})
+    state = train_mod.train(config(5, "trainer.max_bad_steps=3"), tmp_path)
+    assert state.step == 5 and state.skipped_steps == 2 and state.bad_steps == 0
+    assert capsys.readouterr().out.count("non-finite gradient norm, step skipped") == 2
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-2])
+    assert last["step"] == 5 and last["skipped_steps"] == 2
+    model, _ = ckpt.load_model(tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_k_bad_steps_in_a_row_stop_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+    poisoned_model(monkeypatch, set(range(3, 100)))
+    cfg = config(10, "trainer.max_bad_steps=3", "trainer.ckpt_every=2")
+    with pytest.raises(ckpt.Diverged, match="3 consecutive non-finite steps") as e:
+        train_mod.train(cfg, tmp_path)
+    assert str(tmp_path / "checkpoints" / "step_0000002") in str(e.value)
+
+
+def test_nan_weights_are_never_saved(tmp_path, monkeypatch):
+    """Finite gradients, but an update that leaves a NaN in the weights (step 3)."""
+    build = train_mod.build_dist_optimizer
+
+    def poisoning_optimizer(model, cfg, device_type):
+        opt = build(model, cfg, device_type)
+        step, count = opt.step, [0]
+
+        def poisoned_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            count[0] += 1
+            if count[0] == 3:
+                with torch.no_grad():
+                    model.transformer.ln_f.weight[0] = float("nan")
+            return out
+
+        opt.step = poisoned_step
+        return opt
+
+    monkeypatch.setattr(train_mod, "build_dist_optimizer", poisoning_optimizer)
+    with pytest.raises(ckpt.Diverged, match="transformer.ln_f.weight") as e:
+        train_mod.train(config(4, "trainer.ckpt_every=1"), tmp_path)
+    root = tmp_path / "checkpoints"
+    assert str(root / "step_0000002") in str(e.value)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
+
+
+# --- 5. disk full, read-only run dir ------------------------------------------------------------
+
+
+def fail_second_save(monkeypatch, make_it_fail) -> None:
+    original, calls = ckpt.save_checkpoint, [0]
+
+    def save(accelerator, ckpt_root, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            with make_it_fail(accelerator, ckpt_root):
+                return original(accelerator, ckpt_root, *args, **kwargs)
+        return original(accelerator, ckpt_root, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+
+
+class disk_full:
+    """accelerator.save_state writes its files, then the disk is full (ENOSPC)."""
+
+    def __init__(self, accelerator, ckpt_root):
+        self.acc, self.root = accelerator, ckpt_root
+
+    def __enter__(self):
+        original = type(self.acc).save_state
+
+        def save_state(output_dir, **kw):
+            original(self.acc, output_dir, **kw)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{output_dir}/extra.bin")
+
+        self.acc.save_state = save_state
+
+    def __exit__(self, *exc):
+        del self.acc.save_state
+
+
+class read_only:
+    """The checkpoints dir cannot be written: chmod for a normal user; root ignores modes, so
+    the ext4 immutable flag there (skipped where chattr is unavailable)."""
+
+    def __init__(self, accelerator, ckpt_root):
+        self.root = ckpt_root
+
+    def __enter__(self):
+        if os.geteuid() != 0:
+            self.root.chmod(0o555)
+        elif subprocess.run(["chattr", "+i", str(self.root)], capture_output=True).returncode:
+            pytest.skip("running as root without chattr: cannot make a read-only directory")
+
+    def __exit__(self, *exc):
+        if os.geteuid() != 0:
+            self.root.chmod(0o755)
+        else:
+            subprocess.run(["chattr", "-i", str(self.root)], check=True)
+
+
+@pytest.mark.parametrize("fault", [disk_full, read_only])
+def test_failed_save_stops_cleanly_keeping_the_previous_checkpoint(tmp_path, monkeypatch, fault):
+    fail_second_save(monkeypatch, fault)
+    root = tmp_path / "checkpoints"
+    with pytest.raises(ckpt.SaveError) as e:
+        train_mod.train(config(4, "trainer.ckpt_every=2"), tmp_path)
+    message = str(e.value)
+    assert "step_0000004 not saved" in message and str(root / "step_0000002") in message
+    expected = ["No space left"] if fault is disk_full else ["denied", "not permitted"]
+    assert any(text in message for text in expected), message
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002"]
+    assert (root / "latest").read_text() == "step_0000002"
+    assert verify(root / "step_0000002") is None
+
+
+def test_on_save_error_continue_keeps_training_and_saves_later(tmp_path, monkeypatch, capsys):
+    fail_second_save(monkeypatch, disk_full)
+    cfg = config(6, "trainer.ckpt_every=2", "trainer.on_save_error=continue")
+    assert train_mod.train(cfg, tmp_path).step == 6
+    assert "not saved" in capsys.readouterr().out
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000006"]
+
+
+# --- 6. bad data -------------------------------------------------------------------------------
+
+TOK = get_tokenizer("gpt2")
+GOOD = "A perfectly ordinary document about the weather. " * 30
+
+
+def loader(**kw):
+    base = {"seq_len": 32, "tokenize_batch": 8, "pin_memory": False, "val_split": None}
+    cfg = DataConfig(**{**base, **kw})
+    it = iter(build_dataloader(cfg, TOK, split="train", batch_size=2))
+    return [next(it) for _ in range(3)]
+
+
+def test_corrupt_parquet_is_an_error_naming_the_file(tmp_path):
+    bad = tmp_path / "part-1.parquet"
+    bad.write_bytes(b"PAR1" + os.urandom(3000) + b"PAR1")
+    with pytest.raises(DataError, match=f"data.files: {bad}: .*fix or remove"):
+        loader(files=str(bad), val_docs=1)
+
+
+def test_malformed_json_line_is_an_error_naming_file_and_line(tmp_path):
+    rows = [json.dumps({"text": GOOD})] * 20 + ["{broken"]
+    (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": GOOD}) + "\n")
+    with pytest.raises(DataError, match=r"c.jsonl: line 21 is not JSON"):
+        loader(files=str(tmp_path / "c.jsonl"), val_files=str(tmp_path / "val.jsonl"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_empty_file_is_an_error_naming_it(tmp_path, suffix):
+    (tmp_path / f"empty{suffix}").write_bytes(b"")
+    with pytest.raises(DataError, match=f"empty{suffix} is empty"):
+        loader(files=str(tmp_path / f"empty{suffix}"), val_docs=1)
+
+
+def test_unreachable_hub_dataset_is_a_data_error_naming_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="no-such-user/no-such-dataset"):
+        loader(path="no-such-user/no-such-dataset")
+
+
+def test_shard_with_bad_header_is_an_error_naming_it(tmp_path):
+    (tmp_path / "zero_train.bin").write_bytes(b"")
+    with pytest.raises(DataError, match="zero_train.bin: not an llm.c token shard"):
+        read_shard(tmp_path / "zero_train.bin")
+    write_shard(tmp_path / "v9_train.bin", np.arange(100), 50257)
+    data = bytearray((tmp_path / "v9_train.bin").read_bytes())
+    data[4:8] = np.int32(9).tobytes()
+    (tmp_path / "v9_train.bin").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="v9_train.bin: unsupported shard version 9"):
+        read_shard(tmp_path / "v9_train.bin")
+
+
+def test_empty_validation_split_fails_before_the_first_step(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text(GOOD * 20)
+    (corpus / "val.txt").write_text("too short")
+    cfg = config(3, "data=local", f"data.files={corpus}/train.txt")
+    cfg.data.val_files = str(corpus / "val.txt")
+    with pytest.raises(DataError, match="no validation window"):
+        train_mod.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --- 8. no arbitrary unpickling --------------------------------------------------------------
+
+
+class Payload:
+    """Runs code when unpickled (what a tampered checkpoint would carry)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def tamper(ckpt_dir: Path, name: str, payload: object) -> None:
+    """Replace a file and re-sign the manifest: an attacker controls the whole directory."""
+    torch.save({"state": payload}, ckpt_dir / name)
+    manifest = json.loads((ckpt_dir / "manifest.json").read_text())
+    from llmtrain.integrity import sha256
+
+    path = ckpt_dir / name
+    manifest["files"][name] = {"size": path.stat().st_size, "sha256": sha256(path)}
+    (ckpt_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_tampered_checkpoint_never_runs_code(two_checkpoints, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    step = run_dir / "checkpoints" / "step_0000004"
+    marker = tmp_path / "pwned"
+    tamper(step, "optimizer.bin", Payload(marker))
+    assert verify(step) is None  # the manifest cannot help here
+
+    # DeepSpeed's engine loads its shards like this (weights_only=False): inside safe_loading
+    # the payload is refused; outside it, it runs.
+    with safe_loading(step), pytest.raises(CheckpointError, match="optimizer.bin"):
+        torch.load(step / "optimizer.bin", weights_only=False)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="optimizer.bin"):
+        train_mod.train(config(5, "trainer.resume=auto"), run_dir)
+    assert not marker.exists()
+    torch.load(step / "optimizer.bin", weights_only=False)  # the control: the payload is real
+    assert marker.exists()
+
+
+def test_dcp_metadata_is_checked_before_pickle_loads_it(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    good = tmp_path / "good" / "pytorch_model_fsdp_0"
+    dcp.save({"w": torch.ones(3), "step": 3}, checkpoint_id=str(good))
+    check_pickle(good / ".metadata")
+    with safe_loading(good.parent):
+        pass
+
+    bad = tmp_path / "bad" / "pytorch_model_fsdp_0"
+    bad.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (bad / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    refused = pytest.raises(CheckpointError, match=r"\.metadata.*builtins.exec")
+    with refused, safe_loading(bad.parent):
+        pass
+    assert not marker.exists()
