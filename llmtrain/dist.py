@@ -234,6 +234,8 @@ def build_accelerator(
     """``load_universal``: the resume checkpoint is a DeepSpeed universal checkpoint (it was
     written under another world size, see :mod:`llmtrain.consolidate`)."""
     device = resolve_device(cfg.trainer.device)
+    if device == "cpu":  # DeepSpeed, imported by Accelerate along the way, warns otherwise
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if cfg.dist.mode in ("zero1", "zero2", "zero3", "fsdp2") and "RANK" not in os.environ:
         _world_of_one_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))

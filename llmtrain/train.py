@@ -90,7 +90,7 @@ def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, dev
     return "\n".join(
         [
             f"llmtrain | run dir {run_dir}",
-            f"  model      {cfg.model.name}: {params}",
+            f"  model      {params}",
             f"  data       {cfg.data.name}, seq_len {plan.seq_len}, tokenizer {cfg.data.tokenizer}",
             f"  batch      {plan.micro_batch} seq x {plan.seq_len} tok x {plan.grad_accum} accum x "
             f"{plan.world_size} proc = {plan.tokens_per_step:,} tokens/step",
