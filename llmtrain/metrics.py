@@ -169,10 +169,24 @@ class Throughput:
 
 
 class MetricsFile:
-    """metrics.jsonl: one JSON object per record, flushed as written (main process only)."""
+    """metrics.jsonl: one JSON object per record, flushed as written (main process only).
 
-    def __init__(self, path: Path | None):
-        self.file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+    A fresh run (``resumed_at=None``) starts the file anew. A run resumed at step S keeps the
+    records up to S and drops later ones, left by the attempt that was cut off after its last
+    checkpoint: the resumed run logs those steps again, and each step appears once.
+    """
+
+    def __init__(self, path: Path | None, resumed_at: int | None = None):
+        self.file = None
+        if path is None:
+            return
+        kept = []
+        if resumed_at is not None and path.exists():
+            kept = [x for x in path.read_text("utf-8").splitlines() if _upto(x, resumed_at)]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept), "utf-8")
+        os.replace(tmp, path)  # never a half-rewritten file
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file:
@@ -182,6 +196,14 @@ class MetricsFile:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+def _upto(line: str, step: int) -> bool:
+    """A whole record of a step up to ``step`` (a torn last line is dropped too)."""
+    try:
+        return json.loads(line).get("step", 0) <= step
+    except (json.JSONDecodeError, AttributeError):
+        return False
 
 
 def perplexity(loss: float) -> float:

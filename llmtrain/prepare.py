@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from llmtrain.config import CONF_DIR, ConfigError, DataConfig
-from llmtrain.data import (
+from llmtrain.documents import (
     STATS,
     clean_texts,
     load_documents,

@@ -22,7 +22,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from llmtrain.config import DataConfig
-from llmtrain.data import STATS, DataError
+from llmtrain.documents import STATS, DataError
 
 MAGIC = 20240520
 HEADER_INTS = 256

@@ -226,7 +226,10 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     cfg_dict, run_receipt = config_to_dict(cfg), receipt()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = MetricsFile(run_dir / "metrics.jsonl" if is_main else None)
+    metrics_file = MetricsFile(
+        run_dir / "metrics.jsonl" if is_main else None,
+        resumed_at=state.step if resume_from is not None else None,
+    )
     logger = build_logger(cfg.logger, run_dir, {**cfg_dict, "receipt": run_receipt}, is_main)
     if is_main:
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))

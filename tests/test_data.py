@@ -74,6 +74,21 @@ def test_sample_val_equals_tiktoken():
     assert len(list(build_dataloader(cfg, TOK, split="val", batch_size=4))) == len(batches)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_are_contiguous_so_device_copies_can_be_async(workers):
+    x, y = next(iter(build_dataloader(small(num_workers=workers), TOK, split="val", batch_size=4)))
+    assert x.is_contiguous() and y.is_contiguous() and x.dtype == y.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_are_pinned_on_a_cuda_machine(workers):
+    cfg = small(num_workers=workers, pin_memory=True)
+    x, y = next(iter(build_dataloader(cfg, TOK, split="train", batch_size=4)))
+    assert x.is_pinned() and y.is_pinned() and x.is_contiguous() and y.is_contiguous()
+
+
 def test_sample_train_unshuffled_equals_tiktoken():
     cfg = small(shuffle=False)
     got = unwindow(take(build_dataloader(cfg, TOK, split="train", batch_size=8), 30), 32)

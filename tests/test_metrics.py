@@ -62,6 +62,25 @@ def test_metrics_file_jsonl(tmp_path):
     MetricsFile(None).write({"step": 1})  # non-main ranks write nothing
 
 
+def test_metrics_file_after_resume_holds_each_step_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    f = MetricsFile(path)
+    for step in range(1, 8):  # a run checkpointed at step 5, then cut off after step 7
+        f.write({"step": step, "loss": float(step)})
+    f.close()
+    with path.open("a") as torn:
+        torn.write('{"step": 8, "lo')
+    f = MetricsFile(path, resumed_at=5)
+    for step in range(6, 9):
+        f.write({"step": step, "loss": -float(step)})
+    f.close()
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["loss"] for r in records[5:]] == [-6.0, -7.0, -8.0]
+    MetricsFile(path).close()  # a fresh run starts the file anew
+    assert path.read_text() == ""
+
+
 def test_logger_none_and_non_main_are_no_ops(tmp_path):
     cfg = load_config(["logger=none", "trainer.max_steps=1"]).logger
     assert isinstance(build_logger(cfg, tmp_path, {}, is_main=True), NullLogger)

@@ -126,6 +126,8 @@ def test_exact_resume_is_bitwise(tmp_path, source, request):
     assert [resumed[s] for s in range(n + 1, 2 * n + 1)] == [
         full[s] for s in range(n + 1, 2 * n + 1)
     ]  # bitwise: exact floats, not approx
+    logged = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 2 * n + 1))
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

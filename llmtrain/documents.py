@@ -1,0 +1,235 @@
+"""Where documents come from: one streaming ``datasets.load_dataset`` call for every source.
+
+FineWeb on the Hub, the shipped sample and local files (.txt / .json / .jsonl / .parquet) differ
+only in path, name and files. Transient Hub errors (429 / 5xx) are retried; every other failure
+becomes a :class:`DataError` that names the key, file or dataset. Validation documents come from
+the source's own split, or are held out of training by content digest. :func:`clean_texts`
+drops (and counts) empty, undecodable and held-out documents.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from llmtrain.config import PACKAGE_DIR, DataConfig
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DIR = PACKAGE_DIR / "assets" / "fineweb-sample"
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+RETRY_STATUS = (429, 500, 502, 503, 504)
+STATS = ("documents", "empty", "undecodable", "heldout")
+
+
+class DataError(ValueError):
+    """Data the run cannot use; the message names the key, file or dataset."""
+
+
+def _expand(pattern: str, key: str) -> list[str]:
+    files: list[str] = []
+    for part in (p.strip() for p in pattern.split(",") if p.strip()):
+        hits = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+        if not hits:
+            raise DataError(f"{key}: no file matches {part!r} (cwd {os.getcwd()})")
+        files += hits
+    return files
+
+
+def _builder(files: list[str], key: str) -> tuple[str, dict[str, Any]]:
+    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(f"{key}: files must all be one of {', '.join(BUILDERS)} (got {files[:3]})")
+    kind = kinds.pop()
+    # A .txt file is one document; bad bytes become U+FFFD, and such a document is counted as
+    # undecodable and skipped (clean_texts) instead of failing the whole run.
+    extra = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
+    return kind, extra
+
+
+def _retrying(fn, what: str, tries: int = 5):
+    """Retry transient Hub errors (429 / 5xx) with exponential backoff; re-raise the rest."""
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status not in RETRY_STATUS or attempt == tries - 1:
+                raise
+            wait = 2.0**attempt
+            log.warning(
+                "data: %s: HTTP %s, retrying in %.0f s (%d/%d)",
+                what,
+                status,
+                wait,
+                attempt + 1,
+                tries,
+            )
+            time.sleep(wait)
+
+
+def load_documents(cfg: DataConfig, split: str) -> Any:
+    """One split of the source as a streaming ``datasets.IterableDataset``, for every source.
+
+    ``split`` is a split name of the source ("train", "validation", ...). Raises DataError for a
+    missing file, an unreachable dataset or an unknown split (the message says which).
+    """
+    import datasets
+
+    path, name, kwargs = cfg.path, cfg.config_name, {}
+    if cfg.files:
+        data_files = {"train": _expand(cfg.files, "data.files")}
+        if cfg.val_files:
+            data_files["validation"] = _expand(cfg.val_files, "data.val_files")
+        path, kwargs = _builder(list(chain(*data_files.values())), "data.files")
+        kwargs["data_files"] = data_files
+        if path != "text":  # an empty .txt is an empty document (skipped and counted)
+            for f in chain(*data_files.values()):
+                if os.path.getsize(f) == 0:
+                    raise DataError(f"data.files: {f} is empty (0 bytes); remove or rebuild it")
+    elif path == "sample":
+        path = str(SAMPLE_DIR)
+    what = f"data.path={cfg.path!r}" + (f" (config {name!r})" if name else "")
+    if cfg.files:
+        what = f"data.files={cfg.files!r}"
+    try:
+        ds = _retrying(
+            lambda: datasets.load_dataset(path, name, split=split, streaming=True, **kwargs), what
+        )
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:
+        offline = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        raise DataError(
+            f"{what}: cannot load dataset {cfg.path!r}: {e}. Offline variables: {offline}. "
+            "A Hub dataset needs network (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or a local "
+            "copy; offline, use data=sample, data=local data.files=... or data=shards."
+        ) from e
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise DataError(f"{what}: has no split {split!r} ({e})") from e
+        raise read_error(cfg, e) from e
+    except Exception as e:  # noqa: BLE001 -- a file datasets cannot parse: name it
+        raise read_error(cfg, e) from e
+    if ds.features is not None and cfg.text_column not in ds.features:
+        raise DataError(
+            f"data.text_column={cfg.text_column!r} is not a column of {what}; "
+            f"columns: {', '.join(ds.features)}"
+        )
+    return ds.select_columns([cfg.text_column]) if ds.features is not None else ds
+
+
+def _unreadable(f: str) -> str | None:
+    """Why local file ``f`` cannot be read as its builder reads it, or None."""
+    kind = BUILDERS.get(Path(f).suffix.lower())
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_table(f)
+        elif kind == "json":
+            with open(f, encoding="utf-8") as fh:
+                text = fh.read()
+            try:
+                json.loads(text)  # one JSON document
+            except json.JSONDecodeError:
+                for i, line in enumerate(text.splitlines(), 1):  # else JSON Lines
+                    try:
+                        if line.strip():
+                            json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"line {i} is not JSON ({e})"
+    except Exception as e:  # noqa: BLE001 -- the reason is the message
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def read_error(cfg: DataConfig, e: BaseException) -> DataError:
+    """A DataError for a failed read: the bad local file and why when one is found, else the
+    source and the original error."""
+    if cfg.files:
+        files = _expand(cfg.files, "data.files")
+        files += _expand(cfg.val_files, "data.val_files") if cfg.val_files else []
+        for f in files:
+            if (why := _unreadable(f)) is not None:
+                return DataError(f"data.files: {f}: {why}; fix or remove the file")
+        return DataError(f"data.files={cfg.files!r}: reading failed: {type(e).__name__}: {e}")
+    return DataError(f"data.path={cfg.path!r}: reading failed: {type(e).__name__}: {e}")
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def validation_documents(cfg: DataConfig) -> tuple[Any, frozenset[bytes]]:
+    """The validation stream and the digests training must exclude.
+
+    The source's own validation split if it has one (``data.val_split`` or ``data.val_files``);
+    otherwise the first ``data.val_docs`` documents of the unshuffled training split, held out
+    of training by content digest wherever they appear.
+    """
+    has_val = cfg.val_files if cfg.files else cfg.val_split
+    if has_val:
+        try:
+            return load_documents(cfg, "validation" if cfg.files else cfg.val_split), frozenset()
+        except DataError as e:
+            if "has no split" not in str(e):
+                raise
+            log.info("data: %s; holding out %d training documents instead", e, cfg.val_docs)
+    ds = load_documents(cfg, cfg.train_split).take(cfg.val_docs)
+    texts = [row[cfg.text_column] for row in ds]
+    return ds, frozenset(_digest(t) for t in texts if isinstance(t, str))
+
+
+def clean_texts(
+    rows: list[dict], cfg: DataConfig, heldout: frozenset[bytes], stats: dict[str, int]
+) -> list[str]:
+    """The usable texts of ``rows``; empty, undecodable and held-out ones are counted in stats."""
+    texts = []
+    for row in rows:
+        try:
+            text = row[cfg.text_column]
+        except KeyError:
+            raise DataError(
+                f"data.text_column={cfg.text_column!r} missing in a row of "
+                f"data.path={cfg.path!r} (keys: {list(row)})"
+            ) from None
+        if not isinstance(text, str):
+            stats["undecodable" if text is not None else "empty"] += 1
+        elif not text.strip():
+            stats["empty"] += 1
+        elif not text.isascii() and _undecodable(text, cfg):
+            stats["undecodable"] += 1
+        elif heldout and _digest(text) in heldout:
+            stats["heldout"] += 1
+        else:
+            texts.append(text)
+    stats["documents"] += len(texts)
+    return texts
+
+
+def _undecodable(text: str, cfg: DataConfig) -> bool:
+    """Lone surrogates; or U+FFFD in a .txt corpus, where it marks bytes that were not UTF-8."""
+    if "\ufffd" in text and cfg.files and _builder_of(cfg.files) == "text":
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _builder_of(files: str) -> str | None:
+    return BUILDERS.get(Path(files.split(",")[0].strip()).suffix.lower())

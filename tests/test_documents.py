@@ -1,0 +1,100 @@
+"""Document sources: one load_documents call per format, Hub retries, errors naming the file.
+
+The pipeline built on top (tokenize, pack, split, resume) is tested in test_data.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmtrain import documents
+from llmtrain.config import DataConfig
+from llmtrain.documents import (
+    DataError,
+    clean_texts,
+    load_documents,
+    read_error,
+    validation_documents,
+)
+
+
+def local(files: str, **kw) -> DataConfig:
+    return replace(DataConfig(), files=files, val_files=None, **kw)
+
+
+@pytest.mark.parametrize("suffix", ["txt", "jsonl", "parquet"])
+def test_every_local_format_streams_its_documents(tmp_path, suffix):
+    texts = ["first document", "second one\nwith two lines"]
+    if suffix == "txt":  # a .txt file is one document
+        for i, t in enumerate(texts):
+            (tmp_path / f"{i}.txt").write_text(t)
+    elif suffix == "jsonl":
+        (tmp_path / "0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    else:
+        pq.write_table(pa.table({"text": texts, "id": [1, 2]}), tmp_path / "0.parquet")
+    ds = load_documents(local(str(tmp_path / f"*.{suffix}")), "train")
+    assert sorted(row["text"] for row in ds) == sorted(texts)
+
+
+def test_mixed_formats_are_refused_by_key(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
+    with pytest.raises(DataError, match="data.files: files must all be one of"):
+        load_documents(local(f"{tmp_path}/a.txt,{tmp_path}/b.jsonl"), "train")
+
+
+def test_read_error_names_the_broken_file_and_line(tmp_path):
+    (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    err = read_error(local(str(tmp_path / "*.jsonl")), ValueError("parse failed"))
+    assert "bad.jsonl" in str(err) and "line 2" in str(err)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.response = type("Response", (), {"status_code": status})()
+
+
+def test_transient_hub_errors_are_retried_then_given_up(monkeypatch):
+    sleeps: list[float] = []
+    monkeypatch.setattr(documents.time, "sleep", sleeps.append)
+    answers = iter([HTTPError(429), HTTPError(503), "dataset"])
+
+    def flaky():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert documents._retrying(flaky, "data.path='x'") == "dataset"
+    assert sleeps == [1.0, 2.0]  # exponential backoff
+    with pytest.raises(HTTPError):  # a 404 is not transient: no retry
+        documents._retrying(lambda: (_ for _ in ()).throw(HTTPError(404)), "x")
+    assert len(sleeps) == 2
+    calls = []
+
+    def always_busy():
+        calls.append(1)
+        raise HTTPError(429)
+
+    with pytest.raises(HTTPError):
+        documents._retrying(always_busy, "x", tries=3)
+    assert len(calls) == 3
+
+
+def test_held_out_validation_documents_are_dropped_from_training(tmp_path):
+    texts = [f"document number {i} " * 5 for i in range(6)]
+    (tmp_path / "0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = local(str(tmp_path / "0.jsonl"), val_docs=2)
+    val, heldout = validation_documents(cfg)
+    assert [row["text"] for row in val] == texts[:2] and len(heldout) == 2
+    stats = dict.fromkeys(documents.STATS, 0)
+    rows = [{"text": t} for t in [*texts, "", None]]
+    assert clean_texts(rows, cfg, heldout, stats) == texts[2:]
+    assert stats == {"documents": 4, "empty": 2, "undecodable": 0, "heldout": 2}
