@@ -127,6 +127,14 @@ class StepClock:
         }
 
 
+def paired_ratio(framework: list[dict[str, Any]], bare: list[dict[str, Any]]) -> float:
+    """Median over repeats of framework / bare mean step time; the two runs of a repeat are
+    taken back to back, so a drift in machine speed between repeats cancels."""
+    return statistics.median(
+        f["step_time_s"] / b["step_time_s"] for f, b in zip(framework, bare, strict=True)
+    )
+
+
 def reset_peak(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -322,6 +330,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             # The median step of every run pooled: robust to bursts of load on a shared host.
             overhead_vs_bare=record["step_time_p50_s"] / bare_p50,
             overhead_vs_bare_mean=step_time / bare_time,
+            # Each framework run against the bare run taken next to it: cancels slow drift.
+            overhead_vs_bare_paired=paired_ratio(framework, bare),
             step_times_s=[x["step_time_s"] for x in framework],
             bare_step_times_s=[x["step_time_s"] for x in bare],
             # Same batches in the same order: the mean losses agree (to fp rounding).
@@ -355,8 +365,9 @@ def report(r: dict[str, Any]) -> str:
             f"  vs bare     {r['overhead_vs_bare']:.3f}x by median step: framework "
             f"{1e3 * r['step_time_p50_s']:.1f} ms, bare loop {1e3 * r['bare_step_time_p50_s']:.1f}"
             f" ms; by mean step {r['overhead_vs_bare_mean']:.3f}x ({1e3 * r['step_time_s']:.1f} "
-            f"vs {1e3 * r['bare_step_time_s']:.1f} ms); losses {r['loss_framework']} vs "
-            f"{r['loss_bare']}"
+            f"vs {1e3 * r['bare_step_time_s']:.1f} ms); paired {r['overhead_vs_bare_paired']:.3f}x "
+            f"(median over repeats of framework / bare run next to it); losses "
+            f"{r['loss_framework']} vs {r['loss_bare']}"
         )
     return "\n".join(lines)
 

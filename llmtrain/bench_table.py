@@ -7,6 +7,7 @@ Goal rows nobody has measured are listed as "unmeasured", never estimated.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,18 @@ def _row(i: int, r: dict[str, Any]) -> list[str]:
         f"{100 * r['data_wait_frac']:.2f}%",
         f"{r['peak_mem_gb']:.2f}",
         _num(r.get("compile_s"), ".1f"),
-        "" if bare is None else f"{bare:.3f}x (bare p50 {1e3 * _bare_p50(r):.1f} ms)",
+        ""
+        if bare is None
+        else f"{bare:.3f}x, paired {_paired(r):.3f}x (bare p50 {1e3 * _bare_p50(r):.1f} ms)",
     ]
+
+
+def _paired(r: dict[str, Any]) -> float:
+    """The paired ratio; records older than the field have the per-run times to compute it."""
+    if "overhead_vs_bare_paired" in r:
+        return r["overhead_vs_bare_paired"]
+    pairs = zip(r["step_times_s"], r["bare_step_times_s"], strict=True)
+    return statistics.median(f / b for f, b in pairs)
 
 
 def _bare_p50(r: dict[str, Any]) -> float:
@@ -133,9 +144,10 @@ def render(records: list[dict[str, Any]]) -> str:
     what = "CPU: framework / bare-loop step time"
     if cpu:
         i, r = cpu[-1]
-        ratio = r["overhead_vs_bare"]
-        status = "met" if ratio <= CPU_OVERHEAD_GOAL else "above"
-        out.append(f"| {what} | <= {CPU_OVERHEAD_GOAL} | {ratio:.3f} (#{i}, latest) | {status} |")
+        pooled, paired = r["overhead_vs_bare"], _paired(r)
+        status = "met" if max(pooled, paired) <= CPU_OVERHEAD_GOAL else "above"
+        got = f"{pooled:.3f} by median step, {paired:.3f} paired (#{i}, latest)"
+        out.append(f"| {what} | <= {CPU_OVERHEAD_GOAL} | {got} | {status} |")
     else:
         out.append(f"| {what} | <= {CPU_OVERHEAD_GOAL} | {UNMEASURED} | {UNMEASURED} |")
 

@@ -15,8 +15,11 @@ Accelerate never applies FSDP to a CPU run, so :func:`_fsdp_on_cpu` applies it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -296,6 +299,52 @@ def _accelerator(
     )
 
 
+WORLD_OF_ONE = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+@contextlib.contextmanager
+def process_scope() -> Iterator[None]:
+    """One ``train()`` call's hold on process-wide state, when no launcher started the process.
+
+    A launched process (``RANK`` set) keeps its process group: the launcher owns it. Otherwise
+    a DeepSpeed or FSDP2 run makes a world of one (:func:`_world_of_one_env`), and on the way
+    out the process group is destroyed, those variables are restored and Accelerate's
+    process-wide state is reset, so a later ``train()`` in the same process (a notebook, a
+    test) may use any ``dist`` mode.
+    """
+    if "RANK" in os.environ:
+        yield
+        return
+    # Accelerate's plugins also leave ACCELERATE_* variables (DeepSpeed on, the ZeRO stage).
+    saved = {
+        k: v for k, v in os.environ.items() if k in WORLD_OF_ONE or k.startswith("ACCELERATE_")
+    }
+    try:
+        yield
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        # Accelerate's end_training() destroys the group with torch's call, which leaves
+        # DeepSpeed's cached groups (its clone of the world) pointing at the dead one.
+        ds_groups = sys.modules.get("deepspeed.utils.groups")
+        if hasattr(ds_groups, "_release_process_group_references"):
+            ds_groups._release_process_group_references(None)
+        for key in [k for k in os.environ if k in WORLD_OF_ONE or k.startswith("ACCELERATE_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def _world_of_one_env() -> None:
     """DeepSpeed and FSDP2 need a process group even for one process (``llmtrain-train
     dist=zero3`` on one GPU, no launcher); without torchrun's variables DeepSpeed goes looking
@@ -305,9 +354,7 @@ def _world_of_one_env() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(port))):  # fmt: skip
+    for key, value in zip(WORLD_OF_ONE, ("0", "0", "1", "1", "127.0.0.1", str(port)), strict=True):
         os.environ.setdefault(key, value)
 
 

@@ -34,7 +34,7 @@ from llmtrain.config import (
 )
 from llmtrain.consolidate import load_data_state, load_state
 from llmtrain.data import DataError, build_dataloader
-from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
+from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch, process_scope
 from llmtrain.integrity import safe_loading
 from llmtrain.metrics import (
     MetricsFile,
@@ -168,7 +168,7 @@ def train(
 
     SIGTERM or SIGUSR1 make every rank finish its step, save, and raise ``ckpt.Preempted``.
     """
-    with ckpt.preemption_signals() as preempt:
+    with ckpt.preemption_signals() as preempt, process_scope():
         return _train(cfg, run_dir, preempt, step_hook, final_save)
 
 

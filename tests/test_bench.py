@@ -76,6 +76,10 @@ def test_record_and_baseline(shards, tmp_path, capsys):
         record["step_time_p50_s"] / record["bare_step_time_p50_s"]
     )
     assert len(record["step_times_s"]) == len(record["bare_step_times_s"]) == 2
+    ratios = [
+        f / b for f, b in zip(record["step_times_s"], record["bare_step_times_s"], strict=True)
+    ]
+    assert record["overhead_vs_bare_paired"] == pytest.approx(sum(ratios) / 2)
     # Same model, seed, batches and optimizer: the bare loop trains the same model.
     assert record["loss_bare"] == pytest.approx(record["loss_framework"], rel=1e-5)
     assert "vs bare" in capsys.readouterr().out
@@ -136,6 +140,7 @@ def _record(**kw) -> dict:
         "cuda": None,
         "git_sha": "abc",
         "overhead_vs_bare": 1.02,
+        "overhead_vs_bare_paired": 1.01,
         "bare_step_time_s": 1.0,
     }
     return {**base, **kw}
@@ -167,7 +172,8 @@ def test_table_lists_unmeasured_gpu_goals(tmp_path):
     assert len(rows) == 3 and all("unmeasured" in r for r in rows)  # 4 goals, 1 measured
     assert "| gpt2-small, seq 1024, compile on, 1 H100 | >= 520,000 tokens/s | 530,000" in block
     assert "| gpt2-small, seq 1024, compile off, 1 H100 | >= 520,000 tokens/s | unmeasured" in block
-    assert "1.020 (#1, latest) | met" in block and "`llmtrain-bench experiment=smoke`" in block
+    assert "1.020 by median step, 1.010 paired (#1, latest) | met" in block
+    assert "`llmtrain-bench experiment=smoke`" in block
     assert "unmeasured" in render([]) and "46.0%" in block
 
 

@@ -98,6 +98,22 @@ def test_launcher_mismatches_fail_before_any_process_group(monkeypatch):
         check_launch(cfg, 2)
 
 
+def test_one_process_runs_of_any_mode_follow_each_other(tmp_path):
+    """train() without a launcher cleans up after itself: a notebook may run zero3, then
+    single, then zero2 in one process (each needs a fresh process group or none at all)."""
+    import os
+
+    from llmtrain.train import train
+
+    before = {k: v for k, v in os.environ.items() if k.startswith(("ACCELERATE_", "RANK"))}
+    for i, mode in enumerate(["zero3", "single", "zero2"]):
+        overrides = [*FAST, "data.source=hf", "trainer.max_steps=2", f"dist={mode}"]
+        state = train(load_config(overrides), tmp_path / f"run{i}")
+        assert state.step == 2 and not torch.distributed.is_initialized()
+        after = {k: v for k, v in os.environ.items() if k.startswith(("ACCELERATE_", "RANK"))}
+        assert after == before
+
+
 # --- multi-process runs ----------------------------------------------------------------------
 
 

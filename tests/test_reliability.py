@@ -332,9 +332,12 @@ def poisoned_model(monkeypatch, bad_calls: set[int]) -> None:
     monkeypatch.setattr(train_mod, "GPT", Poisoned)
 
 
-def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("dist", ["single", "zero2", "zero3"])
+def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys, dist):
+    """Under DeepSpeed the engine steps inside backward(); it discards a step whose gradient
+    norm is not finite, and the loop counts it like any other skipped step."""
     poisoned_model(monkeypatch, {3, 4})
-    state = train_mod.train(config(5, "trainer.max_bad_steps=3"), tmp_path)
+    state = train_mod.train(config(5, "trainer.max_bad_steps=3", f"dist={dist}"), tmp_path)
     assert state.step == 5 and state.skipped_steps == 2 and state.bad_steps == 0
     assert capsys.readouterr().out.count("non-finite gradient norm, step skipped") == 2
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-2])
