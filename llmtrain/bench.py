@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from llmtrain.bench_table import paired_ratio
 from llmtrain.config import CONF_DIR, ConfigError, TrainConfig, load_config, validate
 from llmtrain.data import DataError
 
@@ -125,14 +126,6 @@ class StepClock:
             "data_wait_frac": (self.waits[-1] - self.waits[warmup - 1]) / window,
             "times": measured,
         }
-
-
-def paired_ratio(framework: list[dict[str, Any]], bare: list[dict[str, Any]]) -> float:
-    """Median over repeats of framework / bare mean step time; the two runs of a repeat are
-    taken back to back, so a drift in machine speed between repeats cancels."""
-    return statistics.median(
-        f["step_time_s"] / b["step_time_s"] for f, b in zip(framework, bare, strict=True)
-    )
 
 
 def reset_peak(device: torch.device) -> None:
@@ -331,7 +324,9 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             overhead_vs_bare=record["step_time_p50_s"] / bare_p50,
             overhead_vs_bare_mean=step_time / bare_time,
             # Each framework run against the bare run taken next to it: cancels slow drift.
-            overhead_vs_bare_paired=paired_ratio(framework, bare),
+            overhead_vs_bare_paired=paired_ratio(
+                [x["step_time_s"] for x in framework], [x["step_time_s"] for x in bare]
+            ),
             step_times_s=[x["step_time_s"] for x in framework],
             bare_step_times_s=[x["step_time_s"] for x in bare],
             # Same batches in the same order: the mean losses agree (to fp rounding).

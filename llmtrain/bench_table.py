@@ -83,12 +83,17 @@ def _row(i: int, r: dict[str, Any]) -> list[str]:
     ]
 
 
+def paired_ratio(step_times: list[float], bare_step_times: list[float]) -> float:
+    """Median over repeats of framework / bare mean step time; the two runs of a repeat are
+    taken back to back, so a drift in machine speed between repeats cancels."""
+    return statistics.median(f / b for f, b in zip(step_times, bare_step_times, strict=True))
+
+
 def _paired(r: dict[str, Any]) -> float:
-    """The paired ratio; records older than the field have the per-run times to compute it."""
+    """The recorded paired ratio; records older than the field have the per-run times."""
     if "overhead_vs_bare_paired" in r:
         return r["overhead_vs_bare_paired"]
-    pairs = zip(r["step_times_s"], r["bare_step_times_s"], strict=True)
-    return statistics.median(f / b for f, b in pairs)
+    return paired_ratio(r["step_times_s"], r["bare_step_times_s"])
 
 
 def _bare_p50(r: dict[str, Any]) -> float:

@@ -55,6 +55,7 @@ from llmtrain.integrity import (
     rank_world,
     read_manifest,
     verify,
+    write_atomic,
     write_manifest,
 )
 
@@ -118,15 +119,6 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint: the ``latest`` pointer if valid, else the newest dir."""
     found = candidates(ckpt_root)
     return found[0] if found else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 HINTS = {
@@ -259,7 +251,7 @@ def save_checkpoint(
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             fsync_dir(ckpt_root)
-            _write_atomic(ckpt_root / "latest", final.name)
+            write_atomic(ckpt_root / "latest", final.name)
         except OSError as e:
             error = _describe(e, final)
     agree(error)

@@ -322,10 +322,12 @@ def process_scope() -> Iterator[None]:
     if "RANK" in os.environ:
         yield
         return
+
     # Accelerate's plugins also leave ACCELERATE_* variables (DeepSpeed on, the ZeRO stage).
-    saved = {
-        k: v for k, v in os.environ.items() if k in WORLD_OF_ONE or k.startswith("ACCELERATE_")
-    }
+    def ours(key: str) -> bool:
+        return key in WORLD_OF_ONE or key.startswith("ACCELERATE_")
+
+    saved = {k: v for k, v in os.environ.items() if ours(k)}
     try:
         yield
     finally:
@@ -338,7 +340,7 @@ def process_scope() -> Iterator[None]:
         ds_groups = sys.modules.get("deepspeed.utils.groups")
         if hasattr(ds_groups, "_release_process_group_references"):
             ds_groups._release_process_group_references(None)
-        for key in [k for k in os.environ if k in WORLD_OF_ONE or k.startswith("ACCELERATE_")]:
+        for key in [k for k in os.environ if ours(k)]:
             del os.environ[key]
         os.environ.update(saved)
         AcceleratorState._reset_state(reset_partial_state=True)

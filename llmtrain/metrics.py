@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.config import LoggerConfig, ModelConfig
+from llmtrain.integrity import write_atomic
 
 # Dense bf16 tensor-core peak, TFLOP/s, from each vendor datasheet (no sparsity). Matched in
 # order against torch.cuda.get_device_name(), so more specific names come first.
@@ -183,9 +184,7 @@ class MetricsFile:
         kept = []
         if resumed_at is not None and path.exists():
             kept = [x for x in path.read_text("utf-8").splitlines() if _upto(x, resumed_at)]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(x + "\n" for x in kept), "utf-8")
-        os.replace(tmp, path)  # never a half-rewritten file
+        write_atomic(path, "".join(x + "\n" for x in kept))
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
