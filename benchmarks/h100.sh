@@ -9,6 +9,11 @@
 #   bash benchmarks/h100.sh 1    # env + gpt2-small compile off (+ bare baseline) and on  ~4 min
 #   bash benchmarks/h100.sh 2    # llama-1b seq 2048 compile off and on                  ~5 min
 #   bash benchmarks/h100.sh 3    # gpt2-small 1 process under dist=fsdp2 (and zero3)      ~3 min
+#   bash benchmarks/h100.sh 4    # compiled before/after: fused chunked loss, CUDA graphs ~7 min
+#   bash benchmarks/h100.sh 5    # eager before/after: fused AdamW, attention kernel, set_to_none,
+#                                #   pinned memory                                        ~6 min
+#   bash benchmarks/h100.sh 6    # eager before/after: workers, activation checkpointing, vocab
+#                                #   padding, tied embeddings, fused loss                 ~6 min
 # Each part copies the records it appended to $OUT/new-<part>.jsonl; back here:
 #   cat <files_at>/new-*.jsonl >> benchmarks/results.jsonl && python -m llmtrain.bench --table
 set -uo pipefail
@@ -52,6 +57,31 @@ case $PART in
   else
     echo "deepspeed not importable: dist=zero3 skipped" | tee "$OUT/gpt2-zero3.log"
   fi
+  ;;
+4)
+  # Each --versus run alternates with the run without the change, in one process; the after
+  # record holds the paired speedup and the peak-memory ratio.
+  $B --steps 12 --warmup 3 $GPT2 trainer.compile=true \
+    --versus trainer.loss_chunk=8192 2>&1 | tee "$OUT/gpt2-compile-losschunk.log"
+  # The memory the fused loss frees, spent on a larger micro-batch (accum 16 -> 8).
+  $B --steps 12 --warmup 3 $GPT2 trainer.compile=true trainer.loss_chunk=8192 \
+    --versus trainer.micro_batch_size=64 2>&1 | tee "$OUT/gpt2-compile-losschunk-mb64.log"
+  $B --steps 12 --warmup 5 $GPT2 trainer.compile=true \
+    --versus trainer.compile_mode=reduce-overhead 2>&1 | tee "$OUT/gpt2-compile-cudagraphs.log"
+  ;;
+5|6)
+  # Eager, so that each switch is seen on its own, not through what inductor fuses anyway.
+  E="$B --steps 8 --warmup 2 $GPT2 trainer.compile=false"
+  if [ "$PART" = 5 ]; then
+    changes="optim.fused=false trainer.attention=math trainer.attention=cudnn
+      trainer.set_to_none=false data.pin_memory=false"
+  else
+    changes="data.num_workers=2 trainer.activation_checkpointing=true
+      model.vocab_pad_multiple=1 model.tie_embeddings=false trainer.loss_chunk=8192"
+  fi
+  for change in $changes; do
+    $E --versus "$change" 2>&1 | tee "$OUT/gpt2-eager-${change//[.=]/-}.log"
+  done
   ;;
 esac
 tail -n +$((N0 + 1)) $R > "$OUT/new-$PART.jsonl" 2>/dev/null || true

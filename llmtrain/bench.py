@@ -17,6 +17,7 @@ without ``data.path`` uses the shipped sample written once as llm.c shards (no `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -133,6 +134,9 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: "5" resets the process's peak RSS (VmHWM), so each run reports its own
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
 
 
 def run_framework(cfg: TrainConfig, warmup: int, plan, device) -> dict[str, Any]:
@@ -177,38 +181,35 @@ def sample_batches(cfg: TrainConfig, plan, total_steps: int, max_bytes: int = 2*
 def run_bare(cfg: TrainConfig, cpu_batches, warmup: int, plan, device) -> dict[str, Any]:
     """A bare PyTorch loop: what the framework's step computes, with nothing around it."""
     from llmtrain.dist import resolve_precision
-    from llmtrain.model import GPT
+    from llmtrain.model import attention_kernel
     from llmtrain.optim import build_optimizer, lr_at, set_lr
-    from llmtrain.train import peak_memory_gb
+    from llmtrain.train import build_model, compile_model, peak_memory_gb
 
     reset_peak(device)
     batches = [(x.to(device), y.to(device)) for x, y in cpu_batches]
     torch.manual_seed(cfg.trainer.seed)
-    model = GPT(cfg.model)
-    if cfg.trainer.activation_checkpointing:
-        model.enable_activation_checkpointing()
-    model.to(device)
+    model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim, device.type)
-    if cfg.trainer.compile:
-        model = torch.compile(model)
+    model = compile_model(model, cfg.trainer)
     precision = resolve_precision(cfg.trainer.precision, device.type)
     dtype = torch.bfloat16 if precision == "bf16" else None
     accum, clip, total = plan.grad_accum, cfg.optim.grad_clip or math.inf, plan.max_steps
     loss_sum = torch.zeros((), device=device)
     clock, no_wait = StepClock(device), _NoWait()
     model.train()
-    for step in range(total):
-        set_lr(optimizer, lr_at(step, cfg.optim, total))
-        for i in range(accum):
-            x, y = batches[(step * accum + i) % len(batches)]
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                _, loss = model(x, y, return_logits=False)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock(None, no_wait)
+    with attention_kernel(cfg.trainer.attention):
+        for step in range(total):
+            set_lr(optimizer, lr_at(step, cfg.optim, total))
+            for i in range(accum):
+                x, y = batches[(step * accum + i) % len(batches)]
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    _, loss = model(x, y, return_logits=False)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=cfg.trainer.set_to_none)
+            clock(None, no_wait)
     loss = loss_sum.item() / (accum * total)
     peak = peak_memory_gb(device)
     del model, optimizer, batches
@@ -232,16 +233,17 @@ def command_line(argv: list[str] | None) -> str:
     return " ".join([prog, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
 
 
-def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, Any]]:
+    """Run the loops, alternating; one record, or two with ``--versus`` (before, after)."""
     from llmtrain.dist import resolve_device, resolve_precision
-    from llmtrain.metrics import device_peak_tflops, flops_per_token, git_sha, mfu
     from llmtrain.train import Plan
 
     if min(args.warmup, args.steps, args.repeats) < 1:
         raise ConfigError("--warmup, --steps and --repeats must each be at least 1")
     cfg = bench_config(args.overrides, args.steps, args.warmup)
+    after_cfg = bench_config([*args.overrides, *args.versus], args.steps, args.warmup)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = Plan.from_config(cfg, world)
+    plan, after_plan = Plan.from_config(cfg, world), Plan.from_config(after_cfg, world)
     device = torch.device(resolve_device(cfg.trainer.device))
     precision = resolve_precision(cfg.trainer.precision, device.type)
     if args.baseline and (world > 1 or precision == "fp16"):
@@ -252,24 +254,82 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     cpu_batches, same_batches = (
         sample_batches(cfg, plan, plan.max_steps) if args.baseline else ([], False)
     )
-    framework, bare = [], []
+    loops = ["framework"] + ["bare"] * args.baseline + ["after"] * bool(args.versus)
+    runs: dict[str, list[dict[str, Any]]] = {which: [] for which in loops}
     for r in range(args.repeats):
-        # Alternate which loop goes first, so a drift in machine load hits both alike.
-        order = ("framework", "bare") if r % 2 == 0 else ("bare", "framework")
-        for which in order:
+        # Rotate which loop goes first, so a drift in machine load hits every loop alike.
+        for which in loops[r % len(loops) :] + loops[: r % len(loops)]:
             if which == "framework":
-                framework.append(run_framework(cfg, args.warmup, plan, device))
-            elif args.baseline:
-                bare.append(run_bare(cfg, cpu_batches, args.warmup, plan, device))
+                runs[which].append(run_framework(cfg, args.warmup, plan, device))
+            elif which == "bare":
+                runs[which].append(run_bare(cfg, cpu_batches, args.warmup, plan, device))
+            else:
+                runs[which].append(run_framework(after_cfg, args.warmup, after_plan, device))
+    common = dict(command=command_line(argv), device=device, precision=precision, args=args)
+    record = build_record(cfg, plan, runs["framework"], **common)
+    if args.baseline:
+        bare = runs["bare"]
+        bare_time = statistics.median(x["step_time_s"] for x in bare)
+        bare_p50 = statistics.median(t for x in bare for t in x["times"])
+        record.update(
+            bare_step_time_s=bare_time,
+            bare_step_time_p50_s=bare_p50,
+            bare_tokens_per_s=plan.tokens_per_step / bare_time,
+            bare_peak_mem_gb=max(x["peak_mem_gb"] for x in bare),
+            # The median step of every run pooled: robust to bursts of load on a shared host.
+            overhead_vs_bare=record["step_time_p50_s"] / bare_p50,
+            overhead_vs_bare_mean=record["step_time_s"] / bare_time,
+            # Each framework run against the bare run taken next to it: cancels slow drift.
+            overhead_vs_bare_paired=paired_ratio(
+                record["step_times_s"], [x["step_time_s"] for x in bare]
+            ),
+            bare_step_times_s=[x["step_time_s"] for x in bare],
+            # Same batches in the same order: the mean losses agree (to fp rounding).
+            loss_framework=runs["framework"][0]["loss"] if same_batches else None,
+            loss_bare=bare[0]["loss"] if same_batches else None,
+        )
+    if not args.versus:
+        return [record]
+    after = build_record(after_cfg, after_plan, runs["after"], **common)
+    per_token = [t / plan.tokens_per_step for t in record["step_times_s"]]
+    after_per_token = [t / after_plan.tokens_per_step for t in after["step_times_s"]]
+    after.update(
+        versus=list(args.versus),
+        before_tokens_per_s=record["tokens_per_s"],
+        before_peak_mem_gb=record["peak_mem_gb"],
+        # before / after time per token, each pair of runs taken back to back: > 1 is faster.
+        speedup_paired=paired_ratio(per_token, after_per_token),
+        peak_mem_ratio=after["peak_mem_gb"] / record["peak_mem_gb"],
+        loss_before=runs["framework"][0]["loss"],
+        loss_after=runs["after"][0]["loss"],
+    )
+    return [record, after]
+
+
+def build_record(
+    cfg: TrainConfig,
+    plan,
+    framework: list[dict[str, Any]],
+    *,
+    command: str,
+    device: torch.device,
+    precision: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The JSON record of one config's runs (the fields issue 6 names, and more)."""
+    from llmtrain.metrics import device_peak_tflops, flops_per_token, git_sha, mfu
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak_tflops = device_peak_tflops(name if device.type == "cuda" else None)
     fpt = flops_per_token(cfg.model, plan.seq_len)
     step_time = statistics.median(x["step_time_s"] for x in framework)
     times = sorted(t for x in framework for t in x["times"])  # every measured step, all runs
     tok_s = plan.tokens_per_step / step_time
-    record: dict[str, Any] = {
+    t = cfg.trainer
+    return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line(argv),
+        "command": command,
         "model": cfg.model.name,
         "dist": cfg.dist.mode,
         "world_size": world,
@@ -279,8 +339,12 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "grad_accum": plan.grad_accum,
         "batch_tokens": plan.tokens_per_step,
         "data": f"{cfg.data.name} ({cfg.data.source}, {cfg.data.num_workers} workers)",
-        "compile": cfg.trainer.compile,
-        "activation_checkpointing": cfg.trainer.activation_checkpointing,
+        "compile": t.compile,
+        "compile_mode": t.compile_mode,
+        "attention": t.attention,
+        "loss_chunk": t.loss_chunk,
+        "set_to_none": t.set_to_none,
+        "activation_checkpointing": t.activation_checkpointing,
         "precision": "fp32" if precision == "no" else precision,
         "fused_adamw": cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda",
         "warmup": args.warmup,
@@ -294,17 +358,16 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "step_time_s": step_time,
         "step_time_p50_s": statistics.median(times),
         "step_time_p90_s": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "step_times_s": [x["step_time_s"] for x in framework],
         "first_step_s": framework[0]["first_step_s"],
         # The first step also compiles; what it costs beyond a steady step is compile time
         # (from the first run: later repeats may hit the compile caches).
         "compile_s": (
-            framework[0]["first_step_s"] - framework[0]["step_time_p50_s"]
-            if cfg.trainer.compile
-            else None
+            framework[0]["first_step_s"] - framework[0]["step_time_p50_s"] if t.compile else None
         ),
         "data_wait_frac": statistics.median(x["data_wait_frac"] for x in framework),
         "peak_mem_gb": max(x["peak_mem_gb"] for x in framework),
-        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu max RSS",
+        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),
@@ -312,28 +375,6 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "git_sha": git_sha(),
         "note": args.note,
     }
-    if args.baseline:
-        bare_time = statistics.median(x["step_time_s"] for x in bare)
-        bare_p50 = statistics.median(t for x in bare for t in x["times"])
-        record.update(
-            bare_step_time_s=bare_time,
-            bare_step_time_p50_s=bare_p50,
-            bare_tokens_per_s=plan.tokens_per_step / bare_time,
-            bare_peak_mem_gb=max(x["peak_mem_gb"] for x in bare),
-            # The median step of every run pooled: robust to bursts of load on a shared host.
-            overhead_vs_bare=record["step_time_p50_s"] / bare_p50,
-            overhead_vs_bare_mean=step_time / bare_time,
-            # Each framework run against the bare run taken next to it: cancels slow drift.
-            overhead_vs_bare_paired=paired_ratio(
-                [x["step_time_s"] for x in framework], [x["step_time_s"] for x in bare]
-            ),
-            step_times_s=[x["step_time_s"] for x in framework],
-            bare_step_times_s=[x["step_time_s"] for x in bare],
-            # Same batches in the same order: the mean losses agree (to fp rounding).
-            loss_framework=framework[0]["loss"] if same_batches else None,
-            loss_bare=bare[0]["loss"] if same_batches else None,
-        )
-    return record
 
 
 def report(r: dict[str, Any]) -> str:
@@ -364,6 +405,13 @@ def report(r: dict[str, Any]) -> str:
             f"(median over repeats of framework / bare run next to it); losses "
             f"{r['loss_framework']} vs {r['loss_bare']}"
         )
+    if "versus" in r:
+        lines.append(
+            f"  vs before   {r['speedup_paired']:.3f}x tokens/s paired with the run without "
+            f"{' '.join(r['versus'])} ({r['before_tokens_per_s']:,.0f} tokens/s); peak memory "
+            f"{r['peak_mem_ratio']:.2f}x ({r['before_peak_mem_gb']:.2f} GB); losses "
+            f"{r['loss_before']} vs {r['loss_after']}"
+        )
     return "\n".join(lines)
 
 
@@ -372,7 +420,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps, not measured")
     ap.add_argument("--baseline", action="store_true", help="also time the bare PyTorch loop")
-    ap.add_argument("--repeats", type=int, default=1, help="runs (interleaved with --baseline)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each loop, interleaved")
+    ap.add_argument(
+        "--versus",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="also time the run with this override added (repeatable), alternating with the "
+        "run without it; its record holds the paired speedup and memory ratio",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to append to")
     ap.add_argument("--no-record", action="store_true", help="print only, append nothing")
     ap.add_argument("--note", default=None, help="free text stored in the record")
@@ -391,17 +447,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.markdown} from {args.out}")
         return
     try:
-        record = measure(args, argv)
+        records = measure(args, argv)
     except (ConfigError, DataError) as e:
         print(f"llmtrain-bench: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    print(report(record), flush=True)
+    for record in records:
+        print(report(record), flush=True)
     if not args.no_record:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.writelines(json.dumps(record) + "\n" for record in records)
         print(f"  recorded in {args.out}", flush=True)
 
 

@@ -42,7 +42,7 @@ COLUMNS = (
     "data wait",
     "peak GB",
     "compile s",
-    "vs bare",
+    "compared with",
 )
 
 
@@ -58,7 +58,6 @@ def _num(v: float | None, fmt: str) -> str:
 
 def _row(i: int, r: dict[str, Any]) -> list[str]:
     world = r.get("world_size", 1)
-    bare = r.get("overhead_vs_bare")
     return [
         str(i),
         r["date"][:10],
@@ -77,10 +76,23 @@ def _row(i: int, r: dict[str, Any]) -> list[str]:
         f"{100 * r['data_wait_frac']:.2f}%",
         f"{r['peak_mem_gb']:.2f}",
         _num(r.get("compile_s"), ".1f"),
-        ""
-        if bare is None
-        else f"{bare:.3f}x, paired {_paired(r):.3f}x (bare p50 {1e3 * _bare_p50(r):.1f} ms)",
+        _compared(r),
     ]
+
+
+def _compared(r: dict[str, Any]) -> str:
+    """The bare loop's overhead ratio, or the speedup over the run without --versus."""
+    if "versus" in r:
+        return (
+            f"without `{' '.join(r['versus'])}`: {r['speedup_paired']:.3f}x tokens/s, "
+            f"{r['peak_mem_ratio']:.2f}x peak memory (paired)"
+        )
+    if r.get("overhead_vs_bare") is None:
+        return ""
+    return (
+        f"bare loop: {r['overhead_vs_bare']:.3f}x, paired {_paired(r):.3f}x "
+        f"(bare p50 {1e3 * _bare_p50(r):.1f} ms)"
+    )
 
 
 def paired_ratio(step_times: list[float], bare_step_times: list[float]) -> float:

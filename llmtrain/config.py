@@ -122,6 +122,10 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs
+    attention: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math
+    loss_chunk: int = 0  # tokens per chunk of the fused head + cross-entropy (loss.py); 0: off
+    set_to_none: bool = True  # free gradients after each step (False: zero them in place)
     activation_checkpointing: bool = False
     log_every: int = 10
     eval_every: int = 250
@@ -181,6 +185,9 @@ LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("online", "offline", "disabled")
 BACKENDS = ("nccl", "gloo")
 ON_SAVE_ERROR = ("stop", "continue")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTIONS = ("auto", "flash", "efficient", "cudnn", "math")
+CPU_ATTENTIONS = ("auto", "flash", "math")  # efficient and cudnn are CUDA kernels
 # Environment variables holding credentials: never in a config, which is saved beside every
 # checkpoint, printed and sent to the logger.
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
@@ -342,6 +349,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
         "sample_tokens",
         "max_bad_steps",
     )
+    _require(t.loss_chunk >= 0, "trainer.loss_chunk", "must be >= 0 (0 = the plain loss)")
+    _one_of(t.compile_mode, "trainer.compile_mode", COMPILE_MODES)
+    _one_of(t.attention, "trainer.attention", ATTENTIONS)
     _one_of(t.precision, "trainer.precision", PRECISIONS)
     _one_of(t.device, "trainer.device", DEVICES)
     _one_of(t.on_save_error, "trainer.on_save_error", ON_SAVE_ERROR)

@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from llmtrain.config import ConfigError, TrainConfig
+from llmtrain.config import CPU_ATTENTIONS, ConfigError, TrainConfig
 
 ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
 EXPECTED_TYPE = {
@@ -61,8 +61,21 @@ def is_deepspeed(cfg: TrainConfig) -> bool:
 
 
 def check_launch(cfg: TrainConfig, world_size: int) -> None:
-    """Mismatches between the dist group and the launcher, caught before any process group."""
+    """Mismatches between the config, the launcher and the device, caught before any process
+    group."""
     mode = cfg.dist.mode
+    device = resolve_device(cfg.trainer.device)
+    attention = cfg.trainer.attention
+    if device == "cpu" and attention not in CPU_ATTENTIONS:
+        raise ConfigError(
+            f"trainer.attention: {attention} is a CUDA kernel and this run is on the CPU; "
+            f"use one of {', '.join(CPU_ATTENTIONS)}"
+        )
+    if device == "cuda" and attention == "flash" and cfg.trainer.precision == "fp32":
+        raise ConfigError(
+            "trainer.attention: flash attention on CUDA needs bf16 or fp16; set "
+            "trainer.precision=bf16 (or auto), or trainer.attention=auto"
+        )
     if world_size > 1 and mode == "single":
         raise ConfigError(
             f"dist.mode: 'single' but the launcher started {world_size} processes; "
@@ -81,7 +94,7 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
             f"dist.mode: {mode!r} but the accelerate config file asks for FSDP; "
             "pass dist=fsdp2 or launch with launch/multi-gpu.yaml"
         )
-    if mode == "fsdp2" and resolve_device(cfg.trainer.device) == "cpu" and world_size < 2:
+    if mode == "fsdp2" and device == "cpu" and world_size < 2:
         raise ConfigError(
             "dist.mode: fsdp2 on CPU needs at least 2 processes "
             "(accelerate launch --config_file launch/cpu.yaml); use dist=single"

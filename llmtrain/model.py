@@ -21,6 +21,7 @@ nh = n_head, nkv = n_kv_head, hd = head_dim = C // nh, V = padded vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -30,8 +31,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from llmtrain.config import ModelConfig
+from llmtrain.loss import chunked_lm_loss
 
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ATTENTION_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,  # Dao 2023; bf16/fp16 on CUDA, any dtype on CPU
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,  # xFormers' memory-efficient kernel
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,  # the reference: materialises the (T, T) scores
+}
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """``trainer.attention``: "auto" lets torch pick per call; a name pins that one kernel (a
+    call it cannot serve then fails rather than silently running another)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    return sdpa_kernel([ATTENTION_KERNELS[name]])
 
 
 def padded_size(n: int, multiple: int) -> int:
@@ -233,7 +249,7 @@ class GPT(nn.Module):
         layers["h"] = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         layers["ln_f"] = make_norm(cfg)
         self.transformer = nn.ModuleDict(layers)
-        self.lm_head = nn.Linear(cfg.n_embd, self.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, self.padded_vocab_size, self.vocab_size)
         self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -268,6 +284,10 @@ class GPT(nn.Module):
     def enable_activation_checkpointing(self) -> None:
         """Recompute each block's activations in backward: less memory, ~1/3 more compute."""
         self.activation_checkpointing = True
+
+    def enable_chunked_loss(self, chunk: int) -> None:
+        """Training loss from the fused, chunked head + cross-entropy (llmtrain/loss.py)."""
+        self.lm_head.loss_chunk = chunk
 
     def new_kv_cache(self, max_len: int) -> list[KVCache]:
         return [KVCache(max_len) for _ in range(self.cfg.n_layer)]
@@ -310,6 +330,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, kv_cache[i] if kv_cache else None)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.lm_head.fuses_loss(return_logits):
+            return None, self.lm_head(x, targets)  # no (B, T, V) tensor at all
         logits = self.lm_head(x)  # (B, T, padded V), in the autocast dtype
 
         loss = None
@@ -390,6 +412,29 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+
+class LMHead(nn.Linear):
+    """The unembedding, (padded V, C) without bias; ``wte``'s matrix when tied.
+
+    ``head(x)`` gives logits. With ``loss_chunk`` set, ``head(x, targets)`` gives the training
+    loss from :func:`llmtrain.loss.chunked_lm_loss` instead; it runs inside this module's own
+    forward so that ZeRO-3 and FSDP2 have gathered the weight, as for the plain head.
+    """
+
+    def __init__(self, n_embd: int, padded_vocab: int, vocab_size: int):
+        super().__init__(n_embd, padded_vocab, bias=False)
+        self.vocab_size = vocab_size
+        self.loss_chunk = 0
+
+    def fuses_loss(self, return_logits: bool) -> bool:
+        # Evaluation (no grad) keeps the plain path: the fused one would compute gradients.
+        return self.loss_chunk > 0 and not return_logits and torch.is_grad_enabled()
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)  # (B, T, padded V)
+        return chunked_lm_loss(x, self.weight, targets, self.vocab_size, self.loss_chunk)
 
 
 def sample_next(

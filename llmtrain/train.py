@@ -26,6 +26,7 @@ from llmtrain.config import (
     CONF_DIR,
     ConfigError,
     TrainConfig,
+    TrainerConfig,
     config_to_dict,
     config_to_yaml,
     to_dataclass,
@@ -47,7 +48,7 @@ from llmtrain.metrics import (
     perplexity,
     receipt,
 )
-from llmtrain.model import GPT
+from llmtrain.model import GPT, attention_kernel
 from llmtrain.optim import lr_at, set_lr
 from llmtrain.tokenizer import get_tokenizer
 
@@ -134,13 +135,31 @@ def evaluate(model, accelerator, val_loader, n_batches: int) -> float:
     for i, (x, y) in enumerate(val_loader):
         if i >= n_batches:
             break
-        _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
+        _, loss = model(x.to(accelerator.device), y.to(accelerator.device), return_logits=False)
         total += torch.stack([loss.float(), torch.ones((), device=accelerator.device)])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     if total[1] == 0:
         raise RuntimeError("data.val_split: the validation split produced no batches")
     return (total[0] / total[1]).item()
+
+
+def build_model(cfg: TrainConfig) -> GPT:
+    """``GPT(cfg.model)`` with the trainer's memory options: activation checkpointing and the
+    fused, chunked loss."""
+    model = GPT(cfg.model)
+    if cfg.trainer.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    if cfg.trainer.loss_chunk:
+        model.enable_chunked_loss(cfg.trainer.loss_chunk)
+    return model
+
+
+def compile_model(model: torch.nn.Module, t: TrainerConfig) -> torch.nn.Module:
+    """``torch.compile`` when trainer.compile is set (mode trainer.compile_mode), else model."""
+    if not t.compile:
+        return model
+    return torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
 
 
 def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> str:
@@ -168,7 +187,11 @@ def train(
 
     SIGTERM or SIGUSR1 make every rank finish its step, save, and raise ``ckpt.Preempted``.
     """
-    with ckpt.preemption_signals() as preempt, process_scope():
+    with (
+        ckpt.preemption_signals() as preempt,
+        process_scope(),
+        attention_kernel(cfg.trainer.attention),
+    ):
         return _train(cfg, run_dir, preempt, step_hook, final_save)
 
 
@@ -195,12 +218,9 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
         ckpt.check_compatible(ckpt.saved_config(resume_from).model, cfg.model, resume_from)
 
     torch.manual_seed(cfg.trainer.seed)
-    model = GPT(cfg.model)
-    if cfg.trainer.activation_checkpointing:
-        model.enable_activation_checkpointing()
+    model = build_model(cfg)
     optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
-    if cfg.trainer.compile:
-        model = torch.compile(model)
+    model = compile_model(model, cfg.trainer)
     params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -294,7 +314,7 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
         finite, stop = step_flags(accelerator, grad_norm, preempt.requested)
         if not finite:
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=cfg.trainer.set_to_none)
             state.bad_steps += 1
             state.skipped_steps += 1
             if is_main:
@@ -314,7 +334,7 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
                 break
             continue
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=cfg.trainer.set_to_none)
         state.bad_steps = 0
         state.step += 1
         state.tokens += plan.tokens_per_step
@@ -406,9 +426,14 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    # The process's peak resident memory: VmHWM (which llmtrain-bench resets between runs)
+    # where Linux has it, else ru_maxrss (KiB on Linux).
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
     import resource
 
-    # ru_maxrss is KiB on Linux: the process's peak resident memory on CPU.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

@@ -49,6 +49,10 @@ CASES = {
     "fp16 on cpu": (["trainer.precision=fp16"], 1, "trainer.precision", {}),
     "nccl on cpu": (["dist.backend=nccl"], 1, "dist.backend", {}),
     "unknown backend": (["dist.backend=mpi"], 1, "dist.backend", {}),
+    "cuda attention kernel on cpu": (["trainer.attention=efficient"], 1, "trainer.attention", {}),
+    "unknown attention kernel": (["trainer.attention=sparse"], 1, "trainer.attention", {}),
+    "unknown compile mode": (["trainer.compile_mode=fast"], 1, "trainer.compile_mode", {}),
+    "negative loss chunk": (["trainer.loss_chunk=-1"], 1, "trainer.loss_chunk", {}),
     "zero timeout": (["dist.timeout_s=0"], 1, "dist.timeout_s", {}),
     "negative lr": (["optim.lr=-0.001"], 1, "optim.lr", {}),
     "wsd warmup into decay": (

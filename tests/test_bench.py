@@ -85,6 +85,27 @@ def test_record_and_baseline(shards, tmp_path, capsys):
     assert "vs bare" in capsys.readouterr().out
 
 
+def test_versus_times_the_change_alternating_with_the_run_without(shards, tmp_path, capsys):
+    """--versus: the before and after records of one invocation, the after one with the paired
+    speedup and memory ratio; the fused loss trains the same model, so the losses agree."""
+    out = tmp_path / "results.jsonl"
+    args = ["--steps", "2", "--warmup", "1", "--repeats", "2", "--out", str(out)]
+    main([*args, "--versus", "trainer.loss_chunk=16", *TINY, f"data.path={shards}"])
+    before, after = [json.loads(line) for line in out.read_text().splitlines()]
+    assert before["loss_chunk"] == 0 and after["loss_chunk"] == 16
+    assert "versus" not in before and after["versus"] == ["trainer.loss_chunk=16"]
+    assert len(before["step_times_s"]) == len(after["step_times_s"]) == 2
+    ratios = [b / a for b, a in zip(before["step_times_s"], after["step_times_s"], strict=True)]
+    assert after["speedup_paired"] == pytest.approx(sum(ratios) / 2)
+    assert before["peak_mem_gb"] > 0 and after["peak_mem_gb"] > 0
+    assert after["peak_mem_ratio"] == pytest.approx(after["peak_mem_gb"] / before["peak_mem_gb"])
+    assert after["loss_after"] == pytest.approx(after["loss_before"], rel=1e-5)
+    assert "vs before" in capsys.readouterr().out
+    md = tmp_path / "RESULTS.md"
+    write_table(out, md)
+    assert "without `trainer.loss_chunk=16`" in md.read_text()
+
+
 def test_step_hook_sees_every_step_and_final_save_can_be_skipped(shards, tmp_path):
     cfg = bench_config([*TINY, f"data.path={shards}"], steps=2, warmup=1)
     seen = []

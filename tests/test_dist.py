@@ -232,6 +232,20 @@ def test_mode_shards_matches_one_process_and_resumes_bitwise(mode, shards, refer
     assert [losses(resumed)[s] for s in (3, 4)] == [got[3], got[4]]  # bitwise
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["zero3", "fsdp2"])
+def test_chunked_loss_under_sharded_parameters_matches_one_process(
+    mode, shards, reference, tmp_path
+):
+    """The fused head reads lm_head.weight inside LMHead.forward, where ZeRO-3 and FSDP2 have
+    gathered it (tied to wte here); its gradient reaches the shards as the plain head's does."""
+    args = [f"data.path={shards}", f"dist={mode}", "trainer.max_steps=4", "trainer.loss_chunk=96"]
+    run(tmp_path, 2, tmp_path / "run", args)
+    got = losses(tmp_path / "run")
+    for step, loss in reference.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), (mode, step)
+
+
 def _tiny_model():
     from llmtrain.model import GPT
 

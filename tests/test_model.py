@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.config import CONF_DIR, ModelConfig, load_config
-from llmtrain.model import GPT, sample_next
+from llmtrain.model import GPT, attention_kernel, sample_next
 
 GPT2_TINY = ModelConfig(
     name="gpt2-tiny", n_layer=2, n_head=4, n_embd=32, context_length=32, vocab_size=100
@@ -261,6 +261,19 @@ def test_activation_checkpointing_same_loss_and_grads(cfg):
     torch.testing.assert_close(loss_a, loss_b)
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_attention_kernel_pins_one_kernel():
+    """trainer.attention: a named kernel is the only one allowed, so a call it cannot serve
+    fails instead of silently falling back (the efficient kernel has no CPU implementation)."""
+    q = torch.randn(1, 2, 8, 4)
+    want = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    for name in ("auto", "flash", "math"):
+        with attention_kernel(name):
+            got = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        torch.testing.assert_close(got, want)
+    with attention_kernel("efficient"), pytest.raises(RuntimeError, match="backend"):
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
 
 def test_param_groups_decay_matrices_only():

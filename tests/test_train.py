@@ -13,7 +13,7 @@ from tiny import TINY
 
 from llmtrain.checkpoint import latest_checkpoint, load_model
 from llmtrain.config import ConfigError, load_config
-from llmtrain.train import train
+from llmtrain.train import build_model, compile_model, train
 
 FAST = [
     *TINY,
@@ -146,14 +146,54 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert first["a"]["loss"] == pytest.approx(first["b"]["loss"], rel=1e-6)
     # The accumulated gradient equals the big batch's (its norm is logged before clipping).
     assert first["a"]["grad_norm"] == pytest.approx(first["b"]["grad_norm"], rel=1e-5)
-    model_a, _ = load_model(tmp_path / "a")
-    model_b, _ = load_model(tmp_path / "b")
-    # One AdamW step moves a weight by about lr = 3e-3; fp32 summation order may flip the
-    # direction of a handful of near-zero gradients' updates by ~1e-6, nothing near lr.
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The final checkpoints agree. One AdamW step moves a weight by about lr = 3e-3; fp32
+    summation order may flip the direction of a handful of near-zero gradients' updates by
+    ~1e-6, nothing near lr."""
+    model_a, _ = load_model(run_a)
+    model_b, _ = load_model(run_b)
     for (name, pa), pb in zip(
         model_a.state_dict().items(), model_b.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-5, msg=name)
+
+
+def test_speed_options_train_the_same_model(tmp_path):
+    """The issue-6 switches change how a step runs, not what it computes: the fused chunked
+    loss, a pinned attention kernel and zeroed (not freed) gradients give the plain run's
+    losses, gradient norms and weights."""
+    common = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=1000"]
+    fast = ["trainer.loss_chunk=100", "trainer.attention=math", "trainer.set_to_none=false"]
+    train(load_config(FAST + common), tmp_path / "plain")
+    train(load_config(FAST + common + fast), tmp_path / "fast")
+    plain, fast_ = records(tmp_path / "plain"), records(tmp_path / "fast")
+    for a, b in zip(plain, fast_, strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a["step"])
+    assert_same_weights(tmp_path / "plain", tmp_path / "fast")
+
+
+def test_compile_model_passes_the_mode(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = build_model(load_config(FAST + ["trainer.max_steps=1", "trainer.loss_chunk=64"]))
+    assert model.lm_head.loss_chunk == 64
+    for overrides, want in (
+        ([], []),
+        (["trainer.compile=true"], [{"mode": None}]),
+        (
+            ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"],
+            [{"mode": "reduce-overhead"}],
+        ),
+    ):
+        calls.clear()
+        cfg = load_config(FAST + ["trainer.max_steps=1", *overrides])
+        assert compile_model(model, cfg.trainer) is model
+        assert calls == want
 
 
 def test_resume_refuses_another_model_shape(tmp_path):
