@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -99,60 +100,80 @@ def bench_config(overrides: list[str], steps: int, warmup: int) -> TrainConfig:
 
 
 class StepClock:
-    """The step hook: device-synced wall time and cumulative data wait after every step."""
+    """The step hook: device-synced wall time and cumulative data wait after every step, and
+    the peak memory of the measured steps (reset at the end of warm-up, so neither setup,
+    compilation nor the run's final evaluation counts)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
         self.start: float | None = None
         self.ends: list[float] = []
         self.waits: list[float] = []
+        self.reset_s = 0.0
+        self.peak_gb = 0.0
 
     def __call__(self, state, throughput) -> None:
-        if self.cuda:
+        from llmtrain.train import peak_memory_gb
+
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         if self.start is None:  # the loop's Throughput is not reset before the first step
             self.start = throughput.start
         self.ends.append(time.perf_counter())
         self.waits.append(throughput.data_wait)
+        if len(self.ends) == self.warmup:
+            reset_peak(self.device, release_cache=False)
+            self.reset_s = time.perf_counter() - self.ends[-1]
+            self.ends[-1] += self.reset_s  # the reset belongs to no step
+        self.peak_gb = peak_memory_gb(self.device)
 
-    def summary(self, warmup: int) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         times = [b - a for a, b in zip([self.start, *self.ends], self.ends, strict=False)]
-        measured = times[warmup:]
-        window = self.ends[-1] - self.ends[warmup - 1]
+        times[self.warmup - 1] -= self.reset_s
+        measured = times[self.warmup :]
+        window = self.ends[-1] - self.ends[self.warmup - 1]
         return {
             "window_s": window,
             "step_time_s": window / len(measured),
             "step_time_p50_s": statistics.median(measured),
             "first_step_s": times[0],
-            "data_wait_frac": (self.waits[-1] - self.waits[warmup - 1]) / window,
+            "data_wait_frac": (self.waits[-1] - self.waits[self.warmup - 1]) / window,
             "times": measured,
+            "peak_mem_gb": self.peak_gb,
         }
 
 
-def reset_peak(device: torch.device) -> None:
-    gc.collect()
+def reset_peak(device: torch.device, release_cache: bool = True) -> None:
+    """Start a new peak-memory window. ``release_cache=False`` inside a timed loop: emptying
+    CUDA's cache there would make the next step pay for cudaMalloc again."""
+    if release_cache:
+        gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        if release_cache:
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    else:  # Linux: "5" resets the process's peak RSS (VmHWM), so each run reports its own
+    else:
+        # Linux with glibc: hand freed heap back to the OS, then reset the peak RSS (VmHWM,
+        # "5") to what is live, so the window reports its own peak.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
 
 
 def run_framework(cfg: TrainConfig, warmup: int, plan, device) -> dict[str, Any]:
     """One timed run of the real loop; its mean training loss comes from its own log record."""
-    from llmtrain.train import peak_memory_gb, train
+    from llmtrain.train import train
 
     reset_peak(device)
-    clock = StepClock(device)
+    clock = StepClock(device, warmup)
     with tempfile.TemporaryDirectory(prefix="llmtrain-bench-") as run_dir:
         train(cfg, Path(run_dir), step_hook=clock, final_save=False)
         metrics = Path(run_dir) / "metrics.jsonl"  # written by the main process only
         lines = metrics.read_text().splitlines() if metrics.exists() else []
     losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
     return {
-        **clock.summary(warmup),
-        "peak_mem_gb": peak_memory_gb(device),
+        **clock.summary(),
         "loss": losses[-1] if losses else None,
     }
 
@@ -183,7 +204,7 @@ def run_bare(cfg: TrainConfig, cpu_batches, warmup: int, plan, device) -> dict[s
     from llmtrain.dist import resolve_precision
     from llmtrain.model import attention_kernel
     from llmtrain.optim import build_optimizer, lr_at, set_lr
-    from llmtrain.train import build_model, compile_model, peak_memory_gb
+    from llmtrain.train import build_model, compile_model
 
     reset_peak(device)
     batches = [(x.to(device), y.to(device)) for x, y in cpu_batches]
@@ -195,7 +216,7 @@ def run_bare(cfg: TrainConfig, cpu_batches, warmup: int, plan, device) -> dict[s
     dtype = torch.bfloat16 if precision == "bf16" else None
     accum, clip, total = plan.grad_accum, cfg.optim.grad_clip or math.inf, plan.max_steps
     loss_sum = torch.zeros((), device=device)
-    clock, no_wait = StepClock(device), _NoWait()
+    clock, no_wait = StepClock(device, warmup), _NoWait()
     model.train()
     with attention_kernel(cfg.trainer.attention):
         for step in range(total):
@@ -211,9 +232,8 @@ def run_bare(cfg: TrainConfig, cpu_batches, warmup: int, plan, device) -> dict[s
             optimizer.zero_grad(set_to_none=cfg.trainer.set_to_none)
             clock(None, no_wait)
     loss = loss_sum.item() / (accum * total)
-    peak = peak_memory_gb(device)
     del model, optimizer, batches
-    return {**clock.summary(warmup), "peak_mem_gb": peak, "loss": loss}
+    return {**clock.summary(), "loss": loss}
 
 
 class _NoWait:
@@ -290,6 +310,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
         )
     if not args.versus:
         return [record]
+    record["before_of"] = list(args.versus)
     after = build_record(after_cfg, after_plan, runs["after"], **common)
     per_token = [t / plan.tokens_per_step for t in record["step_times_s"]]
     after_per_token = [t / after_plan.tokens_per_step for t in after["step_times_s"]]
@@ -367,7 +388,8 @@ def build_record(
         ),
         "data_wait_frac": statistics.median(x["data_wait_frac"] for x in framework),
         "peak_mem_gb": max(x["peak_mem_gb"] for x in framework),
-        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS",
+        "peak_mem_kind": ("cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS")
+        + ", measured steps",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),

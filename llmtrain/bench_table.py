@@ -87,6 +87,8 @@ def _compared(r: dict[str, Any]) -> str:
             f"without `{' '.join(r['versus'])}`: {r['speedup_paired']:.3f}x tokens/s, "
             f"{r['peak_mem_ratio']:.2f}x peak memory (paired)"
         )
+    if "before_of" in r:
+        return f"the next row with `{' '.join(r['before_of'])}` added"
     if r.get("overhead_vs_bare") is None:
         return ""
     return (
@@ -172,7 +174,8 @@ def render(records: list[dict[str, Any]]) -> str:
         out += ["", "Commands:", ""]
         for i, r in enumerate(records, 1):
             extra = f"torch {r['torch']}" + (f", CUDA {r['cuda']}" if r.get("cuda") else "")
-            extra += f", git {r.get('git_sha', 'unknown')[:10]}"
+            sha = r.get("git_sha", "unknown")
+            extra += f", git {sha[:10]}" + (" (edited)" if sha.endswith("-dirty") else "")
             if r.get("note") and "--note" not in r["command"]:
                 extra += f"; {r['note']}"
             out.append(f"{i}. `{r['command']}` ({extra})")

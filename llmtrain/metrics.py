@@ -80,18 +80,22 @@ def mfu(tokens_per_s: float, flops_token: float, peak_tflops: float | None) -> f
 
 
 def git_sha() -> str:
-    try:
+    """HEAD's commit, with "-dirty" when ``llmtrain/`` or ``conf/`` differ from it (a run of
+    edited code says so in its receipt); "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=5, check=True
         )
         return out.stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        edited = git("status", "--porcelain", "--untracked-files=no", "--", "llmtrain", "conf")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return sha + ("-dirty" if edited else "")
 
 
 def receipt() -> dict[str, str]:

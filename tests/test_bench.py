@@ -30,6 +30,7 @@ TINY = [
     "data.seq_len=32",
     "trainer.micro_batch_size=2",
     "trainer.batch_tokens=128",  # 2 micro-batches accumulated per step
+    "trainer.loss_chunk=0",
 ]
 REQUIRED = [
     "model",
@@ -93,7 +94,7 @@ def test_versus_times_the_change_alternating_with_the_run_without(shards, tmp_pa
     main([*args, "--versus", "trainer.loss_chunk=16", *TINY, f"data.path={shards}"])
     before, after = [json.loads(line) for line in out.read_text().splitlines()]
     assert before["loss_chunk"] == 0 and after["loss_chunk"] == 16
-    assert "versus" not in before and after["versus"] == ["trainer.loss_chunk=16"]
+    assert before["before_of"] == after["versus"] == ["trainer.loss_chunk=16"]
     assert len(before["step_times_s"]) == len(after["step_times_s"]) == 2
     ratios = [b / a for b, a in zip(before["step_times_s"], after["step_times_s"], strict=True)]
     assert after["speedup_paired"] == pytest.approx(sum(ratios) / 2)
@@ -104,6 +105,7 @@ def test_versus_times_the_change_alternating_with_the_run_without(shards, tmp_pa
     md = tmp_path / "RESULTS.md"
     write_table(out, md)
     assert "without `trainer.loss_chunk=16`" in md.read_text()
+    assert "the next row with `trainer.loss_chunk=16` added" in md.read_text()
 
 
 def test_step_hook_sees_every_step_and_final_save_can_be_skipped(shards, tmp_path):

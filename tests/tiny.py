@@ -8,4 +8,5 @@ TINY = [
     "model.n_embd=64",
     "data.seq_len=64",
     "trainer.micro_batch_size=4",
+    "trainer.loss_chunk=0",  # the plain head; tests of the fused loss turn it on
 ]
