@@ -104,8 +104,8 @@ class StepClock:
     the peak memory of the measured steps (reset at the end of warm-up, so neither setup,
     compilation nor the run's final evaluation counts)."""
 
-    def __init__(self, device: torch.device, warmup: int):
-        self.device, self.warmup = device, warmup
+    def __init__(self, device: torch.device, warmup: int, total: int):
+        self.device, self.warmup, self.total = device, warmup, total
         self.start: float | None = None
         self.ends: list[float] = []
         self.waits: list[float] = []
@@ -125,7 +125,8 @@ class StepClock:
             reset_peak(self.device, release_cache=False)
             self.reset_s = time.perf_counter() - self.ends[-1]
             self.ends[-1] += self.reset_s  # the reset belongs to no step
-        self.peak_gb = peak_memory_gb(self.device)
+        if len(self.ends) == self.total:  # before the run's final evaluation
+            self.peak_gb = peak_memory_gb(self.device)
 
     def summary(self) -> dict[str, Any]:
         times = [b - a for a, b in zip([self.start, *self.ends], self.ends, strict=False)]
@@ -166,7 +167,7 @@ def run_framework(cfg: TrainConfig, warmup: int, plan, device) -> dict[str, Any]
     from llmtrain.train import train
 
     reset_peak(device)
-    clock = StepClock(device, warmup)
+    clock = StepClock(device, warmup, plan.max_steps)
     with tempfile.TemporaryDirectory(prefix="llmtrain-bench-") as run_dir:
         train(cfg, Path(run_dir), step_hook=clock, final_save=False)
         metrics = Path(run_dir) / "metrics.jsonl"  # written by the main process only
@@ -216,7 +217,7 @@ def run_bare(cfg: TrainConfig, cpu_batches, warmup: int, plan, device) -> dict[s
     dtype = torch.bfloat16 if precision == "bf16" else None
     accum, clip, total = plan.grad_accum, cfg.optim.grad_clip or math.inf, plan.max_steps
     loss_sum = torch.zeros((), device=device)
-    clock, no_wait = StepClock(device, warmup), _NoWait()
+    clock, no_wait = StepClock(device, warmup, plan.max_steps), _NoWait()
     model.train()
     with attention_kernel(cfg.trainer.attention):
         for step in range(total):
@@ -261,7 +262,11 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
     if min(args.warmup, args.steps, args.repeats) < 1:
         raise ConfigError("--warmup, --steps and --repeats must each be at least 1")
     cfg = bench_config(args.overrides, args.steps, args.warmup)
-    after_cfg = bench_config([*args.overrides, *args.versus], args.steps, args.warmup)
+    after_cfg = (
+        bench_config([*args.overrides, *args.versus], args.steps, args.warmup)
+        if args.versus
+        else cfg
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan, after_plan = Plan.from_config(cfg, world), Plan.from_config(after_cfg, world)
     device = torch.device(resolve_device(cfg.trainer.device))
