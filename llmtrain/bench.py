@@ -113,7 +113,7 @@ class StepClock:
         self.peak_gb = 0.0
 
     def __call__(self, state, throughput) -> None:
-        from llmtrain.train import peak_memory_gb
+        from llmtrain.metrics import peak_memory_gb
 
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -205,7 +205,7 @@ def run_bare(cfg: TrainConfig, cpu_batches, warmup: int, plan, device) -> dict[s
     from llmtrain.dist import resolve_precision
     from llmtrain.model import attention_kernel
     from llmtrain.optim import build_optimizer, lr_at, set_lr
-    from llmtrain.train import build_model, compile_model
+    from llmtrain.run import build_model, compile_model
 
     reset_peak(device)
     batches = [(x.to(device), y.to(device)) for x, y in cpu_batches]
@@ -257,7 +257,7 @@ def command_line(argv: list[str] | None) -> str:
 def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, Any]]:
     """Run the loops, alternating; one record, or two with ``--versus`` (before, after)."""
     from llmtrain.dist import resolve_device, resolve_precision
-    from llmtrain.train import Plan
+    from llmtrain.run import Plan
 
     if min(args.warmup, args.steps, args.repeats) < 1:
         raise ConfigError("--warmup, --steps and --repeats must each be at least 1")

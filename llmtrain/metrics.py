@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from llmtrain.config import LoggerConfig, ModelConfig
 from llmtrain.integrity import write_atomic
@@ -77,6 +80,21 @@ def mfu(tokens_per_s: float, flops_token: float, peak_tflops: float | None) -> f
     if not peak_tflops:
         return None
     return tokens_per_s * flops_token / (peak_tflops * 1e12)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far, in GiB: allocated tensors on a GPU, resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # The process's peak resident memory: VmHWM (which llmtrain-bench resets between runs)
+    # where Linux has it, else ru_maxrss (KiB on Linux).
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def git_sha() -> str:

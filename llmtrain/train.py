@@ -7,13 +7,10 @@ accelerate launch --config_file launch/cpu.yaml -m llmtrain.train experiment=smo
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -26,81 +23,23 @@ from llmtrain.config import (
     CONF_DIR,
     ConfigError,
     TrainConfig,
-    TrainerConfig,
-    config_to_dict,
-    config_to_yaml,
     to_dataclass,
     validate,
     world_size_from_env,
 )
-from llmtrain.consolidate import load_data_state, load_state
-from llmtrain.data import DataError, build_dataloader
-from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch, process_scope
-from llmtrain.integrity import safe_loading
+from llmtrain.data import DataError
+from llmtrain.dist import process_scope
 from llmtrain.metrics import (
-    MetricsFile,
     Throughput,
-    build_logger,
     console_line,
-    device_peak_tflops,
     flops_per_token,
     mfu,
+    peak_memory_gb,
     perplexity,
-    receipt,
 )
-from llmtrain.model import GPT, attention_kernel
+from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
-from llmtrain.tokenizer import get_tokenizer
-
-
-class _QuietAccelerate(logging.Filter):
-    """Accelerate logs every file a save writes at INFO, and warns that the tied lm_head was
-    dropped from model.safetensors (load_model re-ties it); the checkpoint line says enough."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.WARNING or (
-            record.levelno == logging.WARNING and "shared tensor" not in record.getMessage()
-        )
-
-
-for _name in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils.other"):
-    logging.getLogger(_name).addFilter(_QuietAccelerate())
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The numbers derived from the config, printed at startup."""
-
-    world_size: int
-    micro_batch: int
-    seq_len: int
-    grad_accum: int
-    tokens_per_step: int
-    max_steps: int
-
-    @classmethod
-    def from_config(cls, cfg: TrainConfig, world_size: int) -> Plan:
-        t, seq = cfg.trainer, cfg.data.seq_len
-        accum = t.batch_tokens // (t.micro_batch_size * seq * world_size)
-        steps = t.max_steps or math.ceil(t.max_tokens / t.batch_tokens)
-        return cls(world_size, t.micro_batch_size, seq, accum, t.batch_tokens, steps)
-
-
-def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, device) -> str:
-    fpt = flops_per_token(cfg.model, plan.seq_len)
-    return "\n".join(
-        [
-            f"llmtrain | run dir {run_dir}",
-            f"  model      {params}",
-            f"  data       {cfg.data.name}, seq_len {plan.seq_len}, tokenizer {cfg.data.tokenizer}",
-            f"  batch      {plan.micro_batch} seq x {plan.seq_len} tok x {plan.grad_accum} accum x "
-            f"{plan.world_size} proc = {plan.tokens_per_step:,} tokens/step",
-            f"  horizon    {plan.max_steps:,} steps = "
-            f"{plan.max_steps * plan.tokens_per_step:,} tokens",
-            f"  compute    {fpt / 1e6:.1f} MFLOPs/token, {fpt * plan.tokens_per_step / 1e12:.2f} "
-            f"TFLOPs/step; device {device}, dist {cfg.dist.mode}",
-        ]
-    )
+from llmtrain.run import Run, setup
 
 
 def batches(loader, stats: Throughput):
@@ -144,24 +83,6 @@ def evaluate(model, accelerator, val_loader, n_batches: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def build_model(cfg: TrainConfig) -> GPT:
-    """``GPT(cfg.model)`` with the trainer's memory options: activation checkpointing and the
-    fused, chunked loss."""
-    model = GPT(cfg.model)
-    if cfg.trainer.activation_checkpointing:
-        model.enable_activation_checkpointing()
-    if cfg.trainer.loss_chunk:
-        model.enable_chunked_loss(cfg.trainer.loss_chunk)
-    return model
-
-
-def compile_model(model: torch.nn.Module, t: TrainerConfig) -> torch.nn.Module:
-    """``torch.compile`` when trainer.compile is set (mode trainer.compile_mode), else model."""
-    if not t.compile:
-        return model
-    return torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
-
-
 def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> str:
     """A few generated tokens, so a user sees the model learn; its own RNG, never training's."""
     t = cfg.trainer
@@ -195,106 +116,78 @@ def train(
         return _train(cfg, run_dir, preempt, step_hook, final_save)
 
 
-def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckpt.TrainerState:
-    world = world_size_from_env()
-    check_launch(cfg, world)
-    plan = Plan.from_config(cfg, world)
-    # Checked before any process group starts: a failing rank 0 then costs seconds, not a hang.
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-            f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens"
+def skip_step(run: Run) -> None:
+    """A non-finite gradient norm: drop the step's gradients and count it; after
+    trainer.max_bad_steps in a row, stop with ``ckpt.Diverged``."""
+    state = run.state
+    run.optimizer.zero_grad(set_to_none=run.cfg.trainer.set_to_none)
+    state.bad_steps += 1
+    state.skipped_steps += 1
+    run.say(
+        f"step {state.step + 1}: non-finite gradient norm, step skipped "
+        f"({state.bad_steps} in a row)"
+    )
+    if state.bad_steps >= run.cfg.trainer.max_bad_steps:
+        last = ckpt.latest_checkpoint(run.ckpt_root)
+        raise ckpt.Diverged(
+            f"{state.bad_steps} consecutive non-finite steps; stopping. The last good "
+            f"checkpoint is {last or 'none (no checkpoint was written)'}; lower "
+            f"optim.lr or check the data, then resume from it."
         )
-    if int(os.environ.get("RANK", "0")) == 0:  # other ranks learn the run dir by broadcast
-        ckpt.preflight_resume(cfg, run_dir)
-    accelerator = build_accelerator(cfg, plan.grad_accum)
-    is_main, rank = accelerator.is_main_process, accelerator.process_index
-    run_dir = Path(accelerator_broadcast(accelerator, str(run_dir.resolve())))
-    ckpt_root = run_dir / "checkpoints"
-    # Verified against its manifest; trainer.resume=auto falls back past damaged checkpoints.
-    resume_from = ckpt.choose_resume(cfg.trainer.resume, ckpt_root)
-    if resume_from is not None:
-        ckpt.check_compatible(ckpt.saved_config(resume_from).model, cfg.model, resume_from)
 
-    torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg)
-    optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
-    model = compile_model(model, cfg.trainer)
-    params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders
-    model, optimizer = accelerator.prepare(model, optimizer)
 
-    loader_args = dict(
-        batch_size=plan.micro_batch, rank=rank, world_size=world, seed=cfg.trainer.seed
+def log_train(
+    run: Run, loss_sum: torch.Tensor, steps: int, lr: float, grad_norm, throughput: Throughput
+) -> None:
+    """The log interval's mean training loss (averaged over ranks: the interval's one extra
+    host sync), perplexity, throughput and MFU."""
+    plan, state = run.plan, run.state
+    loss = run.accelerator.reduce(loss_sum, reduction="mean").item() / (plan.grad_accum * steps)
+    tok_s, wait = throughput.read()
+    fpt = flops_per_token(run.cfg.model, plan.seq_len)
+    record = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "loss": loss,
+        "ppl": perplexity(loss),
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": tok_s,
+        "mfu": mfu(tok_s / plan.world_size, fpt, run.peak_tflops),
+        "peak_mem_gb": peak_memory_gb(run.accelerator.device),
+        "data_wait": wait,
+        "skipped_steps": state.skipped_steps,
+    }
+    steps_done = max(1, state.step - run.start_step)
+    eta = (time.perf_counter() - run.started) / steps_done * (plan.max_steps - state.step)
+    run.log(record, console_line(record, plan.max_steps, eta))
+
+
+def log_eval(run: Run) -> None:
+    """Validation loss and perplexity, then a generated sample when trainer.sample_every says."""
+    t, state = run.cfg.trainer, run.state
+    val_loss = evaluate(run.model, run.accelerator, run.val_loader, t.eval_batches)
+    val_ppl = perplexity(val_loss)
+    run.log(
+        {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": val_ppl},
+        f"eval step {state.step}: val_loss {val_loss:.4f} | val_ppl {val_ppl:.2f}",
     )
-    train_loader = build_dataloader(cfg.data, tokenizer, split="train", **loader_args)
-    val_loader = build_dataloader(cfg.data, tokenizer, split="val", **loader_args)
-    for _ in val_loader:  # an empty validation split fails now (DataError), not at the first eval
-        break
+    if t.sample_every and (state.step % t.sample_every == 0 or state.step == run.plan.max_steps):
+        text = sample_text(run.model, run.accelerator, run.tokenizer, run.cfg, t.seed)
+        run.say(f"sample: {text!r}")
 
-    state = ckpt.TrainerState(world_size=world)
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from)
-        # Both reshard when the checkpoint was written by another number of processes; nothing
-        # in the checkpoint is unpickled beyond tensors and plain containers.
-        with safe_loading(resume_from):
-            data_state = load_data_state(resume_from, rank, world, state.world_size)
-            train_loader.load_state_dict(data_state)
-            load_state(accelerator, model, resume_from, state.world_size, cfg.dist.mode)
-        state.world_size = world
 
-    cfg_dict, run_receipt = config_to_dict(cfg), receipt()
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = MetricsFile(
-        run_dir / "metrics.jsonl" if is_main else None,
-        resumed_at=state.step if resume_from is not None else None,
-    )
-    logger = build_logger(cfg.logger, run_dir, {**cfg_dict, "receipt": run_receipt}, is_main)
-    if is_main:
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        print(startup_report(cfg, plan, params, run_dir, accelerator.device), flush=True)
-        if resume_from is not None:
-            print(f"  resumed    from {resume_from} at step {state.step}", flush=True)
-
-    peak = device_peak_tflops(
-        torch.cuda.get_device_name() if accelerator.device.type == "cuda" else None
-    )
-    if is_main and peak is None:
-        print("  mfu        n/a: no bf16 peak known for this device (see metrics.py)", flush=True)
-    fpt = flops_per_token(cfg.model, plan.seq_len)
+def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckpt.TrainerState:
+    run = setup(cfg, run_dir)
+    t, plan, state = cfg.trainer, run.plan, run.state
+    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
     clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, never clip
     throughput = Throughput()
-    stream = batches(train_loader, throughput)
+    stream = batches(run.train_loader, throughput)
     loss_sum = torch.zeros((), device=accelerator.device)  # summed over the log interval
     step_loss = torch.zeros((), device=accelerator.device)
-    interval_steps = 0
-    started, start_step, last_saved = time.perf_counter(), state.step, state.step
+    interval_steps, last_saved = 0, state.step
     model.train()
-
-    def save(final: bool = False) -> Path | None:
-        """A failed write stops the run unless trainer.on_save_error=continue (never the last
-        save); NaN weights are never saved (ckpt.Diverged)."""
-        try:
-            path = ckpt.save_checkpoint(
-                accelerator,
-                ckpt_root,
-                state,
-                train_loader.state_dict(),
-                cfg,
-                run_receipt,
-                cfg.trainer.keep_last,
-                model=model,
-            )
-        except ckpt.SaveError as e:
-            if final or cfg.trainer.on_save_error == "stop":
-                raise
-            if is_main:
-                print(f"warning: {e} Continuing (trainer.on_save_error=continue).", flush=True)
-            return None
-        if is_main:
-            print(f"checkpoint {path}", flush=True)
-        return path
 
     stop = False  # a preemption signal reached some rank
     while state.step < plan.max_steps:
@@ -314,27 +207,12 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
         finite, stop = step_flags(accelerator, grad_norm, preempt.requested)
         if not finite:
-            optimizer.zero_grad(set_to_none=cfg.trainer.set_to_none)
-            state.bad_steps += 1
-            state.skipped_steps += 1
-            if is_main:
-                print(
-                    f"step {state.step + 1}: non-finite gradient norm, step skipped "
-                    f"({state.bad_steps} in a row)",
-                    flush=True,
-                )
-            if state.bad_steps >= cfg.trainer.max_bad_steps:
-                last = ckpt.latest_checkpoint(ckpt_root)
-                raise ckpt.Diverged(
-                    f"{state.bad_steps} consecutive non-finite steps; stopping. The last good "
-                    f"checkpoint is {last or 'none (no checkpoint was written)'}; lower "
-                    f"optim.lr or check the data, then resume from it."
-                )
+            skip_step(run)  # raises ckpt.Diverged after trainer.max_bad_steps in a row
             if stop:
                 break
             continue
         optimizer.step()
-        optimizer.zero_grad(set_to_none=cfg.trainer.set_to_none)
+        optimizer.zero_grad(set_to_none=t.set_to_none)
         state.bad_steps = 0
         state.step += 1
         state.tokens += plan.tokens_per_step
@@ -344,106 +222,42 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
         if step_hook is not None:
             step_hook(state, throughput)
 
-        if state.step % cfg.trainer.log_every == 0 or state.step == plan.max_steps:
-            loss_sum = accelerator.reduce(loss_sum, reduction="mean")
-            loss_val = loss_sum.item() / (plan.grad_accum * interval_steps)
-            tok_s, wait = throughput.read()
-            record = {
-                "step": state.step,
-                "tokens": state.tokens,
-                "loss": loss_val,
-                "ppl": perplexity(loss_val),
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tok_s,
-                "mfu": mfu(tok_s / world, fpt, peak),
-                "peak_mem_gb": peak_memory_gb(accelerator.device),
-                "data_wait": wait,
-                "skipped_steps": state.skipped_steps,
-            }
-            metrics_file.write(record)
-            logger.log(record, step=state.step)
-            if is_main:
-                elapsed = time.perf_counter() - started
-                eta = elapsed / max(1, state.step - start_step) * (plan.max_steps - state.step)
-                print(console_line(record, plan.max_steps, eta), flush=True)
+        last = state.step == plan.max_steps
+        if state.step % t.log_every == 0 or last:
+            log_train(run, loss_sum, interval_steps, lr, grad_norm, throughput)
             loss_sum.zero_()
             interval_steps = 0
             throughput.reset()
-
-        if state.step % cfg.trainer.eval_every == 0 or state.step == plan.max_steps:
-            val_loss = evaluate(model, accelerator, val_loader, cfg.trainer.eval_batches)
-            record = {
-                "step": state.step,
-                "tokens": state.tokens,
-                "val_loss": val_loss,
-                "val_ppl": perplexity(val_loss),
-            }
-            metrics_file.write(record)
-            logger.log(record, step=state.step)
-            if is_main:
-                print(
-                    f"eval step {state.step}: val_loss {val_loss:.4f} | "
-                    f"val_ppl {record['val_ppl']:.2f}",
-                    flush=True,
-                )
-            every = cfg.trainer.sample_every
-            if every and (state.step % every == 0 or state.step == plan.max_steps):
-                text = sample_text(model, accelerator, tokenizer, cfg, cfg.trainer.seed)
-                if is_main:
-                    print(f"sample: {text!r}", flush=True)
+        if state.step % t.eval_every == 0 or last:
+            log_eval(run)
             throughput.reset()
-
-        if state.step % cfg.trainer.ckpt_every == 0:
-            if save() is not None:
+        if state.step % t.ckpt_every == 0:
+            if run.save() is not None:
                 last_saved = state.step
             throughput.reset()
         if stop:
             break
 
     stop = stop and state.step < plan.max_steps  # a signal on the last step: the run is done
-    saved = ckpt.latest_checkpoint(ckpt_root) if last_saved == state.step else None
+    saved = ckpt.latest_checkpoint(run.ckpt_root) if last_saved == state.step else None
     if stop and saved is None:
         try:  # the previous checkpoint is intact if this fails; a requeue resumes from it
-            saved = save(final=True)
+            saved = run.save(final=True)
         except ckpt.SaveError as e:
-            if is_main:
+            if run.is_main:
                 print(f"error: {e}", file=sys.stderr, flush=True)
     elif final_save and last_saved != state.step:
-        save(final=True)
-    metrics_file.close()
-    logger.finish()
+        run.save(final=True)
+    run.metrics_file.close()
+    run.logger.finish()
     accelerator.end_training()
     if stop:
-        saved = saved or ckpt.latest_checkpoint(ckpt_root) or "the start (no checkpoint)"
+        saved = saved or ckpt.latest_checkpoint(run.ckpt_root) or "the start (no checkpoint)"
         raise ckpt.Preempted(
             f"stopped by {preempt.signal or 'a signal to another rank'} after step {state.step}; "
             f"trainer.resume=auto resumes from {saved}"
         )
     return state
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # The process's peak resident memory: VmHWM (which llmtrain-bench resets between runs)
-    # where Linux has it, else ru_maxrss (KiB on Linux).
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def accelerator_broadcast(accelerator, value: str) -> str:
-    """Rank 0's value on every rank (the run dir is chosen once, by the main process)."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
 
 
 def _exit(code: int, what: str, error: Exception) -> None:

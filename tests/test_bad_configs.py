@@ -9,6 +9,7 @@ import json
 import pytest
 from tiny import TINY
 
+import llmtrain.run as run_mod
 import llmtrain.train as train_mod
 from llmtrain.config import ConfigError, config_to_yaml, load_config
 
@@ -108,7 +109,7 @@ def test_bad_config_is_refused_before_any_process_group(case, tmp_path, monkeypa
     def no_process_group(*args, **kwargs):
         raise AssertionError("a process group was about to start")
 
-    monkeypatch.setattr(train_mod, "build_accelerator", no_process_group)
+    monkeypatch.setattr(run_mod, "build_accelerator", no_process_group)
     with pytest.raises(ConfigError) as e:
         train_mod.train(load_config([*BASE, *overrides], world_size=world), run_dir)
     assert key in str(e.value)

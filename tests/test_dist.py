@@ -138,11 +138,12 @@ def shards(tmp_path_factory) -> Path:
 
 def _train(run_dir: str, overrides: list[str]) -> dict:
     """Runs in each worker: train, then report what this rank stored and saw."""
+    import llmtrain.run as run_mod
     import llmtrain.train as train_mod
     from llmtrain.dist import local_numel
 
     seen = {}
-    build = train_mod.build_accelerator
+    build = run_mod.build_accelerator
 
     def spy(*args, **kwargs):
         acc = seen["acc"] = build(*args, **kwargs)
@@ -155,7 +156,7 @@ def _train(run_dir: str, overrides: list[str]) -> dict:
         acc.prepare = keep
         return acc
 
-    train_mod.build_accelerator = spy
+    run_mod.build_accelerator = spy
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     train_mod.train(load_config(FAST + overrides), Path(run_dir))
     acc = seen["acc"]

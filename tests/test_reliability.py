@@ -24,6 +24,7 @@ import pytest
 import torch
 from tiny import TINY
 
+import llmtrain.run as run_mod
 import llmtrain.train as train_mod
 from llmtrain import checkpoint as ckpt
 from llmtrain.config import DataConfig, load_config
@@ -320,7 +321,7 @@ def poisoned_model(monkeypatch, bad_calls: set[int]) -> None:
     """The training forward returns a NaN loss on the given (1-based) calls."""
     calls = [0]
 
-    class Poisoned(train_mod.GPT):
+    class Poisoned(run_mod.GPT):
         def forward(self, idx, targets=None, **kwargs):
             logits, loss = super().forward(idx, targets, **kwargs)
             if self.training:
@@ -329,7 +330,7 @@ def poisoned_model(monkeypatch, bad_calls: set[int]) -> None:
                     loss = loss * float("nan")
             return logits, loss
 
-    monkeypatch.setattr(train_mod, "GPT", Poisoned)
+    monkeypatch.setattr(run_mod, "GPT", Poisoned)
 
 
 @pytest.mark.parametrize("dist", ["single", "zero2", "zero3"])
@@ -356,7 +357,7 @@ def test_k_bad_steps_in_a_row_stop_naming_the_last_good_checkpoint(tmp_path, mon
 
 def test_nan_weights_are_never_saved(tmp_path, monkeypatch):
     """Finite gradients, but an update that leaves a NaN in the weights (step 3)."""
-    build = train_mod.build_dist_optimizer
+    build = run_mod.build_dist_optimizer
 
     def poisoning_optimizer(model, cfg, device_type):
         opt = build(model, cfg, device_type)
@@ -373,7 +374,7 @@ def test_nan_weights_are_never_saved(tmp_path, monkeypatch):
         opt.step = poisoned_step
         return opt
 
-    monkeypatch.setattr(train_mod, "build_dist_optimizer", poisoning_optimizer)
+    monkeypatch.setattr(run_mod, "build_dist_optimizer", poisoning_optimizer)
     with pytest.raises(ckpt.Diverged, match="transformer.ln_f.weight") as e:
         train_mod.train(config(4, "trainer.ckpt_every=1"), tmp_path)
     root = tmp_path / "checkpoints"

@@ -13,7 +13,7 @@ from tiny import TINY
 
 from llmtrain.checkpoint import latest_checkpoint, load_model
 from llmtrain.config import ConfigError, load_config
-from llmtrain.train import build_model, compile_model, train
+from llmtrain.train import train
 
 FAST = [
     *TINY,
@@ -175,25 +175,6 @@ def test_speed_options_train_the_same_model(tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a["step"])
     assert_same_weights(tmp_path / "plain", tmp_path / "fast")
-
-
-def test_compile_model_passes_the_mode(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
-    model = build_model(load_config(FAST + ["trainer.max_steps=1", "trainer.loss_chunk=64"]))
-    assert model.lm_head.loss_chunk == 64
-    for overrides, want in (
-        ([], []),
-        (["trainer.compile=true"], [{"mode": None}]),
-        (
-            ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"],
-            [{"mode": "reduce-overhead"}],
-        ),
-    ):
-        calls.clear()
-        cfg = load_config(FAST + ["trainer.max_steps=1", *overrides])
-        assert compile_model(model, cfg.trainer) is model
-        assert calls == want
 
 
 def test_resume_refuses_another_model_shape(tmp_path):

@@ -1,0 +1,251 @@
+"""Setting a run up: the numbers derived from the config, the model, the accelerator, the
+loaders, a restored checkpoint, and the records the loop writes (``Run``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain import checkpoint as ckpt
+from llmtrain.config import (
+    ConfigError,
+    TrainConfig,
+    TrainerConfig,
+    config_to_dict,
+    config_to_yaml,
+    world_size_from_env,
+)
+from llmtrain.consolidate import load_data_state, load_state
+from llmtrain.data import build_dataloader
+from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
+from llmtrain.integrity import safe_loading
+from llmtrain.metrics import (
+    MetricsFile,
+    build_logger,
+    device_peak_tflops,
+    flops_per_token,
+    receipt,
+)
+from llmtrain.model import GPT
+from llmtrain.tokenizer import get_tokenizer
+
+
+class _QuietAccelerate(logging.Filter):
+    """Accelerate logs every file a save writes at INFO, and warns that the tied lm_head was
+    dropped from model.safetensors (load_model re-ties it); the checkpoint line says enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or (
+            record.levelno == logging.WARNING and "shared tensor" not in record.getMessage()
+        )
+
+
+for _name in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils.other"):
+    logging.getLogger(_name).addFilter(_QuietAccelerate())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The numbers derived from the config, printed at startup."""
+
+    world_size: int
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    tokens_per_step: int
+    max_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, world_size: int) -> Plan:
+        t, seq = cfg.trainer, cfg.data.seq_len
+        accum = t.batch_tokens // (t.micro_batch_size * seq * world_size)
+        steps = t.max_steps or math.ceil(t.max_tokens / t.batch_tokens)
+        return cls(world_size, t.micro_batch_size, seq, accum, t.batch_tokens, steps)
+
+
+def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, device) -> str:
+    fpt = flops_per_token(cfg.model, plan.seq_len)
+    return "\n".join(
+        [
+            f"llmtrain | run dir {run_dir}",
+            f"  model      {params}",
+            f"  data       {cfg.data.name}, seq_len {plan.seq_len}, tokenizer {cfg.data.tokenizer}",
+            f"  batch      {plan.micro_batch} seq x {plan.seq_len} tok x {plan.grad_accum} accum x "
+            f"{plan.world_size} proc = {plan.tokens_per_step:,} tokens/step",
+            f"  horizon    {plan.max_steps:,} steps = "
+            f"{plan.max_steps * plan.tokens_per_step:,} tokens",
+            f"  compute    {fpt / 1e6:.1f} MFLOPs/token, {fpt * plan.tokens_per_step / 1e12:.2f} "
+            f"TFLOPs/step; device {device}, dist {cfg.dist.mode}",
+        ]
+    )
+
+
+def build_model(cfg: TrainConfig) -> GPT:
+    """``GPT(cfg.model)`` with the trainer's memory options: activation checkpointing and the
+    fused, chunked loss."""
+    model = GPT(cfg.model)
+    if cfg.trainer.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    if cfg.trainer.loss_chunk:
+        model.enable_chunked_loss(cfg.trainer.loss_chunk)
+    return model
+
+
+def compile_model(model: torch.nn.Module, t: TrainerConfig) -> torch.nn.Module:
+    """``torch.compile`` when trainer.compile is set (mode trainer.compile_mode), else model."""
+    if not t.compile:
+        return model
+    return torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
+
+
+@dataclass
+class Run:
+    """What ``setup`` builds and the loop uses: the prepared model and optimizer, the loaders,
+    the trainer state, and where the run's records go."""
+
+    cfg: TrainConfig
+    plan: Plan
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    tokenizer: Any
+    train_loader: Any
+    val_loader: Any
+    state: ckpt.TrainerState
+    run_dir: Path
+    receipt: dict[str, Any]
+    metrics_file: MetricsFile
+    logger: Any
+    peak_tflops: float | None  # the device's dense bf16 peak, None where unknown (no MFU)
+    start_step: int  # the step this process started (or resumed) at: the ETA's baseline
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def say(self, text: str) -> None:
+        """A console line, from the main process only."""
+        if self.is_main:
+            print(text, flush=True)
+
+    def log(self, record: dict[str, Any], line: str) -> None:
+        """One record to metrics.jsonl and the logger, and its console line."""
+        self.metrics_file.write(record)
+        self.logger.log(record, step=record["step"])
+        self.say(line)
+
+    def save(self, final: bool = False) -> Path | None:
+        """A failed write stops the run unless trainer.on_save_error=continue (never the last
+        save); NaN weights are never saved (ckpt.Diverged)."""
+        try:
+            path = ckpt.save_checkpoint(
+                self.accelerator,
+                self.ckpt_root,
+                self.state,
+                self.train_loader.state_dict(),
+                self.cfg,
+                self.receipt,
+                self.cfg.trainer.keep_last,
+                model=self.model,
+            )
+        except ckpt.SaveError as e:
+            if final or self.cfg.trainer.on_save_error == "stop":
+                raise
+            self.say(f"warning: {e} Continuing (trainer.on_save_error=continue).")
+            return None
+        self.say(f"checkpoint {path}")
+        return path
+
+
+def setup(cfg: TrainConfig, run_dir: Path) -> Run:
+    """Check the launch, build the accelerator, model, optimizer and loaders, restore a
+    checkpoint when resuming, and open the run's records."""
+    world = world_size_from_env()
+    check_launch(cfg, world)
+    plan = Plan.from_config(cfg, world)
+    # Checked before any process group starts: a failing rank 0 then costs seconds, not a hang.
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+            f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:  # other ranks learn the run dir by broadcast
+        ckpt.preflight_resume(cfg, run_dir)
+    accelerator = build_accelerator(cfg, plan.grad_accum)
+    is_main, rank = accelerator.is_main_process, accelerator.process_index
+    run_dir = Path(accelerator_broadcast(accelerator, str(run_dir.resolve())))
+    # Verified against its manifest; trainer.resume=auto falls back past damaged checkpoints.
+    resume_from = ckpt.choose_resume(cfg.trainer.resume, run_dir / "checkpoints")
+    if resume_from is not None:
+        ckpt.check_compatible(ckpt.saved_config(resume_from).model, cfg.model, resume_from)
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg)
+    optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
+    model = compile_model(model, cfg.trainer)
+    params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    loader_args = dict(
+        batch_size=plan.micro_batch, rank=rank, world_size=world, seed=cfg.trainer.seed
+    )
+    train_loader = build_dataloader(cfg.data, tokenizer, split="train", **loader_args)
+    val_loader = build_dataloader(cfg.data, tokenizer, split="val", **loader_args)
+    for _ in val_loader:  # an empty validation split fails now (DataError), not at the first eval
+        break
+
+    state = ckpt.TrainerState(world_size=world)
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(resume_from)
+        # Both reshard when the checkpoint was written by another number of processes; nothing
+        # in the checkpoint is unpickled beyond tensors and plain containers.
+        with safe_loading(resume_from):
+            data_state = load_data_state(resume_from, rank, world, state.world_size)
+            train_loader.load_state_dict(data_state)
+            load_state(accelerator, model, resume_from, state.world_size, cfg.dist.mode)
+        state.world_size = world
+
+    cfg_dict, run_receipt = config_to_dict(cfg), receipt()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    metrics_file = MetricsFile(
+        run_dir / "metrics.jsonl" if is_main else None,
+        resumed_at=state.step if resume_from is not None else None,
+    )
+    logger = build_logger(cfg.logger, run_dir, {**cfg_dict, "receipt": run_receipt}, is_main)
+    peak = device_peak_tflops(
+        torch.cuda.get_device_name() if accelerator.device.type == "cuda" else None
+    )
+    run = Run(
+        cfg, plan, accelerator, model, optimizer, tokenizer, train_loader, val_loader, state,
+        run_dir, run_receipt, metrics_file, logger, peak, state.step,
+    )  # fmt: skip
+    run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
+    if resume_from is not None:
+        run.say(f"  resumed    from {resume_from} at step {state.step}")
+    if peak is None:
+        run.say("  mfu        n/a: no bf16 peak known for this device (see metrics.py)")
+    return run
+
+
+def accelerator_broadcast(accelerator, value: str) -> str:
+    """Rank 0's value on every rank (the run dir is chosen once, by the main process)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]

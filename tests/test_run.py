@@ -1,0 +1,76 @@
+"""Setting a run up: the derived numbers printed at startup, and the model the config builds."""
+
+import pytest
+import torch
+from tiny import TINY
+
+from llmtrain.config import load_config
+from llmtrain.run import Plan, build_model, compile_model, startup_report
+
+FAST = [*TINY, "trainer.max_steps=1"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "accum", "steps"),
+    [
+        # 4 sequences x 64 tokens = 256 tokens per micro-batch and process
+        (["trainer.batch_tokens=1024", "trainer.max_steps=7"], 1, 4, 7),
+        (["trainer.batch_tokens=1024", "trainer.max_steps=7"], 2, 2, 7),
+        (
+            ["trainer.batch_tokens=1024", "trainer.max_steps=null", "trainer.max_tokens=10000"],
+            1,
+            4,
+            10,
+        ),
+        (
+            ["trainer.batch_tokens=512", "trainer.max_steps=null", "trainer.max_tokens=1024"],
+            2,
+            1,
+            2,
+        ),
+    ],
+)
+def test_plan_derives_accumulation_and_horizon_from_tokens(overrides, world, accum, steps):
+    """Batch and horizon are given in tokens; accumulation = batch tokens / (micro-batch x
+    context length x processes), and a token horizon rounds up to whole steps."""
+    cfg = load_config([*TINY, *overrides], world_size=world)
+    plan = Plan.from_config(cfg, world)
+    assert (plan.micro_batch, plan.seq_len, plan.world_size) == (4, 64, world)
+    assert plan.grad_accum == accum
+    assert plan.tokens_per_step == plan.micro_batch * plan.seq_len * accum * world
+    assert plan.max_steps == steps
+
+
+def test_startup_report_prints_the_derived_numbers(tmp_path):
+    cfg = load_config([*TINY, "trainer.batch_tokens=1024", "trainer.max_steps=7"])
+    text = startup_report(cfg, Plan.from_config(cfg, 1), "1.2M params", tmp_path, "cpu")
+    assert f"run dir {tmp_path}" in text
+    assert "4 seq x 64 tok x 4 accum x 1 proc = 1,024 tokens/step" in text
+    assert "7 steps = 7,168 tokens" in text
+    assert "device cpu, dist single" in text
+
+
+def test_build_model_applies_the_trainer_options():
+    plain = build_model(load_config(FAST))
+    assert not plain.activation_checkpointing and plain.lm_head.loss_chunk == 0
+    cfg = load_config([*FAST, "trainer.activation_checkpointing=true", "trainer.loss_chunk=64"])
+    model = build_model(cfg)
+    assert model.activation_checkpointing and model.lm_head.loss_chunk == 64
+
+
+def test_compile_model_passes_the_mode(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = build_model(load_config(FAST))
+    for overrides, want in (
+        ([], []),
+        (["trainer.compile=true"], [{"mode": None}]),
+        (
+            ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"],
+            [{"mode": "reduce-overhead"}],
+        ),
+    ):
+        calls.clear()
+        cfg = load_config([*FAST, *overrides])
+        assert compile_model(model, cfg.trainer) is model
+        assert calls == want
