@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from test_model import GPT2_TINY, LLAMA_TINY, TINY, build, tokens
 
+from llmtrain import loss as loss_mod
 from llmtrain.loss import chunked_lm_loss
 
 
@@ -65,6 +66,44 @@ def test_bf16_autocast_matches_the_plain_head():
     for a, b in zip(plain, fused, strict=True):
         assert b.dtype == torch.float32
         assert (a - b).abs().max() <= 0.02 * a.abs().max()  # a few bf16 ulps of the largest
+
+
+@pytest.mark.parametrize("vocab", [50, 64])  # padded columns, and none
+def test_pure_and_in_place_terms_agree(vocab):
+    """The compiled form (no mutation) and the eager form (reusing the logits' memory) give the
+    same loss share and logit gradient, and the in-place one really overwrites its input."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 64, generator=g)
+    t_c = torch.randint(0, vocab, (9, 1), generator=g)
+    w_c = torch.rand(9, 1, generator=g)
+    pure_loss, pure_grad = loss_mod._terms_pure(logits, t_c, w_c, vocab)
+    original = logits.clone()
+    loss, grad = loss_mod._terms_in_place(logits, t_c, w_c, vocab)
+    assert grad.data_ptr() == logits.data_ptr() and not torch.equal(logits, original)
+    torch.testing.assert_close(loss, pure_loss)
+    torch.testing.assert_close(grad, pure_grad)
+    assert torch.count_nonzero(grad[:, vocab:]) == 0  # padding columns get no gradient
+
+
+def test_compiled_loss_is_one_graph_of_pure_ops(monkeypatch):
+    """Under torch.compile the loss traces whole (fullgraph: no graph break) through the pure
+    form, forward and backward (aot_eager runs AOT autograd without inductor's C++ build)."""
+
+    def in_place(*args):
+        raise AssertionError("the in-place form was traced under torch.compile")
+
+    monkeypatch.setattr(loss_mod, "_terms_in_place", in_place)
+    torch._dynamo.reset()
+    h, weight, targets = problem(dtype=torch.float32)
+    want = reference(h, weight, targets, 50)
+    want_h, want_w = torch.autograd.grad(0.3 * want, (h, weight))
+    compiled = torch.compile(chunked_lm_loss, fullgraph=True, backend="aot_eager")
+    got = compiled(h, weight, targets, 50, 7)
+    got_h, got_w = torch.autograd.grad(0.3 * got, (h, weight))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
 
 
 @TINY
