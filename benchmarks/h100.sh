@@ -59,6 +59,9 @@ case $PART in
   fi
   ;;
 4)
+  # The head alone first (seconds): plain vs fused, eager and compiled, gpt2-small's shapes.
+  python3 benchmarks/fused_loss.py --tokens 32768 --width 768 --chunk 8192 --device cuda --bf16 \
+    2>&1 | tee "$OUT/fused-loss-head.log"
   # Each --versus run alternates with the run without the change, in one process; the after
   # record holds the paired speedup and the peak-memory ratio.
   $B --steps 12 --warmup 3 $GPT2 trainer.compile=true \
