@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast, as training on a GPU")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--eager-only", action="store_true", help="skip the compiled runs")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     base = None
     for name, fn in (("plain", plain), ("fused", fused)):
-        for compiled in (False, True):
+        for compiled in (False,) if args.eager_only else (False, True):
             run = torch.compile(fn) if compiled else fn
             seconds, peak = time_it(run, h, weight, targets, args, device)
             base = base or seconds

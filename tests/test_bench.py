@@ -214,3 +214,14 @@ def test_peak_table_covers_the_benchmark_gpus():
         "NVIDIA B200": 2250.0,
     }
     assert {n: device_peak_tflops(n) for n in names} == names
+
+
+def test_fused_loss_benchmark_runs():
+    """benchmarks/fused_loss.py (the head alone, plain vs fused) at a CI-safe size."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fused_loss.py"
+    args = ["--tokens", "64", "--width", "16", "--chunk", "16", "--repeats", "2", "--eager-only"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, check=True
+    ).stdout
+    assert "head 64 tokens x 16 -> 50304 vocab, chunk 16, cpu, fp32" in out
+    assert "plain eager" in out and "fused eager" in out and "compiled" not in out
