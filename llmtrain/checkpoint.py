@@ -17,8 +17,8 @@ A checkpoint is written under ``step_XXXXXXX.tmp``, hashed and fsynced, and rena
 every rank has finished, so a crash mid-save never leaves a directory that looks complete; the
 next save removes the leftover. A failed write on any rank (disk full, read-only directory)
 fails the save on every rank and leaves the previous checkpoint and ``latest`` as they were.
-Weights with a NaN or inf are never saved. Resume verifies the manifest and, with
-``trainer.resume=auto``, falls back to the newest checkpoint that is intact.
+Weights with a NaN or inf are never saved. Which checkpoint a run resumes from, and whether it
+is intact and fits the model, is ``llmtrain/resume.py``.
 
 SIGTERM and SIGUSR1 (Slurm's warning before a preemption or the time limit) only set a flag;
 the loop finishes its step, every rank agrees at the same step, saves, and the process exits
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from llmtrain.config import ConfigError, ModelConfig, TrainConfig, config_from_dict, config_to_yaml
+from llmtrain.config import TrainConfig, config_from_dict, config_to_yaml
 from llmtrain.integrity import (
     CheckpointError,
     assign,
@@ -54,7 +54,6 @@ from llmtrain.integrity import (
     listing,
     rank_world,
     read_manifest,
-    verify,
     write_atomic,
     write_manifest,
 )
@@ -293,132 +292,14 @@ def preemption_signals() -> Iterator[Preemption]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def resume_candidates(resume: str, ckpt_root: Path) -> tuple[list[Path], bool]:
-    """The checkpoints ``trainer.resume`` may use, best first, and whether falling back to the
-    next is allowed: ``auto`` (this run) or a run dir / checkpoints root may fall back; a
-    ``step_XXXXXXX`` directory named by the user may not. A path that holds none is an error."""
-    if resume == "none":
-        return [], False
-    if resume == "auto":
-        return candidates(ckpt_root), True
-    path = Path(resume)
-    if (path / TRAINER_STATE).is_file():
-        return [path], False
-    found = candidates(path) or candidates(path / "checkpoints")
-    if not found:
-        raise ConfigError(
-            f"trainer.resume: {resume!r} is not a complete checkpoint directory (it has no "
-            f"{TRAINER_STATE}) and holds none; use trainer.resume=auto or a step_XXXXXXX dir"
-        )
-    return found, True
-
-
-def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
-    """The first candidate for ``trainer.resume``, unverified (see :func:`choose_resume`)."""
-    found, _ = resume_candidates(resume, ckpt_root)
-    return found[0] if found else None
-
-
-def preflight_resume(cfg: TrainConfig, run_dir: Path) -> None:
-    """Before any process group starts (main process): a named resume target must exist and
-    the checkpoint to resume must have this model's shape."""
-    found, _ = resume_candidates(cfg.trainer.resume, run_dir / "checkpoints")
-    if not found:
-        return
-    try:
-        saved = saved_config(found[0])
-    except Exception:  # noqa: BLE001 -- a damaged checkpoint is reported by choose_resume
-        return
-    check_compatible(saved.model, cfg.model, found[0])
-
-
-def choose_resume(resume: str, ckpt_root: Path) -> Path | None:
-    """Every rank calls this once the process group is up; returns the same checkpoint on all.
-
-    Each candidate's manifest is verified (the ranks share the hashing). A damaged checkpoint
-    is skipped with a message when falling back is allowed, else it is a CheckpointError
-    naming the file; so is a run whose every checkpoint is damaged.
-    """
-    if resume == "none":
-        return None
-    main = rank_world()[0] == 0
-    found: tuple[list[str], bool, str | None] = ([], False, None)
-    if main:
-        try:
-            paths, fallback = resume_candidates(resume, ckpt_root)
-            found = ([str(p) for p in paths], fallback, None)
-        except ConfigError as e:
-            found = ([], False, str(e))
-    paths, fallback, error = broadcast(found)
-    if error:
-        raise ConfigError(error)
-    problems = []
-    for path in map(Path, paths):
-        problem = verify(path)
-        if problem is None:
-            if problems and main:
-                print(f"resume: falling back to {path}, the newest intact checkpoint", flush=True)
-            return path
-        if not fallback:
-            raise CheckpointError(f"cannot resume from {path}: {problem}")
-        if main:
-            print(f"resume: skipping damaged checkpoint {path}: {problem}", flush=True)
-        problems.append(problem)
-    if problems:
-        raise CheckpointError(
-            "no intact checkpoint to resume from:\n  "
-            + "\n  ".join(problems)
-            + "\nMove the damaged checkpoints away (or start over with trainer.resume=none and "
-            "another hydra.run.dir)."
-        )
-    return None
-
-
 def saved_config(ckpt: Path) -> TrainConfig:
     import yaml
 
     return config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
 
 
-SHAPE_KEYS = (
-    "n_layer",
-    "n_head",
-    "n_kv_head",
-    "n_embd",
-    "ffn_hidden",
-    "vocab_size",
-    "vocab_pad_multiple",
-    "position",
-    "norm",
-    "mlp",
-    "bias",
-    "tie_embeddings",
-)
-
-
-def check_compatible(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
-    """Refuse to resume into a model of another shape, naming every key that differs."""
-    diffs = [
-        f"model.{k}: checkpoint {getattr(saved, k)!r}, config {getattr(current, k)!r}"
-        for k in SHAPE_KEYS
-        if getattr(saved, k) != getattr(current, k)
-    ]
-    if diffs:
-        raise ConfigError(
-            f"cannot resume from {ckpt}: the model shape differs\n  "
-            + "\n  ".join(diffs)
-            + "\nResume with the checkpoint's model settings, or start a new run "
-            "(trainer.resume=none, another hydra.run.dir)."
-        )
-
-
 def load_trainer_state(ckpt: Path) -> TrainerState:
     return TrainerState(**json.loads((ckpt / TRAINER_STATE).read_text()))
-
-
-def load_data_state(ckpt: Path, rank: int) -> dict[str, Any] | None:
-    path = ckpt / f"data_state_{rank}.pt"
-    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def load_model(path: str | Path, device: str = "cpu"):

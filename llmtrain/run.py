@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llmtrain import checkpoint as ckpt
+from llmtrain import resume
 from llmtrain.config import (
     ConfigError,
     TrainConfig,
@@ -183,14 +184,14 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
             f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens"
         )
     if int(os.environ.get("RANK", "0")) == 0:  # other ranks learn the run dir by broadcast
-        ckpt.preflight_resume(cfg, run_dir)
+        resume.preflight_resume(cfg, run_dir)
     accelerator = build_accelerator(cfg, plan.grad_accum)
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     run_dir = Path(accelerator_broadcast(accelerator, str(run_dir.resolve())))
     # Verified against its manifest; trainer.resume=auto falls back past damaged checkpoints.
-    resume_from = ckpt.choose_resume(cfg.trainer.resume, run_dir / "checkpoints")
+    resume_from = resume.choose_resume(cfg.trainer.resume, run_dir / "checkpoints")
     if resume_from is not None:
-        ckpt.check_compatible(ckpt.saved_config(resume_from).model, cfg.model, resume_from)
+        resume.check_compatible(ckpt.saved_config(resume_from).model, cfg.model, resume_from)
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg)

@@ -72,6 +72,12 @@ CASES = {
     "unknown logger mode": (["logger.mode=onlin"], 1, "logger.mode", {}),
     "batch not divisible by world": (["trainer.batch_tokens=768"], 2, "trainer.batch_tokens", {}),
     "resume another shape": (["model.n_layer=3", "trainer.resume=auto"], 1, "model.n_layer", {}),
+    "resume another context length": (
+        ["model.context_length=512", "trainer.resume=auto"],
+        1,
+        "model.context_length",
+        {},
+    ),
     "resume from nothing": (["trainer.resume={tmp}/nowhere"], 1, "trainer.resume", {}),
     "fsdp2 on one cpu process": (["dist=fsdp2"], 1, "dist.mode", {}),
     "single with two processes": (["dist=single"], 2, "dist.mode", {}),

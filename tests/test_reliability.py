@@ -27,6 +27,7 @@ from tiny import TINY
 import llmtrain.run as run_mod
 import llmtrain.train as train_mod
 from llmtrain import checkpoint as ckpt
+from llmtrain import resume
 from llmtrain.config import DataConfig, load_config
 from llmtrain.data import DataError, build_dataloader
 from llmtrain.integrity import CheckpointError, check_pickle, safe_loading, verify
@@ -125,7 +126,7 @@ def test_kill_9_during_save_keeps_previous_and_resume_auto_uses_it(tmp_path, cap
     half = root / "step_0000004.tmp"
     assert (half / "model.safetensors").is_file() and not (half / "manifest.json").exists()
     assert (root / "latest").read_text() == "step_0000002"
-    assert ckpt.choose_resume("auto", root) == root / "step_0000002"
+    assert resume.choose_resume("auto", root) == root / "step_0000002"
     assert verify(root / "step_0000002") is None
 
     train_mod.train(config(4, "trainer.ckpt_every=2", "trainer.resume=auto"), run_dir)
@@ -294,8 +295,8 @@ def test_damaged_checkpoint_is_named_and_auto_falls_back(case, two_checkpoints, 
     damage(root / "step_0000004" / name)
 
     with pytest.raises(CheckpointError, match=name):
-        ckpt.choose_resume(str(root / "step_0000004"), root)
-    assert ckpt.choose_resume("auto", root) == root / "step_0000002"
+        resume.choose_resume(str(root / "step_0000004"), root)
+    assert resume.choose_resume("auto", root) == root / "step_0000002"
     out = capsys.readouterr().out
     assert f"skipping damaged checkpoint {root / 'step_0000004'}" in out and name in out
     assert "falling back to" in out
@@ -311,7 +312,7 @@ def test_every_checkpoint_damaged_is_an_error(two_checkpoints, tmp_path):
     for step in ("step_0000002", "step_0000004"):
         flip_byte(root / step / "model.safetensors")
     with pytest.raises(CheckpointError, match="no intact checkpoint"):
-        ckpt.choose_resume("auto", root)
+        resume.choose_resume("auto", root)
 
 
 # --- 4. NaN / inf ------------------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Which checkpoint a run resumes from, and whether it fits (see "When things go wrong" in
+the README).
+
+``trainer.resume`` is ``none``, ``auto`` (this run's newest intact checkpoint), a run dir or
+checkpoints root, or one ``step_XXXXXXX`` directory. Before any process group starts, the main
+process checks that a named target exists and that its model has this config's shape. Once the
+ranks are up, each candidate's manifest is verified (the ranks share the hashing) and every rank
+gets the same answer; ``auto`` and a run dir fall back past damaged checkpoints, a named
+``step_XXXXXXX`` does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmtrain.checkpoint import TRAINER_STATE, candidates, saved_config
+from llmtrain.config import ConfigError, ModelConfig, TrainConfig
+from llmtrain.integrity import CheckpointError, broadcast, rank_world, verify
+
+
+def resume_candidates(resume: str, ckpt_root: Path) -> tuple[list[Path], bool]:
+    """The checkpoints ``trainer.resume`` may use, best first, and whether falling back to the
+    next is allowed: ``auto`` (this run) or a run dir / checkpoints root may fall back; a
+    ``step_XXXXXXX`` directory named by the user may not. A path that holds none is an error."""
+    if resume == "none":
+        return [], False
+    if resume == "auto":
+        return candidates(ckpt_root), True
+    path = Path(resume)
+    if (path / TRAINER_STATE).is_file():
+        return [path], False
+    found = candidates(path) or candidates(path / "checkpoints")
+    if not found:
+        raise ConfigError(
+            f"trainer.resume: {resume!r} is not a complete checkpoint directory (it has no "
+            f"{TRAINER_STATE}) and holds none; use trainer.resume=auto or a step_XXXXXXX dir"
+        )
+    return found, True
+
+
+def preflight_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    """Before any process group starts (main process): a named resume target must exist and
+    the checkpoint to resume must have this model's shape."""
+    found, _ = resume_candidates(cfg.trainer.resume, run_dir / "checkpoints")
+    if not found:
+        return
+    try:
+        saved = saved_config(found[0])
+    except Exception:  # noqa: BLE001 -- a damaged checkpoint is reported by choose_resume
+        return
+    check_compatible(saved.model, cfg.model, found[0])
+
+
+def choose_resume(resume: str, ckpt_root: Path) -> Path | None:
+    """Every rank calls this once the process group is up; returns the same checkpoint on all.
+
+    Each candidate's manifest is verified (the ranks share the hashing). A damaged checkpoint
+    is skipped with a message when falling back is allowed, else it is a CheckpointError
+    naming the file; so is a run whose every checkpoint is damaged.
+    """
+    if resume == "none":
+        return None
+    main = rank_world()[0] == 0
+    found: tuple[list[str], bool, str | None] = ([], False, None)
+    if main:
+        try:
+            paths, fallback = resume_candidates(resume, ckpt_root)
+            found = ([str(p) for p in paths], fallback, None)
+        except ConfigError as e:
+            found = ([], False, str(e))
+    paths, fallback, error = broadcast(found)
+    if error:
+        raise ConfigError(error)
+    problems = []
+    for path in map(Path, paths):
+        problem = verify(path)
+        if problem is None:
+            if problems and main:
+                print(f"resume: falling back to {path}, the newest intact checkpoint", flush=True)
+            return path
+        if not fallback:
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
+        if main:
+            print(f"resume: skipping damaged checkpoint {path}: {problem}", flush=True)
+        problems.append(problem)
+    if problems:
+        raise CheckpointError(
+            "no intact checkpoint to resume from:\n  "
+            + "\n  ".join(problems)
+            + "\nMove the damaged checkpoints away (or start over with trainer.resume=none and "
+            "another hydra.run.dir)."
+        )
+    return None
+
+
+SHAPE_KEYS = (
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "ffn_hidden",
+    "vocab_size",
+    "vocab_pad_multiple",
+    "position",
+    "norm",
+    "mlp",
+    "bias",
+    "tie_embeddings",
+)
+
+
+def check_compatible(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
+    """Refuse to resume into a model of another shape, naming every key that differs."""
+    # Learned positions are a (context_length, n_embd) table; rotary ones have no weights.
+    keys = SHAPE_KEYS + (("context_length",) if current.position == "learned" else ())
+    diffs = [
+        f"model.{k}: checkpoint {getattr(saved, k)!r}, config {getattr(current, k)!r}"
+        for k in keys
+        if getattr(saved, k) != getattr(current, k)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {ckpt}: the model shape differs\n  "
+            + "\n  ".join(diffs)
+            + "\nResume with the checkpoint's model settings, or start a new run "
+            "(trainer.resume=none, another hydra.run.dir)."
+        )

@@ -1,0 +1,80 @@
+"""Which checkpoint ``trainer.resume`` picks, and the shape check; damaged checkpoints and the
+fall-back past them are exercised end to end in test_reliability.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from llmtrain.checkpoint import TRAINER_STATE
+from llmtrain.config import ConfigError, ModelConfig
+from llmtrain.resume import check_compatible, resume_candidates
+
+
+def fake_checkpoints(root, *steps, latest=None):
+    for step in steps:
+        d = root / f"step_{step:07d}"
+        d.mkdir(parents=True)
+        (d / TRAINER_STATE).write_text("{}")
+    (root / "step_0000099.tmp").mkdir()  # an interrupted save is never a candidate
+    if latest is not None:
+        (root / "latest").write_text(f"step_{latest:07d}\n")
+    return root
+
+
+def test_none_resumes_nothing(tmp_path):
+    assert resume_candidates("none", tmp_path) == ([], False)
+
+
+def test_auto_is_latest_first_then_newest_and_may_fall_back(tmp_path):
+    root = fake_checkpoints(tmp_path / "checkpoints", 2, 4, 6, latest=4)
+    found, fallback = resume_candidates("auto", root)
+    assert [p.name for p in found] == ["step_0000004", "step_0000006", "step_0000002"]
+    assert fallback
+
+
+def test_auto_with_no_checkpoints_starts_fresh(tmp_path):
+    assert resume_candidates("auto", tmp_path / "checkpoints") == ([], True)
+
+
+def test_a_named_step_dir_is_the_only_candidate(tmp_path):
+    root = fake_checkpoints(tmp_path / "checkpoints", 2, 4)
+    assert resume_candidates(str(root / "step_0000002"), root) == ([root / "step_0000002"], False)
+
+
+@pytest.mark.parametrize("where", ["run dir", "checkpoints root"])
+def test_a_run_dir_or_checkpoints_root_may_fall_back(tmp_path, where):
+    root = fake_checkpoints(tmp_path / "run" / "checkpoints", 2, 4)
+    target = tmp_path / "run" if where == "run dir" else root
+    found, fallback = resume_candidates(str(target), tmp_path / "elsewhere")
+    assert [p.name for p in found] == ["step_0000004", "step_0000002"]
+    assert fallback
+
+
+def test_a_path_with_no_checkpoint_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer\.resume: .*nowhere.* holds none"):
+        resume_candidates(str(tmp_path / "nowhere"), tmp_path)
+
+
+def test_another_shape_names_every_key_that_differs(tmp_path):
+    saved = ModelConfig()
+    current = dataclasses.replace(saved, n_layer=saved.n_layer + 1, mlp="swiglu")
+    with pytest.raises(ConfigError) as e:
+        check_compatible(saved, current, tmp_path)
+    message = str(e.value)
+    assert "model.n_layer" in message and "model.mlp" in message
+    assert "model.n_head" not in message
+
+
+def test_settings_that_do_not_change_the_shape_may_change(tmp_path):
+    saved = ModelConfig()
+    check_compatible(saved, dataclasses.replace(saved, dropout=0.1), tmp_path)
+
+
+def test_context_length_is_a_shape_only_with_learned_positions(tmp_path):
+    learned = ModelConfig(position="learned", context_length=1024)
+    with pytest.raises(ConfigError, match="model.context_length: checkpoint 1024, config 2048"):
+        check_compatible(learned, dataclasses.replace(learned, context_length=2048), tmp_path)
+    rope = ModelConfig(position="rope", context_length=1024)
+    check_compatible(rope, dataclasses.replace(rope, context_length=2048), tmp_path)
