@@ -28,7 +28,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from llmtrain.config import CPU_ATTENTIONS, ConfigError, TrainConfig
+from llmtrain.checks import CPU_ATTENTIONS
+from llmtrain.config import ConfigError, TrainConfig
 
 ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
 EXPECTED_TYPE = {
