@@ -1,29 +1,9 @@
 """``llmtrain-plan``: will this run fit, and how long will it take? Answered before launching.
 
 Everything here is arithmetic on the config; no model is allocated, so planning an 8B model on a
-laptop takes a second. The accounting, stated once (Psi = parameters, N = world size):
-
-* States, mixed precision (bf16/fp16): 2 bytes bf16 params + 2 bytes bf16 grads + 12 bytes
-  optimizer (fp32 master weights, Adam m and v) -- the ZeRO paper's 2 + 2 + K, K = 12
-  (Rajbhandari et al. 2020, sec. 3.1). Under the DeepSpeed ZeRO modes add 4 bytes of fp32
-  gradient partition, sharded like the optimizer: DeepSpeed casts each gradient partition to
-  fp32 for the step (stage 3 per sub-group, at most the whole partition), and its own
-  ``estimate_zero2_model_states_mem_needs`` counts 18 = 2 + 4 + 4 + 8 bytes per sharded
-  parameter. FSDP2 keeps no such copy. fp32 training: 4 + 4 + 8.
-* Sharding: zero1 shards the optimizer over N, zero2 also the gradients, zero3 and fsdp2 also
-  the parameters. zero3/fsdp2 then gather one layer at a time: 4 bytes (bf16 params + grads)
-  x the largest layer, DeepSpeed's ``largest_layer_memory`` term.
-* Offload (ZeRO-Offload, Ren et al. 2021): ``offload_optimizer`` moves the optimizer shard and,
-  for zero2/zero3, the gradient shard to CPU, where the Adam step runs; ``offload_params``
-  (zero3) moves the parameter shard too. CPU memory is reported per node.
-* Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-  Models", eq. 1): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, generalised below to
-  grouped-query attention, SwiGLU and any MLP width. The model runs attention through
-  ``scaled_dot_product_attention`` (flash / memory-efficient), which keeps no s x s scores,
-  so the 5as/h term goes away. Not counted: CUDA context, allocator fragmentation and
-  communication buckets -- keep ~10% headroom.
-* Compute: :func:`llmtrain.metrics.flops_per_token` (6N + 12 * n_layer * n_embd * seq_len, PaLM
-  appendix B), at an assumed MFU of a stated device peak.
+laptop takes a second. Memory: ``llmtrain/memory.py``, where the accounting is stated. Compute:
+:func:`llmtrain.metrics.flops_per_token` (6N + 12 * n_layer * n_embd * seq_len, PaLM appendix
+B), at an assumed MFU of a stated device peak.
 """
 
 from __future__ import annotations
@@ -34,154 +14,21 @@ import os
 import sys
 from dataclasses import dataclass
 
-from llmtrain.config import ConfigError, ModelConfig, TrainConfig, load_config
-from llmtrain.metrics import flops_per_token, format_eta, padded_vocab
+from llmtrain.config import ConfigError, TrainConfig, load_config
+from llmtrain.memory import (
+    DEEPSPEED_MODES,
+    activation_bytes,
+    loss_bytes,
+    param_counts,
+    shard_states,
+    state_bytes_per_param,
+    step_dtypes,
+    weight_copy_bytes,
+)
+from llmtrain.metrics import PEAK_BF16_TFLOPS, flops_per_token, format_eta, padded_vocab
 
 GiB = 2**30
-H100_SXM_BF16_TFLOPS = 989.0  # dense, no sparsity (NVIDIA H100 datasheet)
-DEEPSPEED_MODES = ("zero1", "zero2", "zero3")
-
-
-# ----------------------------------------------------------------------------- parameters
-
-
-def _norm_params(m: ModelConfig) -> int:
-    # LayerNorm: weight + bias (bias only with model.bias); RMSNorm: weight only.
-    return m.n_embd * (2 if m.norm == "layernorm" and m.bias else 1)
-
-
-def layer_params(m: ModelConfig) -> dict[str, int]:
-    """Parameters of each module in one block, named as in ``llmtrain/model.py``."""
-    h, hd = m.n_embd, m.n_embd // m.n_head
-    kv = m.n_kv_head or m.n_head
-    f = m.ffn_hidden or 4 * h
-    qkv = (m.n_head + 2 * kv) * hd
-    b = 1 if m.bias else 0
-    out = {
-        "ln_1": _norm_params(m),
-        "attn.c_attn": h * qkv + b * qkv,
-        "attn.c_proj": h * h + b * h,
-        "ln_2": _norm_params(m),
-        "mlp.c_fc": h * f + b * f,
-        "mlp.c_proj": f * h + b * h,
-    }
-    if m.mlp == "swiglu":
-        out["mlp.c_gate"] = h * f + b * f
-    return out
-
-
-def param_counts(m: ModelConfig) -> tuple[int, int, int]:
-    """(total, non-embedding, largest single module), as ``GPT(m).num_params()`` counts them:
-    padded vocabulary, a tied head counted once, non-embedding leaves out wte and wpe."""
-    vocab = padded_vocab(m)
-    embed = vocab * m.n_embd + (m.context_length * m.n_embd if m.position == "learned" else 0)
-    block = layer_params(m)
-    head = 0 if m.tie_embeddings else vocab * m.n_embd
-    body = m.n_layer * sum(block.values()) + _norm_params(m) + head  # + ln_f
-    largest = max([vocab * m.n_embd, *block.values()])
-    return embed + body, body, largest
-
-
-# ----------------------------------------------------------------------------- activations
-
-
-def activation_bytes_per_layer(
-    m: ModelConfig, batch: int, seq: int, act_bytes: int = 2, flash: bool = True
-) -> int:
-    """Bytes one block saves for backward (Korthikanti et al. 2022, sec. 4.1, generalised).
-
-    In units of s*b elements: two norm inputs 2h; attention: c_attn input h, Q h, K and V
-    h_kv each, c_proj input h; MLP: c_fc input h, then GELU input + output 2f, or SwiGLU's
-    gate, silu(gate), up and product 4f. With h_kv = h, f = 4h and 2 bytes this is the paper's
-    32 sbh, plus 2 sbh of 1-byte dropout masks when dropout > 0 -> 34 sbh. Without flash
-    attention the scores add 2as^2b (softmax output) and, with dropout, 3as^2b -> 5as^2b.
-    Two terms are this model's own (measured in tests/test_plan.py): model.py's RMSNorm is
-    unfused and also saves its normalized output (+h per norm), and under RoPE the rotated
-    Q and K are new tensors while V still views the fused c_attn output, which therefore
-    stays whole (+h + h_kv).
-    """
-    h, a = m.n_embd, m.n_head
-    kv = (m.n_kv_head or m.n_head) * (h // a)
-    f = m.ffn_hidden or 4 * h
-    mlp = 4 * f if m.mlp == "swiglu" else 2 * f
-    norms = 4 * h if m.norm == "rmsnorm" else 2 * h
-    attn = 3 * h + 2 * kv + (h + kv if m.position == "rope" else 0)
-    elements = norms + attn + (h + mlp)
-    per_token = elements * act_bytes
-    if m.dropout > 0:
-        per_token += 2 * h  # residual dropout masks, 1 byte each
-    if flash:
-        per_token += a * 4  # the fp32 log-sum-exp flash attention keeps per head and row
-    else:
-        per_token += a * seq * (act_bytes + (1 + act_bytes if m.dropout > 0 else 0))
-    return batch * seq * per_token
-
-
-def activation_bytes(
-    m: ModelConfig, batch: int, seq: int, act_bytes: int, checkpointing: bool
-) -> tuple[int, int]:
-    """(blocks + final norm, logits) bytes held at the start of backward for one micro-batch.
-
-    With checkpointing each block keeps only its input (2sbh in 16-bit, the paper's "full
-    recomputation") and one block's activations are rebuilt at a time in backward. Logits:
-    the model returns them as fp32 (B, T, V_padded) and cross-entropy saves its fp32
-    log-softmax (B*T, V) -- two fp32 copies alive when backward starts.
-    """
-    per_layer = activation_bytes_per_layer(m, batch, seq, act_bytes)
-    if checkpointing:
-        blocks = m.n_layer * batch * seq * m.n_embd * act_bytes + per_layer
-    else:
-        blocks = m.n_layer * per_layer
-    # ln_f input (+ its normalized output for RMSNorm), lm_head input, int64 token ids
-    final = batch * seq * ((3 if m.norm == "rmsnorm" else 2) * m.n_embd * act_bytes + 8)
-    logits = batch * seq * (padded_vocab(m) + m.vocab_size) * 4
-    return blocks + final, logits
-
-
-# ----------------------------------------------------------------------------- states
-
-
-def state_bytes_per_param(mode: str, precision: str) -> dict[str, int]:
-    """Bytes per parameter before sharding: params, grads, optimizer (see the module doc)."""
-    if precision == "fp32":
-        return {"params": 4, "grads": 4, "optim": 8}
-    fp32_grad_partition = 4 if mode in DEEPSPEED_MODES else 0
-    return {"params": 2, "grads": 2, "optim": 12 + fp32_grad_partition}
-
-
-def shard_states(
-    n_params: int,
-    world_size: int,
-    mode: str,
-    precision: str,
-    offload_optimizer: bool = False,
-    offload_params: bool = False,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(GPU bytes, CPU bytes) per process for params, grads and optimizer state."""
-    per = state_bytes_per_param(mode, precision)
-    sharded = {
-        "single": (),
-        "ddp": (),
-        "zero1": ("optim",),
-        "zero2": ("optim", "grads"),
-        "zero3": ("optim", "grads", "params"),
-        "fsdp2": ("optim", "grads", "params"),
-    }[mode]
-    gpu = {k: n_params * v / (world_size if k in sharded else 1) for k, v in per.items()}
-    cpu = dict.fromkeys(gpu, 0.0)
-    moved = []
-    if offload_optimizer:
-        # ZeRO-Offload streams each reduced gradient partition to CPU for the Adam step; under
-        # zero1 the full gradients still accumulate on the GPU first.
-        moved = ["optim"] + (["grads"] if "grads" in sharded else [])
-    if offload_params:
-        moved.append("params")
-    for k in moved:
-        cpu[k], gpu[k] = gpu[k], 0.0
-    if "grads" in moved and per["optim"] == 16:
-        # On CPU the reduced bf16 shard lands in the fp32 gradient partition, already counted.
-        cpu["grads"] = 0.0
-    return gpu, cpu
+H100_SXM_BF16_TFLOPS = dict(PEAK_BF16_TFLOPS)["H100"]  # the default device
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -218,7 +65,10 @@ class MemoryPlan:
     activation_bytes: float  # as configured
     activation_bytes_no_ckpt: float
     activation_bytes_ckpt: float
-    logits_bytes: float
+    loss_bytes: float
+    loss_chunk: int
+    weight_copy_bytes: float  # autocast's bf16 weight copies, as configured
+    compiled: bool
     flops_per_token: float
     flops_per_step: float
     mfu: float
@@ -233,7 +83,7 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> float:
-        return self.states_bytes + self.activation_bytes + self.logits_bytes
+        return self.states_bytes + self.activation_bytes + self.loss_bytes + self.weight_copy_bytes
 
     @property
     def headroom_bytes(self) -> float:
@@ -246,12 +96,14 @@ class MemoryPlan:
     def hints(self) -> list[str]:
         """What would shrink the largest parts, in the order worth trying."""
         out = []
-        if self.activation_bytes + self.logits_bytes > self.states_bytes:
+        if self.loss_chunk == 0 and self.loss_bytes > self.activation_bytes:
+            out.append("trainer.loss_chunk=8192 (the fused loss: no (tokens x vocab) tensors)")
+        if self.activation_bytes + self.loss_bytes > self.states_bytes:
             if not self.activation_checkpointing:
-                ckpt = self.activation_bytes_ckpt + self.logits_bytes
+                ckpt = self.activation_bytes_ckpt + self.loss_bytes
                 out.append(
                     "trainer.activation_checkpointing=true "
-                    f"(activations + logits -> {ckpt / GiB:.1f} GiB)"
+                    f"(activations + loss -> {ckpt / GiB:.1f} GiB)"
                 )
             if self.micro_batch > 1:
                 out.append(
@@ -287,17 +139,17 @@ def plan(
     gpn = gpus_per_node or min(world_size, 8)
     # precision "auto" trains in bf16 on a GPU, which is what this plans for.
     precision = "fp32" if t.precision == "fp32" else "bf16"
-    act_bytes = 4 if precision == "fp32" else 2
+    dt = step_dtypes(d.mode, precision)
     total, body, largest = param_counts(m)
     gpu, cpu = shard_states(
         total, world_size, d.mode, precision, d.offload_optimizer, d.offload_params
     )
     gather = 0.0
     if d.mode in ("zero3", "fsdp2"):
-        gather = (2 * state_bytes_per_param(d.mode, precision)["params"]) * largest
+        gather = 2 * dt.act * largest  # params + grads, in the compute dtype
     b, s = t.micro_batch_size, cfg.data.seq_len
-    act_off, logits = activation_bytes(m, b, s, act_bytes, checkpointing=False)
-    act_on, _ = activation_bytes(m, b, s, act_bytes, checkpointing=True)
+    act_off = activation_bytes(m, b, s, dt, checkpointing=False)
+    act_on = activation_bytes(m, b, s, dt, checkpointing=True)
     fpt = flops_per_token(m, s)
     step_time = fpt * t.batch_tokens / (world_size * peak_tflops * 1e12 * mfu)
     steps = t.max_steps or (math.ceil(t.max_tokens / t.batch_tokens) if t.max_tokens else None)
@@ -329,7 +181,10 @@ def plan(
         activation_bytes=act_on if t.activation_checkpointing else act_off,
         activation_bytes_no_ckpt=act_off,
         activation_bytes_ckpt=act_on,
-        logits_bytes=logits,
+        loss_bytes=loss_bytes(m, b * s, dt, t.loss_chunk),
+        loss_chunk=t.loss_chunk,
+        weight_copy_bytes=weight_copy_bytes(m, dt, t.activation_checkpointing),
+        compiled=t.compile,
         flops_per_token=fpt,
         flops_per_step=fpt * t.batch_tokens,
         mfu=mfu,
@@ -362,9 +217,8 @@ def _duration(seconds: float) -> str:
 
 def format_plan(p: MemoryPlan) -> str:
     bpp = p.bytes_per_param
-    optim_note = "fp32 master + Adam m, v" if p.precision != "fp32" else "Adam m, v"
-    if bpp["optim"] == 16:
-        optim_note += " + fp32 grad partition"
+    optim_note = {8: "Adam m, v", 16: "fp32 master + Adam m, v + fp32 grad partition"}[bpp["optim"]]
+    dtype = {k: f"{v} ({p.precision if v == 2 else 'fp32'})" for k, v in bpp.items()}
     shard = {
         "single": "replicated",
         "ddp": "replicated",
@@ -398,8 +252,8 @@ def format_plan(p: MemoryPlan) -> str:
         f"{p.world_size} GPU = {p.tokens_per_step:,} tokens/step",
         "",
         "  memory per GPU                                 bytes/param before sharding",
-        f"  params        {_gib(p.params_bytes)}   {bpp['params']} ({p.precision}){cpu['params']}",
-        f"  grads         {_gib(p.grads_bytes)}   {bpp['grads']} ({p.precision}){cpu['grads']}",
+        f"  params        {_gib(p.params_bytes)}   {dtype['params']}{cpu['params']}",
+        f"  grads         {_gib(p.grads_bytes)}   {dtype['grads']}{cpu['grads']}",
         f"  optimizer     {_gib(p.optim_bytes)}   {bpp['optim']} ({optim_note}){cpu['optim']}",
     ]
     if p.gather_bytes:
@@ -410,9 +264,18 @@ def format_plan(p: MemoryPlan) -> str:
     lines += [
         f"  activations   {_gib(p.activation_bytes)}   checkpointing {ckpt} "
         f"({'off' if p.activation_checkpointing else 'on'}: {other_ckpt / GiB:.2f} GiB)",
-        f"  logits        {_gib(p.logits_bytes)}   fp32 logits + log-softmax for the loss",
-        f"  total         {_gib(p.total_bytes)}",
+        f"  loss          {_gib(p.loss_bytes)}   "
+        + (
+            f"fused, {p.loss_chunk}-token chunks (trainer.loss_chunk)"
+            if p.loss_chunk
+            else "fp32 log-softmax and two gradients, tokens x vocab each"
+        ),
     ]
+    if p.weight_copy_bytes:
+        lines.append(
+            f"  bf16 weights  {_gib(p.weight_copy_bytes)}   autocast's copies, kept for backward"
+        )
+    lines.append(f"  total         {_gib(p.total_bytes)}")
     if p.cpu_bytes_per_node:
         lines.append(
             f"  CPU per node  {_gib(p.cpu_bytes_per_node)}   offloaded states of "
@@ -442,6 +305,11 @@ def format_plan(p: MemoryPlan) -> str:
         )
     else:
         lines.append("  run            no horizon: set trainer.max_steps or trainer.max_tokens")
+    if p.compiled:
+        lines.append(
+            "  note           planned for eager steps; torch.compile fuses the loss and\n"
+            "                 elementwise ops and keeps less (benchmarks/RESULTS.md)"
+        )
     if p.activation_checkpointing:
         lines.append(
             "  note           checkpointing recomputes the forward (~1/3 more compute)\n"
