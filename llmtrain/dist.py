@@ -329,9 +329,9 @@ def process_scope() -> Iterator[None]:
 
     A launched process (``RANK`` set) keeps its process group: the launcher owns it. Otherwise
     a DeepSpeed or FSDP2 run makes a world of one (:func:`_world_of_one_env`), and on the way
-    out the process group is destroyed, those variables are restored and Accelerate's
-    process-wide state is reset, so a later ``train()`` in the same process (a notebook, a
-    test) may use any ``dist`` mode.
+    out the process group is destroyed, those variables and ``F.linear`` are restored and
+    Accelerate's process-wide state is reset, so a later ``train()`` in the same process (a
+    notebook, a test) may use any ``dist`` mode.
     """
     if "RANK" in os.environ:
         yield
@@ -342,10 +342,15 @@ def process_scope() -> Iterator[None]:
         return key in WORLD_OF_ONE or key.startswith("ACCELERATE_")
 
     saved = {k: v for k, v in os.environ.items() if ours(k)}
+    # ZeRO-3 swaps torch.nn.functional.linear for its own wrapper and never puts it back:
+    # every later run in the process would go through DeepSpeed's linear.
+    linear = torch.nn.functional.linear
     try:
         yield
     finally:
         from accelerate.state import AcceleratorState, GradientState
+
+        torch.nn.functional.linear = linear
 
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -106,12 +106,14 @@ def test_one_process_runs_of_any_mode_follow_each_other(tmp_path):
     from llmtrain.train import train
 
     before = {k: v for k, v in os.environ.items() if k.startswith(("ACCELERATE_", "RANK"))}
+    linear = torch.nn.functional.linear
     for i, mode in enumerate(["zero3", "single", "zero2"]):
         overrides = [*FAST, "data.source=hf", "trainer.max_steps=2", f"dist={mode}"]
         state = train(load_config(overrides), tmp_path / f"run{i}")
         assert state.step == 2 and not torch.distributed.is_initialized()
         after = {k: v for k, v in os.environ.items() if k.startswith(("ACCELERATE_", "RANK"))}
         assert after == before
+        assert torch.nn.functional.linear is linear  # ZeRO-3 leaves its own wrapper there
 
 
 # --- multi-process runs ----------------------------------------------------------------------
