@@ -1,15 +1,26 @@
-"""benchmarks/results.jsonl -> the Markdown table in benchmarks/RESULTS.md (``--table``).
+"""A benchmark record: built from the timed runs, printed, and tabulated.
 
-Only the text between the two marker comments is rewritten; the rest of the file is prose.
-Goal rows nobody has measured are listed as "unmeasured", never estimated.
+:func:`build_record` makes the JSON object that ``llmtrain-bench`` appends to
+``benchmarks/results.jsonl``; :func:`report` prints it; :func:`write_table` renders every
+record into the Markdown table in ``benchmarks/RESULTS.md`` (``--table``). Only the text between
+the two marker comments is rewritten; the rest of that file is prose. Goal rows nobody has
+measured are listed as "unmeasured", never estimated.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import platform
 import statistics
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from llmtrain.config import TrainConfig
 
 BEGIN = "<!-- llmtrain-bench:begin -->"
 END = "<!-- llmtrain-bench:end -->"
@@ -44,6 +55,116 @@ COLUMNS = (
     "compile s",
     "compared with",
 )
+
+
+def build_record(
+    cfg: TrainConfig,
+    plan,
+    framework: list[dict[str, Any]],
+    *,
+    command: str,
+    device: torch.device,
+    precision: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The JSON record of one config's runs (the fields issue 6 names, and more)."""
+    from llmtrain.metrics import device_peak_tflops, flops_per_token, git_sha, mfu
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak_tflops = device_peak_tflops(name if device.type == "cuda" else None)
+    fpt = flops_per_token(cfg.model, plan.seq_len)
+    step_time = statistics.median(x["step_time_s"] for x in framework)
+    times = sorted(t for x in framework for t in x["times"])  # every measured step, all runs
+    tok_s = plan.tokens_per_step / step_time
+    t = cfg.trainer
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "model": cfg.model.name,
+        "dist": cfg.dist.mode,
+        "world_size": world,
+        "device": name,
+        "seq_len": plan.seq_len,
+        "micro_batch": plan.micro_batch,
+        "grad_accum": plan.grad_accum,
+        "batch_tokens": plan.tokens_per_step,
+        "data": f"{cfg.data.name} ({cfg.data.source}, {cfg.data.num_workers} workers)",
+        "compile": t.compile,
+        "compile_mode": t.compile_mode,
+        "attention": t.attention,
+        "loss_chunk": t.loss_chunk,
+        "set_to_none": t.set_to_none,
+        "activation_checkpointing": t.activation_checkpointing,
+        "precision": "fp32" if precision == "no" else precision,
+        "fused_adamw": cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda",
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "repeats": len(framework),
+        "tokens_per_s": tok_s,
+        "tokens_per_s_per_device": tok_s / world,
+        "flops_per_token": fpt,
+        "peak_tflops": peak_tflops,
+        "mfu": mfu(tok_s / world, fpt, peak_tflops),
+        "step_time_s": step_time,
+        "step_time_p50_s": statistics.median(times),
+        "step_time_p90_s": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "step_times_s": [x["step_time_s"] for x in framework],
+        "first_step_s": framework[0]["first_step_s"],
+        # The first step also compiles; what it costs beyond a steady step is compile time
+        # (from the first run: later repeats may hit the compile caches).
+        "compile_s": (
+            framework[0]["first_step_s"] - framework[0]["step_time_p50_s"] if t.compile else None
+        ),
+        "data_wait_frac": statistics.median(x["data_wait_frac"] for x in framework),
+        "peak_mem_gb": max(x["peak_mem_gb"] for x in framework),
+        "peak_mem_kind": ("cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS")
+        + ", measured steps",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "git_sha": git_sha(),
+        "note": args.note,
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak for device)"
+    lines = [
+        f"bench | {r['model']} on {r['device']} x{r['world_size']} ({r['dist']}), "
+        f"seq {r['seq_len']}, {r['micro_batch']} x {r['grad_accum']} accum = "
+        f"{r['batch_tokens']:,} tokens/step, "
+        f"{r['precision']}, compile {'on' if r['compile'] else 'off'}",
+        f"  tokens/s    {r['tokens_per_s']:,.0f} global, "
+        f"{r['tokens_per_s_per_device']:,.0f} per device",
+        f"  mfu         {mfu_s}",
+        f"  step time   mean {1e3 * r['step_time_s']:.1f} ms, p50 {1e3 * r['step_time_p50_s']:.1f}"
+        f" ms, p90 {1e3 * r['step_time_p90_s']:.1f} ms over {r['steps']} steps "
+        f"(mean: median of {r['repeats']} runs; p50/p90 over all their steps); first step "
+        f"{r['first_step_s']:.2f} s",
+        f"  data wait   {100 * r['data_wait_frac']:.2f}% of the step",
+        f"  peak memory {r['peak_mem_gb']:.2f} GB ({r['peak_mem_kind']})",
+    ]
+    if r["compile_s"] is not None:
+        lines.append(f"  compile     {r['compile_s']:.1f} s (first step minus a steady step)")
+    if "overhead_vs_bare" in r:
+        lines.append(
+            f"  vs bare     {r['overhead_vs_bare']:.3f}x by median step: framework "
+            f"{1e3 * r['step_time_p50_s']:.1f} ms, bare loop {1e3 * r['bare_step_time_p50_s']:.1f}"
+            f" ms; by mean step {r['overhead_vs_bare_mean']:.3f}x ({1e3 * r['step_time_s']:.1f} "
+            f"vs {1e3 * r['bare_step_time_s']:.1f} ms); paired {r['overhead_vs_bare_paired']:.3f}x "
+            f"(median over repeats of framework / bare run next to it); losses "
+            f"{r['loss_framework']} vs {r['loss_bare']}"
+        )
+    if "versus" in r:
+        lines.append(
+            f"  vs before   {r['speedup_paired']:.3f}x tokens/s paired with the run without "
+            f"{' '.join(r['versus'])} ({r['before_tokens_per_s']:,.0f} tokens/s); peak memory "
+            f"{r['peak_mem_ratio']:.2f}x ({r['before_peak_mem_gb']:.2f} GB); losses "
+            f"{r['loss_before']} vs {r['loss_after']}"
+        )
+    return "\n".join(lines)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
