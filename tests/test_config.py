@@ -1,8 +1,10 @@
-"""llmtrain.config: composition from conf/, and errors that name the offending key."""
+"""llmtrain.config: composition from conf/, the shipped experiments, and errors that name the
+offending key."""
 
 import pytest
 
 from llmtrain.config import (
+    CONF_DIR,
     ConfigError,
     TrainConfig,
     config_from_dict,
@@ -10,6 +12,8 @@ from llmtrain.config import (
     config_to_yaml,
     load_config,
 )
+from llmtrain.plan import plan
+from llmtrain.run import Plan
 
 BASE = ["trainer.max_steps=1"]
 
@@ -82,3 +86,35 @@ def test_from_dict_rejects_unknown_keys():
     data["model"]["foo"] = 1
     with pytest.raises(Exception, match="foo"):
         config_from_dict(data)
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_with_the_launchers_it_is_meant_for(name):
+    # smoke: one CPU process or launch/cpu.yaml's two; the GPU recipes: one GPU or a node of 8.
+    for world in (1, 2) if name == "smoke" else (1, 8):
+        cfg = load_config([f"experiment={name}"], world_size=world)
+        assert cfg.experiment == name  # the receipt names the file that pinned the run
+        assert cfg.trainer.max_steps or cfg.trainer.max_tokens
+
+
+@pytest.mark.parametrize(
+    "name, world, accum, tokens, fits_in",
+    [
+        # nanoGPT / llm.c's GPT-2 124M run: 19,073 steps of 524,288 tokens = 10B tokens.
+        ("gpt2-124m-fineweb", 1, 16, 9_999_745_024, 80),
+        ("gpt2-124m-fineweb", 8, 2, 9_999_745_024, 40),
+        ("llama-1b-fineweb-edu", 8, 8, 19_999_490_048, 80),
+    ],
+)
+def test_the_recipes_are_the_runs_their_headers_describe(name, world, accum, tokens, fits_in):
+    overrides = [f"experiment={name}"] + (["dist=fsdp2"] if "llama" in name else [])
+    cfg = load_config(overrides, world_size=world)
+    run = Plan.from_config(cfg, world)
+    assert (run.grad_accum, run.max_steps * run.tokens_per_step) == (accum, tokens)
+    assert cfg.trainer.precision == "bf16" and cfg.trainer.compile
+    assert cfg.data.name.startswith("fineweb") and cfg.data.seq_len <= cfg.model.context_length
+    memory = plan(cfg, world, gpu_mem_gb=fits_in)
+    assert memory.fits, f"{name} on {world} GPU(s) does not fit {fits_in} GiB"
