@@ -45,6 +45,10 @@ from llmtrain.documents import (
 )
 from llmtrain.tokenizer import Tokenizer
 
+# Shuffled epochs in a row in which a worker that never read a document reads none, before its
+# share of the corpus is taken to be empty for good (see PackedDocuments._never_again).
+EMPTY_EPOCHS = 16
+
 __all__ = ["SAMPLE_DIR", "DataError", "PackedDocuments", "TokenLoader", "build_dataloader"]
 
 
@@ -110,6 +114,7 @@ class PackedDocuments(IterableDataset):
             "carry": [],
             "consumed": 0,
             "epoch_docs": 0,
+            "empty_epochs": 0,  # epochs in a row without a document (see _never_again)
             "stats": dict.fromkeys(STATS, 0),
         }
         stats = dict(pos["stats"])
@@ -144,16 +149,34 @@ class PackedDocuments(IterableDataset):
                     "carry": buf[p:].tolist(),
                     "consumed": 0,
                     "epoch_docs": after_docs,
+                    "empty_epochs": pos.get("empty_epochs", 0),
                     "stats": dict(stats),
                 }
                 if len(rows) < cfg.tokenize_batch:
                     break
-            if not self.train or pos["epoch_docs"] == 0:
-                if batch:  # a finite pass ends with its last, smaller batch
+            empty = pos["epoch_docs"] == 0
+            pos["empty_epochs"] = pos.get("empty_epochs", 0) + 1 if empty else 0
+            if not self.train or (empty and self._never_again(pos, stats)):
+                if batch and not self.train:  # a finite pass ends with its last, smaller batch
                     yield worker, np.stack(batch), pos, dict(stats)
                 yield worker, None, pos, dict(stats)
                 return
             pos = {**pos, "epoch": pos["epoch"] + 1, "hf": None, "epoch_docs": 0}
+
+    def _never_again(self, pos: dict, stats: dict[str, int]) -> bool:
+        """After an epoch in which this worker read no document: will later epochs give one?
+
+        Each shuffled epoch deals the shards out afresh among the ranks and their workers, so a
+        worker whose shards were all held out for validation (or empty) this epoch gets others
+        in the next: it goes on. It stops when it reads the same files every epoch (it is the
+        only reader, the order is not shuffled, or there is one shard), or after EMPTY_EPOCHS
+        empty epochs in a row without ever having read a document.
+        """
+        info = get_worker_info()
+        readers = (info.num_workers if info is not None else 1) * (self.node or (0, 1))[1]
+        if readers == 1 or not self.cfg.shuffle or self.ds.n_shards <= 1:
+            return True
+        return stats["documents"] == 0 and pos["empty_epochs"] >= EMPTY_EPOCHS
 
 
 class TokenLoader:
@@ -199,17 +222,30 @@ class TokenLoader:
         """Documents used, and skipped as empty / undecodable / held out, so far."""
         return {k: sum(s[k] for s in self._state["stats"]) for k in STATS}
 
+    def _meaning(self) -> dict[str, Any]:
+        """What a saved position means depends on; a resume must match every value. A stream
+        position indexes into one batch of documents' tokens (data.tokenize_batch) and into an
+        epoch's shard order (data.shuffle); a window index depends on the stride."""
+        keys = {
+            "kind": self.kind,
+            "num_workers": self.num_workers,
+            "world_size": self.world_size,
+            "seq_len": self.cfg.seq_len,
+            "stride": self.cfg.stride or self.cfg.seq_len,
+            "shuffle": self.cfg.shuffle,
+        }
+        if self.kind == "hf":
+            keys["tokenize_batch"] = self.cfg.tokenize_batch
+        return keys
+
     def state_dict(self) -> dict[str, Any]:
         windows = self._state["batches"] * self.batch_size
         return copy.deepcopy(
             {
                 **self._state,
+                **self._meaning(),
                 "version": 1,
-                "kind": self.kind,
-                "num_workers": self.num_workers,
                 "rank": self.rank,
-                "world_size": self.world_size,
-                "seq_len": self.cfg.seq_len,
                 "windows": windows,
                 "global_windows": windows * self.world_size,
                 "global_tokens": windows * self.world_size * self.cfg.seq_len,
@@ -217,16 +253,13 @@ class TokenLoader:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in (
-            ("kind", self.kind),
-            ("num_workers", self.num_workers),
-            ("world_size", self.world_size),
-            ("seq_len", self.cfg.seq_len),
-        ):
-            if state.get(key) != mine:
+        always = ("kind", "num_workers", "world_size", "seq_len")  # older checkpoints lack the rest
+        for key, mine in self._meaning().items():
+            if (key in always or key in state) and state.get(key) != mine:
+                name = {"kind": "data.source", "world_size": "world size"}.get(key, f"data.{key}")
                 raise DataError(
-                    f"data state was saved with {key}={state.get(key)}, this run "
-                    f"has {mine}; exact resume needs the same value"
+                    f"the data position was saved with {name}={state.get(key)} and this run "
+                    f"has {mine}; exact resume needs the same value (set {name} back)"
                 )
         keys = ("next", "done", "workers", "stats", "batches")
         self._state = copy.deepcopy({k: state[k] for k in keys})
@@ -252,7 +285,6 @@ class TokenLoader:
             self._state = self._fresh_state()
         state = self._state
         items, pending = self._items(state), [deque() for _ in range(n)]
-        yielded = False
         while not all(state["done"]):
             w = state["next"]
             if state["done"][w]:
@@ -267,20 +299,35 @@ class TokenLoader:
                 state["done"][w] = True
                 continue
             state["next"], state["batches"] = (w + 1) % n, state["batches"] + 1
-            yielded = True
             yield self._inputs_and_targets(windows)
-        if not yielded and state["batches"] == 0:
-            raise DataError(
-                f"{self._describe()}: no {'training' if self.train else 'validation'} "
-                f"window of data.seq_len+1={self.cfg.seq_len + 1} tokens "
-                f"(skipped: {self.stats}); the corpus is empty or too small"
-                + (
-                    ". Every document was held out for validation: give the validation text "
-                    "separately with data.val_files=PATH (a .txt file is one document)"
-                    if self.train and self.stats.get("heldout") and not self.stats.get("documents")
-                    else ""
-                )
+        if self.train or state["batches"] == 0:
+            raise DataError(self._ran_out())
+
+    def _ran_out(self) -> str:
+        """Why the stream ended: a training stream is endless (epochs), so for it any end is an
+        error (an empty loop would spin forever); a validation pass must give one batch."""
+        if self.train and self._state["batches"] > 0:
+            what = (
+                f"the training stream of rank {self.rank} ended after "
+                f"{self._state['batches']} batches: none of its DataLoader workers has a window "
+                "left to give"
             )
+        else:
+            what = (
+                f"no {'training' if self.train else 'validation'} window of "
+                f"data.seq_len+1={self.cfg.seq_len + 1} tokens"
+            )
+        held_out_all = self.train and self.stats.get("heldout") and not self.stats.get("documents")
+        return (
+            f"{self._describe()}: {what} (skipped: {self.stats}); the corpus is empty or too "
+            "small"
+            + (
+                ". Every document was held out for validation: give the validation text "
+                "separately with data.val_files=PATH (a .txt file is one document)"
+                if held_out_all
+                else ""
+            )
+        )
 
     def _inputs_and_targets(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """x = windows[:, :-1], y = windows[:, 1:] as contiguous int64 tensors (B, seq_len).

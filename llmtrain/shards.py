@@ -14,6 +14,7 @@ exact and costs nothing.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,22 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
 
 
 def shard_files(cfg: DataConfig, split: str) -> list[str]:
-    """The shards of a split: ``DIR/*train*.bin`` / ``DIR/*val*.bin`` (llm.c's names)."""
+    """The shards of a split: the ``.bin`` files in ``data.path`` whose name has ``train`` (or
+    ``val``) as a word between ``_``, ``-`` or ``.``, as llm.c and llmtrain-prepare name them
+    (``fineweb_train_000001.bin``, ``tiny_shakespeare_val.bin``); ``pretrain_val_000.bin`` is
+    validation."""
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"data.path={cfg.path!r}: no such directory (run llmtrain-prepare first)")
-    pattern = "*train*.bin" if split == "train" else "*val*.bin"
-    files = sorted(str(p) for p in root.glob(pattern))
+    word = "train" if split == "train" else "val"
+    files = sorted(
+        str(f) for f in root.glob("*.bin") if word in re.split(r"[_.\-]", f.name.lower())
+    )
     if not files:
-        raise DataError(f"data.path={cfg.path!r}: no {pattern} shard files")
+        raise DataError(
+            f"data.path={cfg.path!r}: no {split} shards (.bin files with {word!r} as a word of "
+            f"the name, e.g. NAME_{word}_000000.bin)"
+        )
     return files
 
 
@@ -114,8 +123,10 @@ class ShardWindows(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield worker, np.stack(batch), dict(pos), stats
                     batch = []
-            if not self.train or count == 0:
-                if batch:
+            # Slots deal windows by position, the same every epoch: a slot past the last window
+            # (a corpus with fewer windows than ranks x workers) never gets one.
+            if not self.train or count <= slot:
+                if batch:  # a finite pass ends with its last, smaller batch
                     yield worker, np.stack(batch), dict(pos), stats
                 yield worker, None, dict(pos), stats
                 return

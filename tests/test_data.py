@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -171,7 +172,7 @@ def check_disjoint_and_cover(world_size: int) -> None:
         loader = build_dataloader(cfg, TOK, split="train", batch_size=4, rank=rank,
                                   world_size=world_size, seed=3)  # fmt: skip
         assert loader.num_workers == 2
-        loader.source.train = False  # one pass, ending with each worker's last batch
+        loader.train = loader.source.train = False  # one pass, ending with each worker's last batch
         per_worker: dict[int, list] = {0: [], 1: []}
         for batch in loader:  # the worker that made a batch is the one before "next"
             per_worker[(loader.state_dict()["next"] - 1) % 2].append(batch)
@@ -282,3 +283,60 @@ def test_jsonl_rows_are_documents_and_empty_rows_counted(tmp_path):
     got = unwindow(take(loader, 2), 4)
     assert got == stream_of(["second document"] * 4)[: len(got)]
     assert loader.stats["empty"] >= 2 and loader.stats["heldout"] >= 1
+
+
+def test_a_rank_whose_files_are_all_held_out_this_epoch_reads_others_next_epoch(tmp_path):
+    """Four one-document files, the first held out for validation, four ranks: each shuffled
+    epoch deals every rank one file, so some epoch hands a rank the held-out one. That rank
+    moves on to the next epoch (it used to stop for good: its training stream ended and the
+    loop waited on it forever)."""
+    texts = docs_of(list((SAMPLE_DIR / "data" / "validation").glob("*.parquet")))[:4]
+    for i, t in enumerate(texts):
+        (tmp_path / f"doc{i}.txt").write_text(f"[doc{i}] {t[:300]}")
+    cfg = small(files=str(tmp_path / "*.txt"), val_split=None, val_docs=1, seq_len=16)
+    for rank in range(4):
+        loader = build_dataloader(cfg, TOK, split="train", batch_size=2, rank=rank,
+                                  world_size=4, seed=0)  # fmt: skip
+        text = "".join(TOK.decode(x.flatten().tolist()) for x, _ in take(loader, 60))
+        assert "[doc0]" not in text  # held out
+        assert all(f"[doc{i}]" in text for i in (1, 2, 3)), rank
+        assert loader.stats["heldout"] > 0  # this rank did draw the held-out file
+
+
+def test_a_training_stream_that_ends_is_an_error_not_an_endless_wait():
+    """train.batches() restarts the loader whenever it ends; a training loader that ended
+    without an error would make that loop spin forever."""
+    from llmtrain.data import TokenLoader
+    from llmtrain.metrics import Throughput
+    from llmtrain.train import batches
+
+    class OneBatchThenDone:  # a source in PackedDocuments' item protocol
+        resume: list = []
+
+        def __iter__(self):
+            stats = {"documents": 1, "empty": 0, "undecodable": 0, "heldout": 0}
+            yield 0, np.arange(2 * 17).reshape(2, 17), {}, stats
+            yield 0, None, {}, stats
+
+    loader = TokenLoader(OneBatchThenDone(), small(seq_len=16), batch_size=2, train=True,
+                         rank=1, world_size=2, kind="hf")  # fmt: skip
+    stream = batches(loader, Throughput())
+    next(stream)
+    with pytest.raises(DataError, match="training stream of rank 1 ended after 1 batches"):
+        next(stream)
+
+
+@pytest.mark.parametrize("key, value", [("tokenize_batch", 1), ("stride", 8), ("shuffle", False)])
+def test_resume_refuses_a_change_that_moves_the_position(key, value):
+    """A position counts tokens into one batch of documents (data.tokenize_batch), windows of
+    one stride, in one epoch's shard order: changed, the resumed run would skip or repeat
+    tokens without a word. Checkpoints older than these fields still load."""
+    cfg = small(num_workers=0, tokenize_batch=4)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
+    take(loader, 3)
+    state = loader.state_dict()
+    other = build_dataloader(replace(cfg, **{key: value}), TOK, split="train", batch_size=2)
+    with pytest.raises(DataError, match=f"data.{key}=.* exact resume needs the same value"):
+        other.load_state_dict(state)
+    old = {k: v for k, v in state.items() if k not in ("tokenize_batch", "stride", "shuffle")}
+    build_dataloader(cfg, TOK, split="train", batch_size=2).load_state_dict(old)

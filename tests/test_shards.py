@@ -11,7 +11,7 @@ import torch
 
 from llmtrain.config import DataConfig
 from llmtrain.data import DataError, build_dataloader
-from llmtrain.shards import read_shard, write_shard
+from llmtrain.shards import read_shard, shard_files, write_shard
 from llmtrain.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("gpt2")
@@ -93,7 +93,7 @@ def test_ranks_and_workers_are_disjoint_and_cover(shard_dir, world_size):
             rank=rank,
             world_size=world_size,
         )
-        loader.source.train = False  # one pass
+        loader.train = loader.source.train = False  # one pass
         starts += [int(x[i, 0]) for x, _ in loader for i in range(len(x))]
     assert len(starts) == len(set(starts))
     assert sorted(starts) == list(range(0, 7 * 997 - 32, 32))  # every window, once
@@ -126,3 +126,37 @@ def test_resume_is_exact_across_epochs(shard_dir, workers):
 def test_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="llmtrain-prepare"):
         build_dataloader(cfg_for(tmp_path / "none"), TOK, split="train", batch_size=2)
+
+
+def test_the_split_is_a_word_of_the_file_name_not_any_substring(tmp_path):
+    """llm.c and llmtrain-prepare name shards NAME_SPLIT_N.bin; a data name that merely
+    contains "train" or "val" (pretrain, retrieval) must not move files between splits."""
+    names = ["pretrain_train_000001.bin", "pretrain_val_000000.bin", "retrieval_train_000001.bin",
+             "tiny_shakespeare_val.bin", "fineweb-edu-train-000002.bin", "notes.txt"]  # fmt: skip
+    for name in names:
+        write_shard(tmp_path / name, np.arange(40), 50257)
+    cfg = cfg_for(tmp_path)
+    found = {split: [Path(f).name for f in shard_files(cfg, split)] for split in ("train", "val")}
+    assert found == {
+        "train": ["fineweb-edu-train-000002.bin", "pretrain_train_000001.bin",
+                  "retrieval_train_000001.bin"],
+        "val": ["pretrain_val_000000.bin", "tiny_shakespeare_val.bin"],
+    }  # fmt: skip
+    (tmp_path / "only-train").mkdir()
+    write_shard(tmp_path / "only-train" / "x_train_000000.bin", np.arange(40), 50257)
+    with pytest.raises(DataError, match="no val shards"):
+        shard_files(cfg_for(tmp_path / "only-train"), "val")
+
+
+@pytest.mark.timeout(30)
+def test_a_rank_past_the_last_window_says_so_instead_of_spinning(tmp_path):
+    """Windows are dealt by position: with 2 windows and 4 ranks, ranks 2 and 3 never get one.
+    Their readers used to loop over empty epochs forever without yielding."""
+    write_shard(tmp_path / "x_train_000000.bin", np.arange(2 * 32 + 1), 50257)
+    write_shard(tmp_path / "x_val_000000.bin", np.arange(100), 50257)
+    cfg = cfg_for(tmp_path)
+    first = build_dataloader(cfg, TOK, split="train", batch_size=1, rank=1, world_size=4)
+    assert next(iter(first))[0].shape == (1, 32)
+    last = build_dataloader(cfg, TOK, split="train", batch_size=1, rank=3, world_size=4)
+    with pytest.raises(DataError, match="no training window"):
+        next(iter(last))
