@@ -8,7 +8,9 @@ llm.c's put EOT before each document. Either way documents are EOT-separated.
 Training reads the concatenation of the files (in a seed-and-epoch shuffled file order) as one
 token stream; window g starts at token g * stride, and of S = world_size x num_workers slots,
 slot s takes windows s, s + S, s + 2S, ... A position is just (epoch, next window), so resume is
-exact and costs nothing.
+exact and costs nothing. A training epoch ends at the last multiple of S windows, so every slot
+takes the same number per epoch: the ranks stay in step across epochs, and a checkpoint taken at
+any step can move to another world size (llmtrain/consolidate.py).
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class ShardWindows(IterableDataset):
         L, stride = self.cfg.seq_len + 1, self.cfg.stride or self.cfg.seq_len
         total = sum(self.lengths)
         count = (total - L) // stride + 1 if total >= L else 0  # windows per epoch
+        if self.train:  # the same number for every slot; at most slots - 1 left over
+            count -= count % slots
         pos = dict(pos or {"epoch": 0, "next": slot})
         stats = dict.fromkeys(STATS, 0)
         maps = [read_shard(f) for f in self.files]
@@ -123,9 +127,8 @@ class ShardWindows(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield worker, np.stack(batch), dict(pos), stats
                     batch = []
-            # Slots deal windows by position, the same every epoch: a slot past the last window
-            # (a corpus with fewer windows than ranks x workers) never gets one.
-            if not self.train or count <= slot:
+            # A corpus with fewer windows than ranks x workers gives no slot any.
+            if not self.train or count == 0:
                 if batch:  # a finite pass ends with its last, smaller batch
                     yield worker, np.stack(batch), dict(pos), stats
                 yield worker, None, dict(pos), stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -149,14 +150,40 @@ def test_the_split_is_a_word_of_the_file_name_not_any_substring(tmp_path):
 
 
 @pytest.mark.timeout(30)
-def test_a_rank_past_the_last_window_says_so_instead_of_spinning(tmp_path):
-    """Windows are dealt by position: with 2 windows and 4 ranks, ranks 2 and 3 never get one.
-    Their readers used to loop over empty epochs forever without yielding."""
+def test_fewer_windows_than_ranks_is_a_clear_error_on_every_rank(tmp_path):
+    """With 2 windows and 4 ranks, ranks 2 and 3 would get none (their readers used to loop over
+    empty epochs forever without yielding); every rank now says the corpus is too small."""
     write_shard(tmp_path / "x_train_000000.bin", np.arange(2 * 32 + 1), 50257)
     write_shard(tmp_path / "x_val_000000.bin", np.arange(100), 50257)
-    cfg = cfg_for(tmp_path)
-    first = build_dataloader(cfg, TOK, split="train", batch_size=1, rank=1, world_size=4)
-    assert next(iter(first))[0].shape == (1, 32)
-    last = build_dataloader(cfg, TOK, split="train", batch_size=1, rank=3, world_size=4)
-    with pytest.raises(DataError, match="no training window"):
-        next(iter(last))
+    for rank in range(4):
+        loader = build_dataloader(cfg_for(tmp_path), TOK, split="train", batch_size=1,
+                                  rank=rank, world_size=4)  # fmt: skip
+        with pytest.raises(DataError, match="no training window"):
+            next(iter(loader))
+
+
+def test_a_checkpoint_from_a_later_epoch_moves_to_another_world_size(shard_dir):
+    """shard_dir holds 218 windows of 32 tokens, which 3 ranks do not divide. Every rank takes
+    72 per epoch (the last 2 are left over), so 3 ranks are in step in epoch 1 and their states
+    redistribute over 2 ranks; the 2 continue epoch 1 with no window repeated or skipped,
+    against one rank reading the same epoch."""
+    from llmtrain.consolidate import redistribute_data_state
+
+    def first_tokens(loader, n):
+        return [int(t) for x, _ in islice(loader, n) for t in x[:, 0]]
+
+    cfg = cfg_for(shard_dir)
+    one = build_dataloader(cfg, TOK, split="train", batch_size=2, world_size=1, seed=5)
+    epoch1 = first_tokens(one, 218)[218:]  # 218 windows per epoch at world size 1
+    old = [build_dataloader(cfg, TOK, split="train", batch_size=4, rank=r, world_size=3,
+                            seed=5) for r in range(3)]  # fmt: skip
+    before = [first_tokens(loader, 20) for loader in old]  # 18 batches of epoch 0, 2 of epoch 1
+    states = [loader.state_dict() for loader in old]
+    assert {s["workers"][0]["epoch"] for s in states} == {1}
+    seen = [t for b in before for t in b[72:]]  # epoch 1: windows 0..23
+    for rank in range(2):
+        new = build_dataloader(cfg, TOK, split="train", batch_size=4, rank=rank,
+                               world_size=2, seed=5)  # fmt: skip
+        new.load_state_dict(redistribute_data_state(states, rank, 2))
+        seen += first_tokens(new, 24)  # windows 24 + rank, 26 + rank, ... up to 215 + rank
+    assert len(seen) == len(set(seen)) == 216 and set(seen) <= set(epoch1)
