@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 
 import hydra
@@ -68,14 +69,14 @@ def step_flags(accelerator, grad_norm, stop: bool) -> tuple[bool, bool]:
 
 @torch.no_grad()
 def evaluate(model, accelerator, val_loader, n_batches: int) -> float:
-    """Mean validation loss over the first ``n_batches`` batches, averaged over ranks."""
+    """Mean validation loss per token over the first ``n_batches`` batches and every rank (a
+    pass's last batch may be smaller: it counts for its tokens, not as a whole batch)."""
     model.eval()
-    total = torch.zeros(2, device=accelerator.device)
-    for i, (x, y) in enumerate(val_loader):
-        if i >= n_batches:
-            break
+    total = torch.zeros(2, device=accelerator.device)  # (loss x tokens, tokens)
+    for x, y in islice(val_loader, n_batches):
         _, loss = model(x.to(accelerator.device), y.to(accelerator.device), return_logits=False)
-        total += torch.stack([loss.float(), torch.ones((), device=accelerator.device)])
+        total[0] += loss.float() * y.numel()
+        total[1] += y.numel()
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     if total[1] == 0:

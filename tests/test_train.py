@@ -219,3 +219,28 @@ def test_cli_bad_config_fails_fast_naming_the_key(tmp_path):
     assert out.returncode == 2
     assert "trainer.batch_tokens" in out.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.jsonl"))
+
+
+def test_validation_loss_is_per_token_and_reads_only_the_batches_it_uses():
+    """A finite pass ends with a smaller batch: its loss counts for its tokens. Batches past
+    trainer.eval_batches are not even fetched."""
+    from types import SimpleNamespace
+
+    from llmtrain.train import evaluate
+
+    class MeanOfTargets(torch.nn.Module):  # the "loss" of a batch: the mean of its targets
+        def forward(self, x, y, return_logits=True):
+            return None, y.float().mean()
+
+    fetched = []
+
+    def val_loader():
+        for rows, value in ((4, 1.0), (1, 6.0), (4, 100.0)):
+            fetched.append(rows)
+            y = torch.full((rows, 8), value)
+            yield y.long(), y.long()
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t)
+    loss = evaluate(MeanOfTargets(), accelerator, val_loader(), n_batches=2)
+    assert loss == pytest.approx((4 * 1.0 + 1 * 6.0) / 5)  # a mean of batch means: 3.5
+    assert fetched == [4, 1]
