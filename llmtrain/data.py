@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from itertools import chain, islice
@@ -38,18 +40,31 @@ from llmtrain.documents import (
     SAMPLE_DIR,
     STATS,
     DataError,
+    StreamError,
     clean_texts,
+    is_transient,
     load_documents,
     read_error,
     validation_documents,
 )
 from llmtrain.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
+# Seconds between reopenings of a remote stream whose read failed (see _next_documents).
+STREAM_RETRY_WAITS = (10, 20, 40, 80, 160, 300)
 # Shuffled epochs in a row in which a worker that never read a document reads none, before its
 # share of the corpus is taken to be empty for good (see PackedDocuments._never_again).
 EMPTY_EPOCHS = 16
 
-__all__ = ["SAMPLE_DIR", "DataError", "PackedDocuments", "TokenLoader", "build_dataloader"]
+__all__ = [
+    "SAMPLE_DIR",
+    "DataError",
+    "PackedDocuments",
+    "StreamError",
+    "TokenLoader",
+    "build_dataloader",
+]
 
 
 class PackedDocuments(IterableDataset):
@@ -124,10 +139,7 @@ class PackedDocuments(IterableDataset):
             ds.load_state_dict(pos["hf"])
             rows_it = iter(ds)
             while True:  # batches of documents
-                try:
-                    rows = list(islice(rows_it, cfg.tokenize_batch))
-                except Exception as e:  # noqa: BLE001 -- corrupt file, broken stream: name it
-                    raise read_error(cfg, e) from e
+                rows, rows_it = self._next_documents(ds, rows_it, pos)
                 hf_after = ds.state_dict() if rows else None
                 texts = clean_texts(rows, cfg, self.heldout, stats)
                 ids = self.tok.encode_batch(texts)
@@ -162,6 +174,35 @@ class PackedDocuments(IterableDataset):
                 yield worker, None, pos, dict(stats)
                 return
             pos = {**pos, "epoch": pos["epoch"] + 1, "hf": None, "epoch_docs": 0}
+
+    def _next_documents(self, ds: Any, rows_it: Iterator, pos: dict) -> tuple[list, Iterator]:
+        """The next data.tokenize_batch documents, and the iterator to read on from.
+
+        ``datasets`` retries each failed read of a remote file (for about 100 s). When a read
+        still fails on a network error, the stream is reopened where this batch of documents
+        began (``pos["hf"]``: nothing is skipped or read twice) after STREAM_RETRY_WAITS, about
+        10 minutes in all, well inside the ranks' collective timeout (dist.timeout_s). A stream
+        still unreachable is a StreamError (requeued); anything else, such as a corrupt file,
+        is a DataError naming the source.
+        """
+        attempt = 0
+        while True:
+            try:
+                return list(islice(rows_it, self.cfg.tokenize_batch)), rows_it
+            except Exception as e:  # noqa: BLE001 -- corrupt file, broken stream: name it
+                if not is_transient(e):
+                    raise read_error(self.cfg, e) from e
+                if attempt == len(STREAM_RETRY_WAITS):
+                    raise StreamError(f"{read_error(self.cfg, e)} (after {attempt} retries)") from e
+                wait, attempt = STREAM_RETRY_WAITS[attempt], attempt + 1
+                log.warning(
+                    "data: %s: %s: %s; reopening the stream at the same document in %g s "
+                    "(%d/%d)", self.cfg.path, type(e).__name__, e, wait, attempt,
+                    len(STREAM_RETRY_WAITS),
+                )  # fmt: skip
+                time.sleep(wait)
+                ds.load_state_dict(pos["hf"])
+                rows_it = iter(ds)
 
     def _never_again(self, pos: dict, stats: dict[str, int]) -> bool:
         """After an epoch in which this worker read no document: will later epochs give one?

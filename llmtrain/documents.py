@@ -40,6 +40,24 @@ class DataError(ValueError):
     """Data the run cannot use; the message names the key, file or dataset."""
 
 
+class StreamError(DataError):
+    """A remote stream that stayed unreachable through every retry: unlike a bad file, worth
+    trying again later (the run exits 1, which the sbatch scripts requeue)."""
+
+
+# Transport failures of the HTTP clients under datasets / huggingface_hub / fsspec, by class
+# name, so that none of those libraries has to be imported to recognise them.
+TRANSPORT_ERRORS = {"TransportError", "RequestException", "ClientError", "FSTimeoutError"}
+
+
+def is_transient(e: BaseException) -> bool:
+    """A network failure or an HTTP 429 / 5xx: the same read may well work a little later."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in RETRY_STATUS or isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    return any(c.__name__ in TRANSPORT_ERRORS for c in type(e).__mro__)
+
+
 def _expand(pattern: str, key: str) -> list[str]:
     files: list[str] = []
     for part in (p.strip() for p in pattern.split(",") if p.strip()):

@@ -28,7 +28,7 @@ from llmtrain.config import (
     validate,
     world_size_from_env,
 )
-from llmtrain.data import DataError
+from llmtrain.data import DataError, StreamError
 from llmtrain.dist import process_scope
 from llmtrain.metrics import (
     Throughput,
@@ -285,6 +285,8 @@ def _hydra_main(node: DictConfig) -> None:
         train(cfg, run_dir)
     except ConfigError as e:
         _exit(2, "config error", e)
+    except StreamError as e:  # the network: a later try may work
+        _exit(1, "data stream unreachable", e)
     except DataError as e:
         _exit(2, "data error", e)
     except ckpt.CheckpointError as e:

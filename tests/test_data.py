@@ -340,3 +340,42 @@ def test_resume_refuses_a_change_that_moves_the_position(key, value):
         other.load_state_dict(state)
     old = {k: v for k, v in state.items() if k not in ("tokenize_batch", "stride", "shuffle")}
     build_dataloader(cfg, TOK, split="train", batch_size=2).load_state_dict(old)
+
+
+def test_a_stream_that_drops_is_reopened_at_the_same_document(monkeypatch):
+    """A network failure mid-stream (after datasets' own retries) reopens the stream where
+    the batch of documents began: the tokens equal an uninterrupted run's. One that never comes
+    back is a StreamError (requeued), and a corrupt file is not retried at all."""
+    import llmtrain.data as data
+
+    monkeypatch.setattr(data, "STREAM_RETRY_WAITS", (0, 0))
+    cfg = small(tokenize_batch=2)  # a document is ~25 windows of the sample: 80 batches, ~7
+    reference = take(build_dataloader(cfg, TOK, split="train", batch_size=4, seed=2), 80)
+    real_iter = datasets.IterableDataset.__iter__
+    failures = {"left": 1, "rows": 0}
+
+    def flaky(self):
+        for row in real_iter(self):
+            failures["rows"] += 1
+            if failures["rows"] >= 4 and failures["left"]:  # from the 2nd document of batch 2
+                failures["left"] -= 1
+                raise ConnectionError("Server Disconnected")
+            yield row
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", flaky)
+    got = take(build_dataloader(cfg, TOK, split="train", batch_size=4, seed=2), 80)
+    assert failures["left"] == 0
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, reference, strict=True))
+
+    failures.update(left=10, rows=0)
+    with pytest.raises(data.StreamError, match="after 2 retries"):
+        take(build_dataloader(cfg, TOK, split="train", batch_size=4, seed=2), 80)
+
+    def corrupt(self):
+        raise pa.ArrowInvalid("Parquet magic bytes not found")
+        yield
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", corrupt)
+    with pytest.raises(DataError, match="reading failed: ArrowInvalid") as e:
+        take(build_dataloader(cfg, TOK, split="train", batch_size=4, seed=2), 1)
+    assert not isinstance(e.value, data.StreamError)
