@@ -20,9 +20,10 @@ fails the save on every rank and leaves the previous checkpoint and ``latest`` a
 Weights with a NaN or inf are never saved. Which checkpoint a run resumes from, and whether it
 is intact and fits the model, is ``llmtrain/resume.py``.
 
-SIGTERM and SIGUSR1 (Slurm's warning before a preemption or the time limit) only set a flag;
-the loop finishes its step, every rank agrees at the same step, saves, and the process exits
-with :data:`EXIT_PREEMPTED` so the job script requeues it.
+SIGTERM, SIGUSR1 (Slurm's warning before a preemption or the time limit) and SIGINT (Ctrl-C;
+a second one stops at once) only set a flag; the loop finishes its step, every rank agrees at
+the same step, saves, and the process exits with :data:`EXIT_PREEMPTED` so the job script
+requeues it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from llmtrain.integrity import (
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TRAINER_STATE = "trainer_state.json"
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped by a signal, checkpoint saved, requeue me
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class SaveError(RuntimeError):
@@ -229,6 +230,9 @@ def save_checkpoint(
             (tmp / "config.yaml").write_text(config_to_yaml(cfg))
             (tmp / "receipt.json").write_text(json.dumps(receipt, indent=2))
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
+            if (weights := tmp / "model.safetensors").is_file():
+                # safetensors creates it 0600; give it the mode (umask) the other files got
+                os.chmod(weights, (tmp / TRAINER_STATE).stat().st_mode & 0o777)
     except OSError as e:
         error = _describe(e, tmp)
     agree(error)
@@ -274,12 +278,14 @@ class Preemption:
     def _handle(self, signum: int, frame: Any) -> None:
         # Only a flag: the loop finishes its step and saves. Printing here could re-enter I/O.
         self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # Ctrl-C saves; a second Ctrl-C stops at once, unsaved
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager
 def preemption_signals() -> Iterator[Preemption]:
-    """SIGTERM / SIGUSR1 set a flag while inside (the main thread only; elsewhere a no-op),
-    and the previous handlers come back after."""
+    """SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) set a flag while inside (the main thread only;
+    elsewhere a no-op), and the previous handlers come back after."""
     flag = Preemption()
     if threading.current_thread() is not threading.main_thread():
         yield flag

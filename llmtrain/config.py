@@ -8,13 +8,15 @@ the relations between groups) before any process group or model is built.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llmtrain.checks import ConfigError, validate
@@ -177,10 +179,42 @@ def world_size_from_env() -> int:
 
 
 def to_dataclass(node: Any) -> TrainConfig:
-    """A composed DictConfig -> a validated plain TrainConfig object."""
+    """A composed DictConfig -> a plain TrainConfig object (``validate`` checks the values)."""
+    _no_unknown_keys(node, TrainConfig, "")
     obj = OmegaConf.to_object(node)
     assert isinstance(obj, TrainConfig)
     return obj
+
+
+def _no_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    """Hydra's ``+key=value`` adds a key the schema lacks, and converting to the dataclass
+    would drop it without a word: a typo such as ``+trainer.max_step=10`` must fail instead."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(
+                f"{prefix}{key}: not a setting (a '+' override cannot add one); {hint}the "
+                f"settings of {prefix.rstrip('.') or 'the config'} are: {', '.join(fields)}"
+            )
+        sub = {**GROUP_SCHEMAS, "trainer": TrainerConfig}.get(key) if not prefix else None
+        if sub is not None and isinstance(node[key], DictConfig):
+            _no_unknown_keys(node[key], sub, f"{prefix}{key}.")
+
+
+def _without_append_hint(message: str, error: BaseException) -> str:
+    """Hydra answers a misspelt key with "To append to your config use +key=...", which would
+    only make it fail later (see _no_unknown_keys); name the setting that was meant instead."""
+    lines = [line for line in message.splitlines() if not line.startswith("To append")]
+    key = getattr(error, "full_key", None) or ""
+    section, _, name = key.rpartition(".")
+    schema = {**GROUP_SCHEMAS, "trainer": TrainerConfig, "": TrainConfig}.get(section)
+    if len(lines) < len(message.splitlines()) and schema is not None:
+        fields = [f.name for f in dataclasses.fields(schema)]
+        if close := difflib.get_close_matches(name, fields, n=1):
+            lines.insert(1, f"Did you mean {section + '.' if section else ''}{close[0]}?")
+    return "\n".join(lines)
 
 
 def load_config(overrides: list[str] | None = None, world_size: int | None = None) -> TrainConfig:
@@ -197,7 +231,7 @@ def load_config(overrides: list[str] | None = None, world_size: int | None = Non
             node = compose(config_name="train", overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
         cause = f"\n{e.__cause__}" if e.__cause__ else ""
-        raise ConfigError(f"{e}{cause}") from e
+        raise ConfigError(_without_append_hint(f"{e}{cause}", e.__cause__ or e)) from e
     return validate(to_dataclass(node), world_size=world_size or world_size_from_env())
 
 

@@ -162,13 +162,20 @@ def redistribute_data_state(states: list[dict[str, Any]], rank: int, world: int)
     """The data position for ``rank`` of ``world`` from the states all old ranks saved."""
     old = len(states)
     first = states[0]
-    if first["kind"] != "shards" or first["num_workers"] != 0:
+    if first["kind"] != "shards":
         raise ConfigError(
             f"trainer.resume: the checkpoint was written by {old} processes and this launch has "
-            f"{world}. Its data position can move to another world size only with "
-            f"data.source=shards and data.num_workers=0 (one global window order; see "
-            f"llmtrain-prepare); the streaming source splits files by rank. Resume with {old} "
-            "processes, or convert the corpus to shards."
+            f"{world}. Its data position can move to another world size only with data=shards "
+            f"(one global window order; see llmtrain-prepare); the streaming source splits "
+            f"files by rank. Resume with {old} processes, or convert the corpus to shards."
+        )
+    if first["num_workers"] != 0:
+        raise ConfigError(
+            f"trainer.resume: the checkpoint was written by {old} processes and this launch has "
+            f"{world}; its data position was saved with data.num_workers={first['num_workers']}, "
+            "whose workers each read their own windows. It moves to another world size only "
+            f"when saved with data.num_workers=0 (the data=shards default). Resume with {old} "
+            "processes."
         )
     positions = [s["workers"][0] for s in states]
     if all(p is None for p in positions):

@@ -136,6 +136,11 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
             "copy; offline, use data=sample, data=local data.files=... or data=shards."
         ) from e
     except ValueError as e:
+        if "BuilderConfig" in str(e):  # a local copy of a Hub dataset has its default config
+            raise DataError(
+                f"{what}: data.config_name={name!r} is not a config of {path!r} ({e}); for a "
+                "local copy laid out as data/<split>/*.parquet, set data.config_name=null"
+            ) from e
         if "split" in str(e).lower():
             raise DataError(f"{what}: has no split {split!r} ({e})") from e
         raise read_error(cfg, e) from e

@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="llmtrain-plan",
         description="Memory per GPU and time for a training config, before launching. Flags "
         "first, then the same Hydra overrides as llmtrain-train.",
-        epilog="example: llmtrain-plan --gpus 8 --gpu-mem 80 model=llama-8b dist.mode=zero3 "
-        "trainer.micro_batch_size=1 data.seq_len=4096 trainer.max_tokens=20e9",
+        epilog="example: llmtrain-plan --gpus 8 --gpu-mem 80 model=llama-8b dist=zero3 "
+        "trainer.micro_batch_size=1 data.seq_len=4096 trainer.max_tokens=20_000_000_000",
     )
     parser.add_argument(
         "--gpus",

@@ -27,6 +27,7 @@ import numpy as np
 from llmtrain.config import CONF_DIR, ConfigError, DataConfig
 from llmtrain.documents import (
     STATS,
+    DataError,
     clean_texts,
     load_documents,
     validation_documents,
@@ -224,12 +225,20 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.source == "shards":
             raise ConfigError("data: already shards; pick a text source, e.g. data=fineweb")
     except ConfigError as e:
-        sys.exit(f"llmtrain-prepare: config error: {e}\n\n{USAGE}")
-    manifest = prepare(cfg, out_dir, num_proc)
+        print(f"llmtrain-prepare: config error: {e}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        manifest = prepare(cfg, out_dir, num_proc)
+    except DataError as e:  # the message names the file or dataset; no traceback to read past
+        print(f"llmtrain-prepare: data error: {e}", file=sys.stderr)
+        sys.exit(2)
     for split, entry in manifest["splits"].items():
         tokens = sum(s["tokens"] for s in entry["shards"])
+        stats = entry["stats"]
+        skipped = ", ".join(f"{stats[k]:,} {k}" for k in STATS if k != "documents")
         print(
-            f"{split}: {len(entry['shards'])} shards, {tokens:,} tokens, skipped {entry['stats']}"
+            f"{split}: {len(entry['shards'])} shards, {tokens:,} tokens from "
+            f"{stats['documents']:,} documents (skipped: {skipped})"
         )
     print(f"train with: data=shards data.path={out_dir}")
 

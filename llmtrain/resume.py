@@ -40,8 +40,19 @@ def resume_candidates(resume: str, ckpt_root: Path) -> tuple[list[Path], bool]:
 
 def preflight_resume(cfg: TrainConfig, run_dir: Path) -> None:
     """Before any process group starts (main process): a named resume target must exist and
-    the checkpoint to resume must have this model's shape."""
-    found, _ = resume_candidates(cfg.trainer.resume, run_dir / "checkpoints")
+    the checkpoint to resume must have this model's shape; a run dir that already holds a run
+    is continued, never silently started over."""
+    resume = cfg.trainer.resume
+    if resume != "auto" and (mine := candidates(run_dir / "checkpoints")):
+        inside = resume != "none" and Path(resume).resolve().is_relative_to(run_dir.resolve())
+        if not inside:
+            raise ConfigError(
+                f"hydra.run.dir={str(run_dir)!r} already holds a run (checkpoints up to "
+                f"{mine[0].name}); trainer.resume={resume} would start a new one in it, over its "
+                "config.yaml, metrics.jsonl and checkpoints. Continue it with "
+                "trainer.resume=auto, or give a new hydra.run.dir"
+            )
+    found, _ = resume_candidates(resume, run_dir / "checkpoints")
     if not found:
         return
     try:

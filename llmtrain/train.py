@@ -24,6 +24,7 @@ from llmtrain.config import (
     CONF_DIR,
     ConfigError,
     TrainConfig,
+    load_config,
     to_dataclass,
     validate,
     world_size_from_env,
@@ -304,7 +305,22 @@ def main() -> None:
         a.startswith("hydra.run.dir=") for a in sys.argv[1:]
     ):
         sys.argv.append("hydra.run.dir=.")
+    _check_overrides(sys.argv[1:])
     _hydra_main()
+
+
+def _check_overrides(args: list[str]) -> None:
+    """Compose the config once before Hydra does: a typo, an unknown option or a wrong type
+    then exits 2 (and reaches LLMTRAIN_EXIT_FILE), which job scripts do not requeue; Hydra's
+    own report of the same error exits 1, like a crash. Hydra's flags (--help, --cfg, -m ...)
+    and hydra.* overrides are left to Hydra."""
+    if any(a.startswith("-") for a in args):
+        return
+    overrides = [a for a in args if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        load_config(overrides)
+    except ConfigError as e:
+        _exit(2, "config error", e)
 
 
 if __name__ == "__main__":

@@ -379,3 +379,11 @@ def test_a_stream_that_drops_is_reopened_at_the_same_document(monkeypatch):
     with pytest.raises(DataError, match="reading failed: ArrowInvalid") as e:
         take(build_dataloader(cfg, TOK, split="train", batch_size=4, seed=2), 1)
     assert not isinstance(e.value, data.StreamError)
+
+
+def test_a_hub_config_name_on_a_local_copy_names_the_key():
+    """conf/data/fineweb.yaml names the Hub's config (sample-10BT); a local copy laid out as
+    data/<split>/*.parquet has only the default one."""
+    cfg = small(path=str(SAMPLE_DIR), config_name="sample-10BT")
+    with pytest.raises(DataError, match="data.config_name='sample-10BT' .* data.config_name=null"):
+        build_dataloader(cfg, TOK, split="train", batch_size=2)

@@ -328,8 +328,11 @@ def test_world_size_change_needs_a_global_window_order():
     from llmtrain.consolidate import redistribute_data_state
 
     hf = {"kind": "hf", "num_workers": 0}
-    with pytest.raises(ConfigError, match="data.source=shards"):
+    with pytest.raises(ConfigError, match="only with data=shards"):
         redistribute_data_state([hf, hf], rank=0, world=1)
+    workers = {"kind": "shards", "num_workers": 2}
+    with pytest.raises(ConfigError, match="saved with data.num_workers=2"):
+        redistribute_data_state([workers, workers], rank=0, world=1)
     # shards: ranks 0 and 1 of 2 consumed windows {0..7}; 4 ranks continue from window 8.
     base = {
         "kind": "shards",

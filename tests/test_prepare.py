@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from llmtrain.config import DataConfig
 from llmtrain.data import SAMPLE_DIR
@@ -55,8 +56,23 @@ def test_prepare_sample_equals_tiktoken_and_resumes(tmp_path):
 def test_cli_parses_out_dir_and_overrides(tmp_path, capsys):
     assert load_data_config(["data=local", "data.files=x.txt"]).files == "x.txt"
     main(["data=sample", f"out_dir={tmp_path}", "num_proc=1", "data.shard_tokens=10000000"])
-    assert "data=shards data.path=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data=shards data.path=" in out
+    assert "val: 1 shards, 69,097 tokens from 40 documents (skipped: 0 empty, 0 undecodable" in out
     assert sorted(p.name for p in tmp_path.glob("*.bin")) == [
         "sample_train_000000.bin",
         "sample_val_000000.bin",
     ]
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["data=local", "data.files=nope.txt"], "data error: data.files: no file matches"),
+        (["data=shards"], "config error: data: already shards"),
+    ],
+)
+def test_cli_errors_are_a_message_and_exit_2(tmp_path, capsys, args, says):
+    with pytest.raises(SystemExit) as e:
+        main([*args, f"out_dir={tmp_path}", "num_proc=1"])
+    assert e.value.code == 2 and says in capsys.readouterr().err

@@ -183,6 +183,17 @@ def test_sigterm_saves_exits_75_and_resumes_and_leaks_no_credentials(tmp_path, c
     assert steps_logged(run_dir)[-2:] == [stopped + 1, stopped + 2]
 
 
+def test_ctrl_c_saves_like_a_preemption_and_a_second_ctrl_c_stops_at_once():
+    """Ctrl-C used to kill a workstation run with a traceback and no checkpoint."""
+    before = signal.getsignal(signal.SIGINT)
+    with ckpt.preemption_signals() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested and flag.signal == "SIGINT"  # the loop saves at the step's end
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def _signal_one_rank(run_dir: str, steps: int, resume: str) -> dict:
     """In each forked rank: only rank 1 gets SIGUSR1, at the start of step 3."""
     import llmtrain.train as tm

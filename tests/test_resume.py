@@ -78,3 +78,22 @@ def test_context_length_is_a_shape_only_with_learned_positions(tmp_path):
         check_compatible(learned, dataclasses.replace(learned, context_length=2048), tmp_path)
     rope = ModelConfig(position="rope", context_length=1024)
     check_compatible(rope, dataclasses.replace(rope, context_length=2048), tmp_path)
+
+
+def test_a_run_dir_that_holds_a_run_is_continued_never_started_over(tmp_path):
+    """Rerunning a command into the same hydra.run.dir without trainer.resume=auto used to
+    replace its config.yaml and metrics.jsonl and point `latest` at a fresh step 1."""
+    from llmtrain.config import load_config
+    from llmtrain.resume import preflight_resume
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    fake_checkpoints(run / "checkpoints", 50, 100, latest=100)
+    fake_checkpoints(other / "checkpoints", 10)
+    cfg = load_config(["experiment=smoke"])
+    for resume in ("none", str(other)):
+        with pytest.raises(ConfigError, match="already holds a run .*step_0000100.*resume=auto"):
+            preflight_resume(dataclasses.replace(cfg, trainer=dataclasses.replace(
+                cfg.trainer, resume=resume)), run)  # fmt: skip
+    preflight_resume(cfg, tmp_path / "new")  # an empty or new dir starts fresh
+    (tmp_path / "crashed" / "checkpoints" / "step_0000010.tmp").mkdir(parents=True)
+    preflight_resume(cfg, tmp_path / "crashed")  # no complete checkpoint: nothing to lose

@@ -221,6 +221,29 @@ def test_cli_bad_config_fails_fast_naming_the_key(tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.jsonl"))
 
 
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("trainer.max_step=10", "Did you mean trainer.max_steps?"),  # Hydra's own check
+        ("+trainer.max_step=10", "did you mean trainer.max_steps?"),  # '+' got past Hydra
+        ("model=gpt2small", "gpt2-small"),  # the options are listed
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+    ],
+)
+def test_cli_a_misspelt_key_exits_2_so_job_scripts_do_not_requeue_it(tmp_path, override, says):
+    """Errors Hydra finds while composing used to exit 1, the code of a crash, which the sbatch
+    scripts requeue; and Hydra's advice for a typo (use '+key=...') trained without the key."""
+    exit_file = tmp_path / "exit"
+    env = {**os.environ, "LLMTRAIN_EXIT_FILE": str(exit_file)}
+    out = subprocess.run(
+        [sys.executable, "-m", "llmtrain.train", "experiment=smoke", override],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and exit_file.read_text().strip() == "2"
+    assert says in out.stderr and "To append" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_validation_loss_is_per_token_and_reads_only_the_batches_it_uses():
     """A finite pass ends with a smaller batch: its loss counts for its tokens. Batches past
     trainer.eval_batches are not even fetched."""
