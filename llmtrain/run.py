@@ -238,9 +238,31 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
+        for note in horizon_notes(cfg, plan, ckpt.saved_config(resume_from), state.step):
+            run.say(note)
     if peak is None:
         run.say("  mfu        n/a: no bf16 peak known for this device (see metrics.py)")
     return run
+
+
+def horizon_notes(cfg: TrainConfig, plan: Plan, saved: TrainConfig, step: int) -> list[str]:
+    """What a resume changes about the run's end: nothing left to train, or an lr schedule
+    stretched or shrunk (it is a function of step and horizon, so a new horizon reshapes the
+    decay from here on)."""
+    before = Plan.from_config(saved, plan.world_size).max_steps
+    notes = []
+    if step >= plan.max_steps:
+        notes.append(
+            f"  nothing to train: the checkpoint is at step {step:,} and the horizon is "
+            f"{plan.max_steps:,} steps; raise trainer.max_steps (or trainer.max_tokens) to go on"
+        )
+    elif before != plan.max_steps and cfg.optim.schedule != "constant":
+        notes.append(
+            f"  schedule   the {cfg.optim.schedule} lr schedule now ends at step "
+            f"{plan.max_steps:,}, not {before:,} as the checkpoint's run planned: its decay is "
+            "reshaped from here"
+        )
+    return notes
 
 
 def accelerator_broadcast(accelerator, value: str) -> str:

@@ -74,3 +74,17 @@ def test_compile_model_passes_the_mode(monkeypatch):
         cfg = load_config([*FAST, *overrides])
         assert compile_model(model, cfg.trainer) is model
         assert calls == want
+
+
+def test_a_resume_says_when_it_has_nothing_to_do_or_moves_the_schedule_end():
+    from llmtrain.run import horizon_notes
+
+    saved = load_config(["experiment=smoke"])  # 100 steps
+    longer = load_config(["experiment=smoke", "trainer.max_steps=300"])
+    assert horizon_notes(saved, Plan.from_config(saved, 1), saved, 60) == []
+    (note,) = horizon_notes(saved, Plan.from_config(saved, 1), saved, 100)
+    assert "nothing to train: the checkpoint is at step 100 and the horizon is 100" in note
+    (note,) = horizon_notes(longer, Plan.from_config(longer, 1), saved, 60)
+    assert "cosine lr schedule now ends at step 300, not 100" in note
+    flat = load_config(["experiment=smoke", "trainer.max_steps=300", "optim.schedule=constant"])
+    assert horizon_notes(flat, Plan.from_config(flat, 1), saved, 60) == []
