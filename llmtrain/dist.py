@@ -2,7 +2,7 @@
 
 ``cfg.dist.mode`` picks the plugin; the Hydra config is the single source of truth for
 micro-batch, accumulation, clipping and precision, so the DeepSpeed config is generated from
-it (a user's JSON is merged in only where it agrees, see :func:`deepspeed_config`).
+it (a user's JSON is merged in only where it agrees: ``llmtrain/ds_config.py``).
 
     single, ddp    plain Accelerate (DDP when several processes)
     zero1/2/3      DeepSpeedPlugin; DeepSpeed owns accumulation, clipping and the step
@@ -16,12 +16,10 @@ Accelerate never applies FSDP to a CPU run, so :func:`_fsdp_on_cpu` applies it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +28,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from llmtrain.checks import CPU_ATTENTIONS
 from llmtrain.config import ConfigError, TrainConfig
+from llmtrain.ds_config import ZERO_STAGE, deepspeed_config
 
-ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
 EXPECTED_TYPE = {
     "single": (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU),  # 1 proc
     "ddp": (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO),
@@ -100,113 +98,6 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
             "dist.mode: fsdp2 on CPU needs at least 2 processes "
             "(accelerate launch --config_file launch/cpu.yaml); use dist=single"
         )
-
-
-# DeepSpeed keys that restate a Hydra value; a user JSON must agree with them or be refused.
-OWNED_KEYS = (
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "train_batch_size",
-    "gradient_clipping",
-    "zero_optimization.stage",
-    "bf16.enabled",
-    "fp16.enabled",
-    "zero_optimization.offload_optimizer.device",
-    "zero_optimization.offload_param.device",
-)
-HYDRA_KEY = {
-    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
-    "gradient_accumulation_steps": "trainer.batch_tokens (derived accumulation)",
-    "train_batch_size": "trainer.batch_tokens / data.seq_len",
-    "gradient_clipping": "optim.grad_clip",
-    "zero_optimization.stage": "dist.mode",
-    "bf16.enabled": "trainer.precision",
-    "fp16.enabled": "trainer.precision",
-    "zero_optimization.offload_optimizer.device": "dist.offload_optimizer",
-    "zero_optimization.offload_param.device": "dist.offload_params",
-}
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def deepspeed_config(
-    cfg: TrainConfig, grad_accum: int, world_size: int, device: str, load_universal: bool = False
-) -> dict[str, Any]:
-    """The DeepSpeed JSON for ``cfg``; ``dist.deepspeed_config`` (a user file) may add tuning
-    keys (bucket sizes, prefetch) but every key Hydra owns must agree or the run is refused."""
-    d, t = cfg.dist, cfg.trainer
-    precision = resolve_precision(t.precision, device)
-    offload = {"device": "cpu", "pin_memory": device == "cuda"}
-    zero: dict[str, Any] = {
-        "stage": ZERO_STAGE[d.mode],
-        "contiguous_gradients": True,
-        "overlap_comm": device == "cuda",
-    }
-    if d.offload_optimizer:
-        zero["offload_optimizer"] = offload
-    if d.offload_params:
-        zero["offload_param"] = offload
-    if d.mode == "zero3":
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    generated = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": t.micro_batch_size * grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,  # 0 disables, as in optim.grad_clip
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        # The optimizer is llmtrain's torch AdamW (or DeepSpeedCPUAdam when offloading).
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "checkpoint": {"load_universal": load_universal},
-        "steps_per_print": 2**62,
-        "wall_clock_breakdown": False,
-    }
-    if d.deepspeed_config is None:
-        return generated
-    path = Path(d.deepspeed_config)
-    try:
-        user = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"dist.deepspeed_config: cannot read {path}: {e}") from e
-    if "optimizer" in user or "scheduler" in user:
-        raise ConfigError(
-            f"dist.deepspeed_config: {path} has an optimizer/scheduler block; "
-            "llmtrain builds them from the optim group, remove the block"
-        )
-    wrong = []
-    for key in OWNED_KEYS:
-        mine, theirs = _get(generated, key), _get(user, key)
-        if key.endswith("offload_optimizer.device") or key.endswith("offload_param.device"):
-            mine = mine or "none"
-        if theirs not in (None, "auto") and theirs != mine:
-            wrong.append(
-                f"  {key}: {path.name} has {theirs!r}, the config gives {mine!r} "
-                f"(from {HYDRA_KEY[key]})"
-            )
-    if wrong:
-        raise ConfigError(
-            "dist.deepspeed_config: the DeepSpeed JSON disagrees with the Hydra "
-            "config, which is the source of truth:\n"
-            + "\n".join(wrong)
-            + '\nSet these keys to "auto" (or delete them) in the JSON, or change '
-            "the Hydra values."
-        )
-    return _merge(user, generated)
 
 
 def _deepspeed_plugin(

@@ -17,7 +17,7 @@ import torch
 from tiny import TINY
 
 from llmtrain.config import ConfigError, load_config
-from llmtrain.dist import check_launch, deepspeed_config
+from llmtrain.dist import check_launch
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -32,56 +32,6 @@ FAST = [
     "trainer.keep_last=5",
     "data.source=shards",
 ]
-
-
-# --- the DeepSpeed config is generated from Hydra; a user JSON must agree -------------------
-
-
-def test_deepspeed_config_comes_from_hydra(tmp_path):
-    cfg = load_config(
-        FAST + ["dist=zero3-offload", "optim.grad_clip=0.5", "data.path=x"], world_size=2
-    )
-    ds = deepspeed_config(cfg, grad_accum=2, world_size=2, device="cpu")
-    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
-    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"]["stage"] == 3
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert "offload_param" not in ds["zero_optimization"]
-    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-
-    user = tmp_path / "ds.json"
-    user.write_text(
-        json.dumps(
-            {
-                "gradient_clipping": "auto",
-                "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 123},
-            }
-        )
-    )
-    cfg.dist.deepspeed_config = str(user)
-    merged = deepspeed_config(cfg, 2, 2, "cpu")
-    assert merged["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
-    assert merged["gradient_clipping"] == 0.5
-
-    user.write_text(
-        json.dumps(
-            {
-                "train_micro_batch_size_per_gpu": 8,
-                "gradient_clipping": 1.0,
-                "zero_optimization": {"stage": 2},
-            }
-        )
-    )
-    with pytest.raises(ConfigError) as e:
-        deepspeed_config(cfg, 2, 2, "cpu")
-    for key in (
-        "train_micro_batch_size_per_gpu",
-        "trainer.micro_batch_size",
-        "gradient_clipping",
-        "optim.grad_clip",
-        "zero_optimization.stage",
-    ):
-        assert key in str(e.value)
 
 
 def test_launcher_mismatches_fail_before_any_process_group(monkeypatch):
