@@ -1,4 +1,5 @@
-"""The data pipeline against tiktoken itself: token ids, rank/worker splits, exact resume, bad data.
+"""The data pipeline (data.py, packing.py) against tiktoken itself: token ids, rank/worker splits,
+exact resume, bad data.
 
 Offline, CPU. Tests that read ../shared/data skip when it is absent; the rest use the shipped
 sample or files they write themselves.
@@ -347,8 +348,9 @@ def test_a_stream_that_drops_is_reopened_at_the_same_document(monkeypatch):
     the batch of documents began: the tokens equal an uninterrupted run's. One that never comes
     back is a StreamError (requeued), and a corrupt file is not retried at all."""
     import llmtrain.data as data
+    import llmtrain.packing as packing
 
-    monkeypatch.setattr(data, "STREAM_RETRY_WAITS", (0, 0))
+    monkeypatch.setattr(packing, "STREAM_RETRY_WAITS", (0, 0))
     cfg = small(tokenize_batch=2)  # a document is ~25 windows of the sample: 80 batches, ~7
     reference = take(build_dataloader(cfg, TOK, split="train", batch_size=4, seed=2), 80)
     real_iter = datasets.IterableDataset.__iter__
