@@ -155,6 +155,9 @@ class TokenLoader:
                 pin_memory=False,  # pinned in _inputs_and_targets, after slicing
                 prefetch_factor=self.cfg.prefetch_factor,
                 persistent_workers=False,
+                # Each iter() draws the workers' base seed from this generator; from the global
+                # one, every evaluation (and a resume) would move training's dropout RNG.
+                generator=torch.Generator().manual_seed(0),
             )
         )
 

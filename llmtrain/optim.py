@@ -17,6 +17,7 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     wsd: linear warmup, constant, then linear decay over the last ``decay_fraction`` of the run
     (warmup-stable-decay, Hu et al. 2024 "MiniCPM").
     constant: linear warmup, then constant.
+    Warmup's last step is at the peak and the run's last step, ``max_steps - 1``, at the floor.
     """
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
@@ -24,16 +25,19 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == "constant":
         return peak
     if cfg.schedule == "cosine":
-        span = max(1, max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        progress = _progress(step, cfg.warmup_steps, max_steps)
         return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
     # wsd
-    decay_steps = max(1, round(cfg.decay_fraction * max_steps))
-    decay_start = max_steps - decay_steps
+    decay_start = max_steps - max(1, round(cfg.decay_fraction * max_steps))
     if step < decay_start:
         return peak
-    progress = min(1.0, (step - decay_start) / decay_steps)
-    return peak + progress * (floor - peak)
+    return peak + _progress(step, decay_start, max_steps) * (floor - peak)
+
+
+def _progress(step: int, start: int, max_steps: int) -> float:
+    """How far step is through the decay over steps start .. max_steps - 1: 1/n after the first
+    of its n steps, 1 at the last (which is trained at the floor)."""
+    return min(1.0, (step + 1 - start) / max(1, max_steps - start))
 
 
 def build_optimizer(model, cfg: OptimConfig, device_type: str):

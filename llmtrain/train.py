@@ -86,13 +86,18 @@ def evaluate(model, accelerator, val_loader, n_batches: int) -> float:
 
 
 def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> str:
-    """A few generated tokens, so a user sees the model learn; its own RNG, never training's."""
+    """A few generated tokens, so a user sees the model learn; its own RNG, never training's,
+    and no dropout (which would also draw from training's RNG)."""
     t = cfg.trainer
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
     prompt = torch.tensor([tokenizer.encode(t.sample_prompt)], device=accelerator.device)
-    out = accelerator.unwrap_model(model).generate(
-        prompt, t.sample_tokens, temperature=t.temperature, top_k=t.top_k, generator=generator
-    )
+    model.eval()
+    try:
+        out = accelerator.unwrap_model(model).generate(
+            prompt, t.sample_tokens, temperature=t.temperature, top_k=t.top_k, generator=generator
+        )
+    finally:
+        model.train()
     return tokenizer.decode(out[0].tolist())
 
 
@@ -123,6 +128,10 @@ def skip_step(run: Run) -> None:
     trainer.max_bad_steps in a row, stop with ``ckpt.Diverged``."""
     state = run.state
     run.optimizer.zero_grad(set_to_none=run.cfg.trainer.set_to_none)
+    if (scaler := getattr(run.accelerator, "scaler", None)) is not None:
+        # fp16: what GradScaler.step does on an overflow, which it expects now and then: lower
+        # the loss scale and end the step (else the next step's unscale_ raises).
+        scaler.update()
     state.bad_steps += 1
     state.skipped_steps += 1
     run.say(

@@ -1,5 +1,6 @@
 """The training core end to end on CPU: smoke run, exact resume, accumulation, the CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -267,3 +268,57 @@ def test_validation_loss_is_per_token_and_reads_only_the_batches_it_uses():
     loss = evaluate(MeanOfTargets(), accelerator, val_loader(), n_batches=2)
     assert loss == pytest.approx((4 * 1.0 + 1 * 6.0) / 5)  # a mean of batch means: 3.5
     assert fetched == [4, 1]
+
+
+def test_an_fp16_overflow_is_skipped_and_lowers_the_loss_scale():
+    """GradScaler expects an overflow now and then (its scale doubles every 2000 good steps).
+    Skipping that step without telling the scaler made the next step's unscale_ raise."""
+    from types import SimpleNamespace
+
+    from llmtrain.checkpoint import TrainerState
+    from llmtrain.train import skip_step
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    run = SimpleNamespace(
+        state=TrainerState(), optimizer=optimizer, accelerator=SimpleNamespace(scaler=scaler),
+        cfg=load_config(["experiment=smoke"]), say=lambda text: None, ckpt_root=Path("."),
+    )  # fmt: skip
+    for overflow in (True, False):
+        scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+        if overflow:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.unscale_(optimizer)  # what accelerator.clip_grad_norm_ does under fp16
+        if overflow:
+            skip_step(run)
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+    assert scaler.get_scale() == 2.0**15 and run.state.skipped_steps == 1
+
+
+def test_sampling_and_evaluation_leave_training_randomness_alone():
+    """With dropout, samples were drawn in train mode (dropout on, from training's RNG), and
+    every DataLoader pass with workers drew a seed from the global RNG: sample_every,
+    eval_every and a resume then changed the training losses."""
+    from types import SimpleNamespace
+
+    from llmtrain.config import ModelConfig
+    from llmtrain.data import build_dataloader
+    from llmtrain.model import GPT
+    from llmtrain.tokenizer import get_tokenizer
+    from llmtrain.train import sample_text
+
+    cfg = load_config(["experiment=smoke", "model.dropout=0.1"])
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, context_length=64, dropout=0.1))
+    accelerator = SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m)
+    tokenizer = get_tokenizer("gpt2")
+    val = build_dataloader(
+        dataclasses.replace(cfg.data, num_workers=1, pin_memory=False), tokenizer, split="val",
+        batch_size=2,
+    )  # fmt: skip
+    before = torch.get_rng_state()
+    sample_text(model, accelerator, tokenizer, cfg, seed=1)
+    next(iter(val))
+    assert torch.equal(torch.get_rng_state(), before) and model.training
