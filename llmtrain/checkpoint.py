@@ -259,7 +259,10 @@ def save_checkpoint(
             error = _describe(e, final)
     agree(error)
     if main:
-        for old in complete_checkpoints(ckpt_root)[:-keep_last]:
+        # The one just written stays, whatever its step: after a rollback (resuming an older
+        # step in the same run), newer steps of the abandoned branch are the ones to go.
+        others = [c for c in complete_checkpoints(ckpt_root) if c != final]
+        for old in others[: max(0, len(others) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

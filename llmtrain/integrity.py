@@ -135,6 +135,9 @@ def read_manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
     try:
         files = json.loads(path.read_text())["files"]
         assert isinstance(files, dict)
+        for name, entry in files.items():  # one flipped byte in a key must not pass as intact
+            ok = isinstance(entry, dict) and isinstance(entry.get("size"), int)
+            assert ok and isinstance(entry.get("sha256"), str), f"bad entry for {name!r}"
         return files
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: the checkpoint cannot be verified") from None

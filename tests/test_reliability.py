@@ -294,6 +294,11 @@ DAMAGE = {
     "missing rng shard": ("random_states_0.pkl", Path.unlink),
     "missing data shard": ("data_state_0.pt", Path.unlink),
     "missing manifest": ("manifest.json", Path.unlink),
+    # One flipped byte in a key of the manifest itself used to raise KeyError (exit 1).
+    "manifest key": (
+        "manifest.json",
+        lambda p: p.write_text(p.read_text().replace('"sha256"', '"sha246"', 1)),
+    ),
 }
 
 
@@ -315,6 +320,18 @@ def test_damaged_checkpoint_is_named_and_auto_falls_back(case, two_checkpoints, 
         train_mod.train(config(3, "trainer.resume=auto"), run_dir)
         assert "at step 2" in capsys.readouterr().out
         assert steps_logged(run_dir)[-1] == 3
+
+
+def test_a_rollback_keeps_the_checkpoint_it_writes(two_checkpoints, tmp_path):
+    """Resuming step 2 of a run that reached step 4, with keep_last=1: pruning by step number
+    deleted the new step 3 and kept the abandoned step 4, with `latest` naming step 3."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    root = run_dir / "checkpoints"
+    overrides = [f"trainer.resume={root / 'step_0000002'}", "trainer.keep_last=1"]
+    train_mod.train(config(3, *overrides, "trainer.ckpt_every=1"), run_dir)
+    assert [c.name for c in ckpt.complete_checkpoints(root)] == ["step_0000003"]
+    assert ckpt.latest_checkpoint(root) == root / "step_0000003"
 
 
 def test_every_checkpoint_damaged_is_an_error(two_checkpoints, tmp_path):
