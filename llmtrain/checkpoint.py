@@ -48,7 +48,6 @@ from llmtrain.integrity import (
     CheckpointError,
     assign,
     broadcast,
-    check_files,
     digest,
     fsync_dir,
     gather,
@@ -313,7 +312,7 @@ def load_trainer_state(ckpt: Path) -> TrainerState:
 
 def load_model(path: str | Path, device: str = "cpu"):
     """A checkpoint (or a run dir / checkpoints root) -> ``(GPT, TrainConfig)`` in fp32 on CPU."""
-    from llmtrain.consolidate import full_state_dict, layout
+    from llmtrain.consolidate import full_state_dict
     from llmtrain.model import GPT
 
     path = Path(path)
@@ -326,12 +325,8 @@ def load_model(path: str | Path, device: str = "cpu"):
         raise FileNotFoundError(f"no complete llmtrain checkpoint at {path}")
     cfg = saved_config(ckpt)
     model = GPT(cfg.model)
-    if layout(ckpt) == "full":
-        listed = read_manifest(ckpt)
-        problem = check_files(ckpt, {k: v for k, v in listed.items() if k == "model.safetensors"})
-        if problem:
-            raise CheckpointError(problem)
-    state = full_state_dict(ckpt)  # any dist mode: ZeRO and FSDP2 shards are gathered on CPU
+    # Any dist mode (ZeRO and FSDP2 shards are gathered on CPU), checked against the manifest.
+    state = full_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied_ok = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
     if set(missing) - tied_ok or unexpected:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +51,25 @@ def layout(ckpt: Path) -> str:
 
 
 def full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The model's fp32 state dict from a checkpoint of any dist mode, on CPU, no process group."""
-    from llmtrain.integrity import safe_loading
+    """The model's fp32 state dict from a checkpoint of any dist mode, on CPU, no process group.
+
+    The files it reads are checked against the checkpoint's manifest first (a damaged one is a
+    CheckpointError naming the file). Names are the model's own: torch.compile's ``_orig_mod.``
+    prefix, which a compiled run's checkpoint carries, is dropped.
+    """
+    from llmtrain.integrity import CheckpointError, check_files, read_manifest, safe_loading
 
     ckpt = Path(ckpt)
     kind = layout(ckpt)
+    model_files = {"full": "model.safetensors", "deepspeed": DS_TAG + "/", "dcp": FSDP_MODEL + "/"}
+    listed = read_manifest(ckpt)
+    if problem := check_files(
+        ckpt, {n: e for n, e in listed.items() if n.startswith(model_files[kind])}
+    ):
+        raise CheckpointError(problem)
     with safe_loading(ckpt):  # weights_only loads: a checkpoint is data, never code
         state = _load_full(ckpt, kind)
-    return {k: v.float().contiguous() for k, v in state.items()}
+    return {k.removeprefix("_orig_mod."): v.float().contiguous() for k, v in state.items()}
 
 
 def _load_full(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -70,11 +83,16 @@ def _load_full(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    tmp = ckpt / "consolidated.pt.tmp"
-    dcp_to_torch_save(str(ckpt / FSDP_MODEL), str(tmp))
-    state = torch.load(tmp, weights_only=True)["model"]
-    tmp.unlink()
-    return state
+    # A directory of this call's own (two readers at once must not share a file), on the
+    # checkpoint's disk, which has room for the weights; elsewhere when it is read-only.
+    try:
+        scratch = tempfile.TemporaryDirectory(dir=ckpt, prefix=".consolidate-")
+    except OSError:
+        scratch = tempfile.TemporaryDirectory(prefix="llmtrain-consolidate-")
+    with scratch as d:
+        tmp = Path(d) / "consolidated.pt"
+        dcp_to_torch_save(str(ckpt / FSDP_MODEL), str(tmp))
+        return torch.load(tmp, weights_only=True)["model"]
 
 
 def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32") -> Path:
@@ -83,8 +101,13 @@ def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32")
     lists."""
     from safetensors.torch import save_file
 
+    from llmtrain.integrity import read_manifest
+
     ckpt = Path(ckpt)
     out = Path(out) if out else ckpt / "consolidated.safetensors"
+    listed = {(ckpt / name).resolve() for name in read_manifest(ckpt)}
+    if out.resolve() in listed:
+        raise ConfigError(f"--out {out}: that file is part of the checkpoint; write elsewhere")
     state = full_state_dict(ckpt)
     cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     seen: dict[int, str] = {}
@@ -227,8 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a step_XXXXXXX directory")
     parser.add_argument("--out", help="output file (default: CHECKPOINT/consolidated.safetensors)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    from llmtrain.integrity import CheckpointError
+
     args = parser.parse_args(argv)
-    print(export(args.checkpoint, args.out, args.dtype))
+    try:
+        print(export(args.checkpoint, args.out, args.dtype))
+    except (OSError, ValueError, CheckpointError) as e:  # damaged, or a bad --out: it says
+        sys.exit(f"python -m llmtrain.consolidate: error: {e}")
 
 
 if __name__ == "__main__":

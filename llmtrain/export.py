@@ -41,6 +41,7 @@ from llmtrain.checkpoint import STEP_DIR, TRAINER_STATE, latest_checkpoint, save
 from llmtrain.config import ConfigError, TrainConfig
 from llmtrain.consolidate import full_state_dict
 from llmtrain.hf import hf_config, hf_family, to_hf_state_dict
+from llmtrain.integrity import CheckpointError
 from llmtrain.model import GPT
 from llmtrain.tokenizer import Tokenizer, get_tokenizer
 
@@ -80,7 +81,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainCon
     ckpt = resolve_checkpoint(path)
     cfg = saved_config(ckpt)
     # fp32 whatever was stored (``python -m llmtrain.consolidate --dtype bf16`` writes bf16)
-    state = {k.removeprefix("_orig_mod."): v.float() for k, v in full_state_dict(ckpt).items()}
+    state = {k: v.float() for k, v in full_state_dict(ckpt).items()}
     if cfg.model.tie_embeddings:  # safetensors stores a shared tensor once, under either name
         tied = state.get("transformer.wte.weight", state.get("lm_head.weight"))
         if tied is not None:
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         ckpt = export(args.checkpoint, args.out, args.dtype, args.force)
-    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+    except (OSError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
         sys.exit(f"llmtrain-export: error: {e}")
     cfg = saved_config(ckpt)
     family = HF_CLASSES[hf_family(cfg.model)]

@@ -59,7 +59,7 @@ def preflight_resume(cfg: TrainConfig, run_dir: Path) -> None:
         saved = saved_config(found[0])
     except Exception:  # noqa: BLE001 -- a damaged checkpoint is reported by choose_resume
         return
-    check_compatible(saved.model, cfg.model, found[0])
+    check_resumable(saved, cfg, found[0])
 
 
 def choose_resume(resume: str, ckpt_root: Path) -> Path | None:
@@ -135,4 +135,30 @@ def check_compatible(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> No
             + "\n  ".join(diffs)
             + "\nResume with the checkpoint's model settings, or start a new run "
             "(trainer.resume=none, another hydra.run.dir)."
+        )
+
+
+# What accelerator.save_state writes, by dist.mode: one full file (single and DDP alike),
+# DeepSpeed's per-stage shards, or torch DCP shards.
+LAYOUT = {"single": "full", "ddp": "full", "fsdp2": "fsdp2"}
+
+
+def check_resumable(saved: TrainConfig, current: TrainConfig, ckpt: Path) -> None:
+    """The model shape must match (:func:`check_compatible`), the checkpoint's layout must be
+    one this dist.mode loads, and its parameter names must be the ones this run has."""
+    check_compatible(saved.model, current.model, ckpt)
+    was, now = saved.dist.mode, current.dist.mode
+    if LAYOUT.get(was, was) != LAYOUT.get(now, now):
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was written with dist={was} and this run has "
+            f"dist={now}; a checkpoint resumes in the layout it was written in (single and ddp "
+            f"share one). Resume with dist={was}, or take its weights to another run with "
+            f"python -m llmtrain.consolidate {ckpt}"
+        )
+    if saved.trainer.compile != current.trainer.compile:
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was written with trainer.compile="
+            f"{str(saved.trainer.compile).lower()}, whose parameter names "
+            f"{'carry' if saved.trainer.compile else 'lack'} torch.compile's _orig_mod. prefix; "
+            f"resume with trainer.compile={str(saved.trainer.compile).lower()}"
         )

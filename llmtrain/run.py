@@ -191,7 +191,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     # Verified against its manifest; trainer.resume=auto falls back past damaged checkpoints.
     resume_from = resume.choose_resume(cfg.trainer.resume, run_dir / "checkpoints")
     if resume_from is not None:
-        resume.check_compatible(ckpt.saved_config(resume_from).model, cfg.model, resume_from)
+        resume.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg)

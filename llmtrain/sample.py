@@ -27,6 +27,7 @@ import torch
 from llmtrain.checkpoint import load_trainer_state
 from llmtrain.config import TrainConfig
 from llmtrain.export import load_checkpoint
+from llmtrain.integrity import CheckpointError
 from llmtrain.model import GPT
 from llmtrain.tokenizer import Tokenizer, get_tokenizer
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             stop_id=tokenizer.eot_id,
             dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
         )
-    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+    except (OSError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
         sys.exit(f"llmtrain-sample: error: {e}")
     for i, ids in enumerate(samples, 1):
         ended = ids[-1:] == [tokenizer.eot_id]

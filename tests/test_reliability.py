@@ -334,6 +334,39 @@ def test_a_rollback_keeps_the_checkpoint_it_writes(two_checkpoints, tmp_path):
     assert ckpt.latest_checkpoint(root) == root / "step_0000003"
 
 
+def test_the_tools_check_the_manifest_before_reading_weights(two_checkpoints, tmp_path, capsys):
+    """llmtrain-export, llmtrain-sample and consolidate wrote or sampled corrupted weights."""
+    from llmtrain import consolidate, export, sample
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    step = run_dir / "checkpoints" / "step_0000004"
+    flip_byte(step / "model.safetensors")
+    runs = [
+        lambda: consolidate.main([str(step), "--out", str(tmp_path / "w.safetensors")]),
+        lambda: export.main([str(step), str(tmp_path / "hf")]),
+        lambda: sample.main([str(step), "--max-new-tokens", "2"]),
+    ]
+    for run in runs:
+        with pytest.raises(SystemExit, match="model.safetensors does not match its sha256"):
+            run()
+    assert not (tmp_path / "w.safetensors").exists() and not (tmp_path / "hf").exists()
+    two = run_dir / "checkpoints" / "step_0000002"
+    with pytest.raises(SystemExit, match="part of the checkpoint"):  # never over its own files
+        consolidate.main([str(two), "--out", str(two / "optimizer.bin")])
+
+
+def test_compiled_checkpoints_load_under_the_model_s_own_names(two_checkpoints, monkeypatch):
+    """A trainer.compile=true run saves torch.compile's wrapper: every name has _orig_mod."""
+    from llmtrain import consolidate
+
+    load = consolidate._load_full
+    monkeypatch.setattr(consolidate, "_load_full", lambda ckpt, kind: {
+        f"_orig_mod.{k}": v for k, v in load(ckpt, kind).items()})  # fmt: skip
+    model, _ = ckpt.load_model(two_checkpoints / "checkpoints" / "step_0000004")
+    assert "transformer.wte.weight" in model.state_dict()
+
+
 def test_every_checkpoint_damaged_is_an_error(two_checkpoints, tmp_path):
     root = tmp_path / "checkpoints"
     shutil.copytree(two_checkpoints / "checkpoints", root)

@@ -97,3 +97,22 @@ def test_a_run_dir_that_holds_a_run_is_continued_never_started_over(tmp_path):
     preflight_resume(cfg, tmp_path / "new")  # an empty or new dir starts fresh
     (tmp_path / "crashed" / "checkpoints" / "step_0000010.tmp").mkdir(parents=True)
     preflight_resume(cfg, tmp_path / "crashed")  # no complete checkpoint: nothing to lose
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (["dist=zero1"], "written with dist=single and this run has dist=zero1"),
+        (["trainer.compile=true"], "resume with trainer.compile=false"),
+    ],
+)
+def test_a_resume_in_another_layout_is_refused_before_it_starts(tmp_path, change, says):
+    """DeepSpeed's loader failed on a single-process checkpoint with a bare AssertionError, and
+    a compiled run's names did not load uncompiled (exit 1, which job scripts requeue)."""
+    from llmtrain.config import load_config
+    from llmtrain.resume import check_resumable
+
+    saved = load_config(["experiment=smoke"])
+    check_resumable(saved, load_config(["experiment=smoke", "dist=ddp"]), tmp_path)  # one layout
+    with pytest.raises(ConfigError, match=says):
+        check_resumable(saved, load_config(["experiment=smoke", *change]), tmp_path)
