@@ -371,4 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     p = plan(cfg, args.gpus, args.gpu_mem, args.mfu, args.peak_tflops, args.gpus_per_node)
     print(format_plan(p))
+    if cfg.trainer.device == "cpu":
+        print(
+            "  note           this config trains on the CPU (trainer.device=cpu); the plan\n"
+            f"                 is for {args.gpus} GPU(s) of {args.gpu_mem:g} GiB, in bf16"
+        )
     return 0 if p.fits else 1

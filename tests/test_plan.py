@@ -163,3 +163,10 @@ def test_plan_reports_gib():
     p = plan(cfg_for("model=gpt2-small"), world_size=1, gpu_mem_gb=24)
     assert p.gpu_mem_bytes == 24 * GiB
     assert p.fits == (p.total_bytes <= 24 * GiB)
+
+
+def test_cli_says_when_the_config_trains_on_the_cpu(capsys):
+    assert main(["experiment=smoke"]) == 0
+    assert "this config trains on the CPU (trainer.device=cpu)" in capsys.readouterr().out
+    main(["model=gpt2-small", "trainer.max_steps=1"])
+    assert "trains on the CPU" not in capsys.readouterr().out
