@@ -301,7 +301,9 @@ def _hydra_main(node: DictConfig) -> None:
         _exit(2, "data error", e)
     except ckpt.CheckpointError as e:
         _exit(2, "checkpoint error", e)
-    except (ckpt.SaveError, ckpt.Diverged) as e:
+    except ckpt.Diverged as e:  # from the same checkpoint it would diverge again: not requeued
+        _exit(2, "stopped", e)
+    except ckpt.SaveError as e:
         _exit(1, "stopped", e)
     except ckpt.Preempted as e:
         _exit(ckpt.EXIT_PREEMPTED, "preempted", e)

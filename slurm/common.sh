@@ -78,10 +78,10 @@ run_nodes() {
         rc="$(head -n 1 "${LLMTRAIN_EXIT_FILE}")"
     fi
     # 75: preempted (USR1/TERM), a checkpoint was saved. Other failures (a crashed node, a
-    # NCCL timeout) resume from the last checkpoint too. 2 is a config or data error: a
-    # requeue would only fail again.
+    # NCCL timeout) resume from the last checkpoint too. 2 is a config, data or checkpoint
+    # error, or a run that diverged: a requeue would only fail again.
     if [[ ${rc} -eq 2 ]]; then
-        echo "llmtrain: config or data error (exit 2); not requeueing, fix the arguments"
+        echo "llmtrain: config, data or checkpoint error, or divergence (exit 2); not requeueing, fix the arguments"
     elif [[ ${rc} -ne 0 && "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUES}" ]]; then
         echo "llmtrain: training exited with ${rc}; requeueing job ${SLURM_JOB_ID} (resume=auto)"
         scontrol requeue "${SLURM_JOB_ID}"

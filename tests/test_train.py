@@ -322,3 +322,22 @@ def test_sampling_and_evaluation_leave_training_randomness_alone():
     sample_text(model, accelerator, tokenizer, cfg, seed=1)
     next(iter(val))
     assert torch.equal(torch.get_rng_state(), before) and model.training
+
+
+@pytest.mark.parametrize("error, code", [("Diverged", 2), ("SaveError", 1), ("Preempted", 75)])
+def test_how_a_run_stops_decides_whether_job_scripts_requeue_it(tmp_path, monkeypatch, error, code):
+    """A diverged run diverges again from the same checkpoint: 2, never requeued (it was 1)."""
+    import llmtrain.checkpoint as ckpt
+    import llmtrain.train as train_mod
+
+    def stop(cfg, run_dir):
+        raise getattr(ckpt, error)("stopped")
+
+    monkeypatch.setattr(train_mod, "train", stop)
+    monkeypatch.setattr(train_mod.os, "_exit", sys.exit)  # 75 leaves with os._exit
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["llmtrain-train", "experiment=smoke", "hydra.run.dir=r"])
+    monkeypatch.setenv("LLMTRAIN_EXIT_FILE", str(tmp_path / "exit"))
+    with pytest.raises(SystemExit) as e:
+        train_mod.main()
+    assert e.value.code == code and (tmp_path / "exit").read_text().strip() == str(code)
