@@ -9,6 +9,7 @@ The launch-time checks that need the world size and the device are in ``llmtrain
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> TrainConfig:
     _check_dist(cfg.dist, cfg.trainer)
     _check_logger(cfg.logger)
     _check_batch(cfg.trainer, cfg.data, world_size or 1)
+    _finite(cfg)
     _no_secrets(cfg)
     return cfg
 
@@ -93,6 +95,7 @@ def _check_model(m: ModelConfig) -> None:
         "vocab_pad_multiple",
         "rope_theta",
         "norm_eps",
+        "init_std",
     )
     _require(
         m.n_embd % m.n_head == 0,
@@ -120,6 +123,7 @@ def _check_model(m: ModelConfig) -> None:
 def _check_data(d: DataConfig, m: ModelConfig) -> None:
     _positive(d, "data", "seq_len", "stride", "tokenize_batch", "prefetch_factor", "shard_tokens")
     _one_of(d.source, "data.source", SOURCES)
+    _check_tokenizer_name(d.tokenizer)
     _require(
         d.seq_len <= m.context_length,
         "data.seq_len",
@@ -254,6 +258,12 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
         "set trainer.max_steps or trainer.max_tokens (the run needs a horizon)",
     )
     _require(t.temperature >= 0, "trainer.temperature", "must be >= 0 (0 = greedy)")
+    _require(t.top_k >= 0, "trainer.top_k", f"must be >= 0 (0 = no top-k cut), got {t.top_k}")
+    _require(
+        t.sample_every >= 0,
+        "trainer.sample_every",
+        f"must be >= 0 (0 = no sample text), got {t.sample_every}",
+    )
     _require(
         t.sample_every == 0 or t.sample_tokens < m.context_length,
         "trainer.sample_tokens",
@@ -271,6 +281,28 @@ def _check_batch(t: TrainerConfig, d: DataConfig, ws: int) -> None:
         f"= {t.micro_batch_size} x {d.seq_len} x {ws} = {window}; "
         f"try {max(1, t.batch_tokens // window) * window}",
     )
+
+
+def _check_tokenizer_name(name: str) -> None:
+    """A tiktoken encoding name; the list is tiktoken's own registry (no download)."""
+    import tiktoken
+
+    known = tiktoken.list_encoding_names()
+    _require(
+        name in known,
+        "data.tokenizer",
+        f"unknown tiktoken encoding {name!r} (known: {', '.join(known)})",
+    )
+
+
+def _finite(cfg: Any, prefix: str = "") -> None:
+    """No inf or nan anywhere: ``optim.lr=inf`` passes every range check and trains on nan."""
+    for f in fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _finite(value, key + ".")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), key, f"must be a finite number, got {value}")
 
 
 def _no_secrets(cfg: Any, prefix: str = "") -> None:

@@ -70,6 +70,13 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
             f"trainer.attention: {attention} is a CUDA kernel and this run is on the CPU; "
             f"use one of {', '.join(CPU_ATTENTIONS)}"
         )
+    if device == "cpu" and cfg.trainer.precision == "fp16":
+        # checks.py refuses trainer.device=cpu with fp16; this is device=auto on a machine
+        # without a GPU, where Accelerate would otherwise train in fp32 without a word.
+        raise ConfigError(
+            "trainer.precision: fp16 mixed precision needs a GPU and this run is on the CPU "
+            "(trainer.device=auto found no CUDA device); use trainer.precision=fp32 or bf16"
+        )
     if device == "cuda" and attention == "flash" and cfg.trainer.precision == "fp32":
         raise ConfigError(
             "trainer.attention: flash attention on CUDA needs bf16 or fp16; set "

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -140,9 +141,21 @@ class NullLogger:
 
 
 class WandbLogger:
-    """Weights & Biases; offline (files under the run dir) when no API key is set."""
+    """Weights & Biases; offline (files under the run dir) when no API key is set.
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]):
+    The W&B run id is kept in the run dir (``wandb_run_id``), so a resumed training run goes on
+    logging to the same W&B run: one curve, not one run per restart. W&B keeps steps increasing,
+    so steps an interrupted attempt logged after its last checkpoint keep their first values
+    (metrics.jsonl keeps the resumed run's). Offline, each attempt writes its own
+    ``wandb/offline-run-*`` dir under the same id, and ``wandb sync`` of them all uploads one
+    run, in order.
+    """
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], resume: bool = False
+    ):
         import wandb
 
         # logger.mode, else WANDB_MODE, else online only when an API key is there to use.
@@ -155,11 +168,24 @@ class WandbLogger:
             project=cfg.project,
             entity=cfg.entity,
             name=cfg.run_name or run_dir.name,
+            id=self.run_id(run_dir, resume),
+            resume="allow",
+            allow_val_change=resume,  # a resume may change the horizon, the logger's mode...
             dir=str(run_dir),
             config=config,
             mode=mode,
             tags=list(cfg.tags),
         )
+
+    @classmethod
+    def run_id(cls, run_dir: Path, resume: bool) -> str:
+        """The run dir's W&B id when resuming; a new one, written down, for a fresh run."""
+        path = run_dir / cls.ID_FILE
+        if resume and path.is_file() and (saved := path.read_text().strip()):
+            return saved
+        run_id = secrets.token_hex(6)  # lowercase letters and digits, as W&B ids are
+        write_atomic(path, run_id + "\n")
+        return run_id
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
@@ -168,11 +194,13 @@ class WandbLogger:
         self.run.finish()
 
 
-def build_logger(cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], is_main: bool):
+def build_logger(
+    cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], is_main: bool, resume: bool = False
+):
     """Only the main process talks to a tracker; every other rank gets the no-op."""
     if not is_main or cfg.name == "none":
         return NullLogger()
-    return WandbLogger(cfg, run_dir, config)
+    return WandbLogger(cfg, run_dir, config, resume)
 
 
 @dataclass

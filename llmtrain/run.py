@@ -35,7 +35,7 @@ from llmtrain.metrics import (
     receipt,
 )
 from llmtrain.model import GPT
-from llmtrain.tokenizer import get_tokenizer
+from llmtrain.tokenizer import Tokenizer, get_tokenizer
 
 
 class _QuietAccelerate(logging.Filter):
@@ -86,6 +86,23 @@ def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, dev
             f"TFLOPs/step; device {device}, dist {cfg.dist.mode}",
         ]
     )
+
+
+def check_sample_length(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    """The eval sample (prompt + trainer.sample_tokens) fits the context, checked now: found at
+    the first eval, it would end the run before its first checkpoint."""
+    t, context = cfg.trainer, cfg.model.context_length
+    if not t.sample_every:
+        return
+    prompt = len(tokenizer.encode_prompt(t.sample_prompt))
+    if prompt + t.sample_tokens > context:
+        room = context - prompt
+        fix = f"set trainer.sample_tokens <= {room}, " if room > 0 else ""
+        raise ConfigError(
+            f"trainer.sample_prompt: its {prompt} tokens + trainer.sample_tokens="
+            f"{t.sample_tokens} exceed model.context_length={context}; shorten the prompt, "
+            f"{fix}or set trainer.sample_every=0"
+        )
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -183,6 +200,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
             f"{cfg.data.tokenizer} tokenizer's {tokenizer.vocab_size} tokens"
         )
+    check_sample_length(cfg, tokenizer)
     if int(os.environ.get("RANK", "0")) == 0:  # other ranks learn the run dir by broadcast
         resume.preflight_resume(cfg, run_dir)
     accelerator = build_accelerator(cfg, plan.grad_accum)
@@ -227,7 +245,13 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run_dir / "metrics.jsonl" if is_main else None,
         resumed_at=state.step if resume_from is not None else None,
     )
-    logger = build_logger(cfg.logger, run_dir, {**cfg_dict, "receipt": run_receipt}, is_main)
+    logger = build_logger(
+        cfg.logger,
+        run_dir,
+        {**cfg_dict, "receipt": run_receipt},
+        is_main,
+        resume=resume_from is not None,
+    )
     peak = device_peak_tflops(
         torch.cuda.get_device_name() if accelerator.device.type == "cuda" else None
     )
@@ -236,6 +260,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run_dir, run_receipt, metrics_file, logger, peak, state.step,
     )  # fmt: skip
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
+    for note in plan_notes(cfg, plan):
+        run.say(note)
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
         for note in horizon_notes(cfg, plan, ckpt.saved_config(resume_from), state.step):
@@ -243,6 +269,24 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     if peak is None:
         run.say("  mfu        n/a: no bf16 peak known for this device (see metrics.py)")
     return run
+
+
+def plan_notes(cfg: TrainConfig, plan: Plan) -> list[str]:
+    """What the run will do that the config may not have meant: legal, so not refused."""
+    t, o, notes = cfg.trainer, cfg.optim, []
+    if t.max_steps is None and t.max_tokens % plan.tokens_per_step:
+        notes.append(
+            f"  horizon    trainer.max_tokens={t.max_tokens:,} is not a whole number of "
+            f"{plan.tokens_per_step:,}-token steps; the run trains {plan.max_steps:,} steps"
+        )
+    if o.warmup_steps > plan.max_steps and o.schedule != "wsd":  # wsd's is refused in checks
+        last = o.lr * plan.max_steps / o.warmup_steps
+        notes.append(
+            f"  schedule   optim.warmup_steps={o.warmup_steps:,} is longer than the "
+            f"{plan.max_steps:,}-step horizon: the lr ends at {last:.2e}, still warming up to "
+            f"optim.lr={o.lr:.2e}"
+        )
+    return notes
 
 
 def horizon_notes(cfg: TrainConfig, plan: Plan, saved: TrainConfig, step: int) -> list[str]:

@@ -42,7 +42,7 @@ def load_gpt(path: str | Path, device: str = "cpu") -> tuple[GPT, TrainConfig, P
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """Prompt ids as the exported transformers tokenizer gives them; empty -> [end-of-text]."""
-    return tokenizer.encoding.encode(prompt, allowed_special="all") or [tokenizer.eot_id]
+    return tokenizer.encode_prompt(prompt)
 
 
 @torch.no_grad()

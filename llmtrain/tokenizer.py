@@ -14,6 +14,8 @@ from pathlib import Path
 import tiktoken
 import tiktoken.load
 
+from llmtrain.checks import ConfigError
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 GPT2_RANKS = ASSETS / "gpt2.tiktoken"
 # The hash tiktoken pins for r50k_base, whose ranks, pattern and specials equal gpt2's.
@@ -48,6 +50,12 @@ class Tokenizer:
         """Plain text to ids; special-token strings in the text are treated as text."""
         return self.encoding.encode_ordinary(text)
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """A prompt to generate from, as the exported transformers tokenizer reads it:
+        ``<|endoftext|>`` is the special token, and an empty prompt is end-of-text alone (a
+        fresh document, like GPT-2's unconditional samples)."""
+        return self.encoding.encode(prompt, allowed_special="all") or [self.eot_id]
+
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
 
@@ -70,7 +78,7 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     try:
         return Tokenizer(tiktoken.get_encoding(name))
     except ValueError as e:
-        raise ValueError(
+        raise ConfigError(
             f"data.tokenizer: unknown tiktoken encoding {name!r} "
             f"(known: {', '.join(tiktoken.list_encoding_names())})"
         ) from e

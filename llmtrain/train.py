@@ -86,11 +86,12 @@ def evaluate(model, accelerator, val_loader, n_batches: int) -> float:
 
 
 def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> str:
-    """A few generated tokens, so a user sees the model learn; its own RNG, never training's,
-    and no dropout (which would also draw from training's RNG)."""
+    """The prompt and a few generated tokens, so a user sees the model learn; its own RNG,
+    never training's, and no dropout (which would also draw from training's RNG). An empty
+    prompt starts from end-of-text, as llmtrain-sample does."""
     t = cfg.trainer
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-    prompt = torch.tensor([tokenizer.encode(t.sample_prompt)], device=accelerator.device)
+    prompt = torch.tensor([tokenizer.encode_prompt(t.sample_prompt)], device=accelerator.device)
     model.eval()
     try:
         out = accelerator.unwrap_model(model).generate(
@@ -98,7 +99,7 @@ def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> s
         )
     finally:
         model.train()
-    return tokenizer.decode(out[0].tolist())
+    return t.sample_prompt + tokenizer.decode(out[0, prompt.size(1) :].tolist())
 
 
 def train(

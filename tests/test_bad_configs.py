@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tiny import TINY
 
 import llmtrain.run as run_mod
@@ -48,6 +49,24 @@ CASES = {
         {},
     ),
     "fp16 on cpu": (["trainer.precision=fp16"], 1, "trainer.precision", {}),
+    "fp16 on auto without a gpu": (
+        ["trainer.device=auto", "trainer.precision=fp16"],
+        1,
+        "trainer.precision",
+        {},
+    ),
+    "unknown tokenizer": (["data.tokenizer=gpt5"], 1, "data.tokenizer", {}),
+    "negative init std": (["model.init_std=-1"], 1, "model.init_std", {}),
+    "infinite lr": (["optim.lr=inf"], 1, "optim.lr", {}),
+    "nan temperature": (["trainer.temperature=nan"], 1, "trainer.temperature", {}),
+    "negative top_k": (["trainer.top_k=-1"], 1, "trainer.top_k", {}),
+    "negative sample_every": (["trainer.sample_every=-5"], 1, "trainer.sample_every", {}),
+    "sample prompt longer than the context": (
+        ["trainer.sample_every=10", f"trainer.sample_prompt='{'Once upon a time. ' * 50}'"],
+        1,
+        "trainer.sample_prompt",
+        {},
+    ),
     "nccl on cpu": (["dist.backend=nccl"], 1, "dist.backend", {}),
     "unknown backend": (["dist.backend=mpi"], 1, "dist.backend", {}),
     "cuda attention kernel on cpu": (["trainer.attention=efficient"], 1, "trainer.attention", {}),
@@ -105,6 +124,7 @@ def test_bad_config_is_refused_before_any_process_group(case, tmp_path, monkeypa
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # trainer.device=auto: CPU
     run_dir = tmp_path / "run"
     # A checkpoint of the 2-layer model, for the resume cases.
     saved = run_dir / "checkpoints" / "step_0000002"

@@ -88,3 +88,43 @@ def test_a_resume_says_when_it_has_nothing_to_do_or_moves_the_schedule_end():
     assert "cosine lr schedule now ends at step 300, not 100" in note
     flat = load_config(["experiment=smoke", "trainer.max_steps=300", "optim.schedule=constant"])
     assert horizon_notes(flat, Plan.from_config(flat, 1), saved, 60) == []
+
+
+def test_the_plan_notes_a_rounded_token_budget_and_a_warmup_past_the_horizon():
+    from llmtrain.run import plan_notes
+
+    def notes(*overrides):
+        cfg = load_config(["experiment=smoke", *overrides])
+        return plan_notes(cfg, Plan.from_config(cfg, 1))
+
+    assert notes() == []  # 100 steps, 10 warmup
+    (note,) = notes("trainer.max_steps=null", "trainer.max_tokens=20000")  # 1,024-token steps
+    assert "trainer.max_tokens=20,000 is not a whole number" in note and "trains 20 steps" in note
+    assert notes("trainer.max_steps=null", "trainer.max_tokens=20480") == []
+    (note,) = notes("trainer.max_steps=4")
+    assert "optim.warmup_steps=10 is longer than the 4-step horizon" in note
+    assert "the lr ends at 1.20e-03, still warming up to optim.lr=3.00e-03" in note
+    assert notes("trainer.max_steps=10") == []  # warmup's last step is the run's: at the peak
+
+
+def test_the_eval_sample_must_fit_the_context_with_its_prompt():
+    from llmtrain.config import ConfigError
+    from llmtrain.run import check_sample_length
+    from llmtrain.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("gpt2")
+    cfg = load_config(["experiment=smoke", "trainer.sample_tokens=255"])  # context 256
+    check_sample_length(cfg, tok)  # "The" is one token
+    cfg.trainer.sample_prompt = ""  # an empty prompt starts from end-of-text: one token too
+    check_sample_length(cfg, tok)
+    cfg.trainer.sample_prompt = "The cat"
+    with pytest.raises(ConfigError, match=r"its 2 tokens .* trainer.sample_tokens <= 254, or set"):
+        check_sample_length(cfg, tok)
+    cfg.trainer.sample_every = 0  # no sample, nothing to fit
+    check_sample_length(cfg, tok)
+    cfg.trainer.sample_every, cfg.trainer.sample_prompt = (
+        50,
+        "word " * 300,
+    )  # 301 tokens: the trailing space is one
+    with pytest.raises(ConfigError, match=r"its 301 tokens .* shorten the prompt, or set"):
+        check_sample_length(cfg, tok)  # no sample_tokens would fit: not offered

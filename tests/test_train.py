@@ -196,23 +196,25 @@ def cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedP
     )
 
 
-def test_cli_trains_with_wandb_offline(tmp_path):
+def test_cli_trains_with_wandb_offline_and_a_resume_logs_to_the_same_run(tmp_path):
     run_dir = tmp_path / "run"
-    out = cli(
-        FAST
-        + [
-            "logger=wandb",
-            "logger.mode=offline",
-            "trainer.max_steps=2",
-            "trainer.log_every=1",
-            f"hydra.run.dir={run_dir}",
-        ],
-        tmp_path,
-    )
+    args = FAST + ["logger=wandb", "logger.mode=offline", "trainer.log_every=1"]
+    out = cli([*args, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tokens/step" in out.stdout and "step      2/2" in out.stdout
-    assert list((run_dir / "wandb").glob("offline-run-*"))
     assert (run_dir / "checkpoints" / "step_0000002").is_dir()
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
+
+    out = cli(
+        [*args, "trainer.max_steps=3", "trainer.resume=auto", f"hydra.run.dir={run_dir}"], tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # One W&B run across the restart: each attempt's offline dir carries the same run id, and
+    # `wandb sync` uploads them in order into that one run.
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(run_id in p.name for p in attempts)
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
 
 
 def test_cli_bad_config_fails_fast_naming_the_key(tmp_path):
