@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ from llmtrain.tokenizer import Tokenizer, get_tokenizer
 
 
 class _QuietAccelerate(logging.Filter):
-    """Accelerate logs every file a save writes at INFO, and warns that the tied lm_head was
-    dropped from model.safetensors (load_model re-ties it); the checkpoint line says enough."""
+    """Accelerate logs every file a save writes at INFO (under FSDP2 at the scratch ``.tmp``
+    path, which is renamed a moment later), and warns that the tied lm_head was dropped from
+    model.safetensors (load_model re-ties it); the checkpoint line says enough."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.WARNING or (
@@ -48,8 +50,24 @@ class _QuietAccelerate(logging.Filter):
         )
 
 
-for _name in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils.other"):
+for _name in (
+    "accelerate.accelerator",
+    "accelerate.checkpointing",
+    "accelerate.utils.other",
+    "accelerate.utils.fsdp_utils",
+):
     logging.getLogger(_name).addFilter(_QuietAccelerate())
+# DeepSpeed probes for libaio by compiling a test program when it loads; setuptools logs each
+# gcc command at INFO, which Hydra's logging config prints.
+logging.getLogger("compilers").setLevel(logging.WARNING)
+# ZeRO calls two collectives that torch deprecates, and torch warns at every call (filter
+# changes elsewhere reset the once-per-place registry): 16 lines per step on 2 processes, about
+# DeepSpeed's code, which no setting of ours changes.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+)
 
 
 @dataclass(frozen=True)

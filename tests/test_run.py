@@ -128,3 +128,16 @@ def test_the_eval_sample_must_fit_the_context_with_its_prompt():
     )  # 301 tokens: the trailing space is one
     with pytest.raises(ConfigError, match=r"its 301 tokens .* shorten the prompt, or set"):
         check_sample_length(cfg, tok)  # no sample_tokens would fit: not offered
+
+
+def test_accelerate_s_per_file_save_logs_stay_off_the_console(caplog):
+    """FSDP2 saves logged four INFO lines per checkpoint, at the scratch .tmp path."""
+    import logging
+
+    import llmtrain.run  # noqa: F401 -- installs the filters
+
+    with caplog.at_level(logging.INFO):
+        for name in ("accelerate.utils.fsdp_utils", "accelerate.checkpointing"):
+            logging.getLogger(name).info("[RANK 0] Saving model to step_0000002.tmp/x")
+        logging.getLogger("accelerate.utils.fsdp_utils").error("a real problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"]
