@@ -163,11 +163,10 @@ GROUP_SCHEMAS: dict[str, type] = {
 
 
 def register_configs() -> None:
-    """Register the schemas so ``conf/train.yaml`` and every group file merge into them."""
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=schema)
+    """Register the root schema: ``conf/train.yaml`` starts from it, so every group file merges
+    into its typed section (``model:`` into ModelConfig...). Only the root is registered: a
+    schema stored in a group would be listed as one of its options in ``--help``."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 register_configs()

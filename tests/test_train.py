@@ -343,3 +343,12 @@ def test_how_a_run_stops_decides_whether_job_scripts_requeue_it(tmp_path, monkey
     with pytest.raises(SystemExit) as e:
         train_mod.main()
     assert e.value.code == code and (tmp_path / "exit").read_text().strip() == str(code)
+
+
+def test_cli_help_lists_the_groups_a_user_picks_from(tmp_path):
+    out = cli(["--help"], tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("llmtrain-train: pretrain a GPT-style model")
+    groups = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "model: gpt2-large, gpt2-medium, gpt2-small," in groups
+    assert "_schema" not in groups  # the schemas are types, not options
