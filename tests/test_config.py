@@ -118,3 +118,21 @@ def test_the_recipes_are_the_runs_their_headers_describe(name, world, accum, tok
     assert cfg.data.name.startswith("fineweb") and cfg.data.seq_len <= cfg.model.context_length
     memory = plan(cfg, world, gpu_mem_gb=fits_in)
     assert memory.fits, f"{name} on {world} GPU(s) does not fit {fits_in} GiB"
+
+
+@pytest.mark.parametrize(
+    "line, key", [("n_heads: 4", "model.n_heads"), ("n_layer: two", "model.n_layer")]
+)
+def test_a_group_file_is_typed_by_the_root_schema(tmp_path, monkeypatch, line, key):
+    """Only TrainConfig is registered (per-group schemas cluttered --help); a group file with
+    a misspelt key or a wrong type must still fail, naming the key."""
+    import shutil
+
+    import llmtrain.config as config_mod
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config_mod.CONF_DIR, conf)
+    (conf / "model" / "mine.yaml").write_text(f"name: mine\n{line}\n")
+    monkeypatch.setattr(config_mod, "CONF_DIR", conf)
+    with pytest.raises(ConfigError, match=key):
+        load_config(["model=mine", "trainer.max_steps=1"])
