@@ -13,8 +13,10 @@ writes them as ``CKPT/consolidated.safetensors`` (``--dtype bf16`` for half the 
 Resume on another world size (:func:`load_state`):
 - single/ddp: the files are full; nothing to do.
 - fsdp2: DCP reshards on load by itself.
-- zero1/2/3: the checkpoint is converted once to DeepSpeed's universal format (one file per
-  parameter and optimizer moment, ``CKPT/universal/``) and loaded with ``load_universal``.
+- zero1/2/3: the checkpoint is converted to DeepSpeed's universal format (one file per
+  parameter and optimizer moment) in a scratch dir of the resuming run, loaded with
+  ``load_universal``, and the scratch deleted: the checkpoint itself is only read (it may be
+  another run's, on read-only storage) and stays as its manifest lists it.
 - data: the position is the global count of consumed windows. With ``data.source=shards``
   window g of the global stream goes to rank g mod world_size, so after G windows every
   rank of the new layout starts at G + rank: no window is repeated or skipped
@@ -37,7 +39,6 @@ from llmtrain.config import ConfigError
 
 DS_TAG = "pytorch_model"  # the DeepSpeed tag accelerator.save_state uses
 FSDP_MODEL = "pytorch_model_fsdp_0"
-UNIVERSAL = "universal"
 
 
 def layout(ckpt: Path) -> str:
@@ -124,18 +125,15 @@ def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32")
     return out
 
 
-def _universal(ckpt: Path) -> Path:
-    """``ckpt``'s DeepSpeed shards in the universal format (converted once, then reused)."""
+def _universal(ckpt: Path, out: Path) -> Path:
+    """``ckpt``'s DeepSpeed shards in the universal format, written to ``out`` (replaced)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    root = ckpt / UNIVERSAL
-    if (root / DS_TAG).is_dir():
-        return root
-    tmp = ckpt / (UNIVERSAL + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a conversion cut off by a crash
+    out.parent.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(
         input_folder=str(ckpt / DS_TAG),
-        output_folder=str(tmp / DS_TAG),
+        output_folder=str(out / DS_TAG),
         num_extract_workers=1,
         num_merge_workers=1,
         keep_temp_folder=False,
@@ -143,18 +141,19 @@ def _universal(ckpt: Path) -> Path:
         inject_missing_state=True,
     )
     ds_to_universal.main(args)
-    os.replace(tmp, root)
-    return root
+    return out
 
 
-def load_state(accelerator, model, ckpt: Path, saved_world: int, mode: str) -> None:
-    """``accelerator.load_state`` that also accepts a checkpoint from another world size."""
+def load_state(accelerator, model, ckpt: Path, saved_world: int, mode: str, scratch: Path) -> None:
+    """``accelerator.load_state`` that also accepts a checkpoint from another world size;
+    ``scratch`` is a writable dir every rank sees (the run dir), for a ZeRO conversion."""
     world = accelerator.num_processes
     if saved_world == world or mode not in ("zero1", "zero2", "zero3"):
         accelerator.load_state(str(ckpt))
         return
+    universal = scratch / f".universal-{ckpt.name}"
     if accelerator.is_main_process:
-        _universal(ckpt)
+        _universal(ckpt, universal)
     accelerator.wait_for_everyone()
     # DeepSpeed's ZeRO-3 universal loader copies param group 0's hyperparameters onto every
     # group, which would put weight decay on the no-decay group (biases, norms): keep ours.
@@ -164,7 +163,7 @@ def load_state(accelerator, model, ckpt: Path, saved_world: int, mode: str) -> N
     model._config.load_universal_checkpoint = True
     try:
         model.load_checkpoint(
-            str(ckpt / UNIVERSAL),
+            str(universal),
             tag=DS_TAG,
             load_module_strict=True,
             load_optimizer_states=True,
@@ -179,6 +178,9 @@ def load_state(accelerator, model, ckpt: Path, saved_world: int, mode: str) -> N
     for state in model.optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+    accelerator.wait_for_everyone()  # every rank has read the conversion
+    if accelerator.is_main_process:
+        shutil.rmtree(universal, ignore_errors=True)
 
 
 def redistribute_data_state(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:

@@ -252,7 +252,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         with safe_loading(resume_from):
             data_state = load_data_state(resume_from, rank, world, state.world_size)
             train_loader.load_state_dict(data_state)
-            load_state(accelerator, model, resume_from, state.world_size, cfg.dist.mode)
+            load_state(accelerator, model, resume_from, state.world_size, cfg.dist.mode, run_dir)
         state.world_size = world
 
     cfg_dict, run_receipt = config_to_dict(cfg), receipt()

@@ -220,8 +220,12 @@ def test_checkpoint_moves_between_world_sizes(mode, before, after, shards, refer
     args = [f"data.path={shards}", f"dist={mode}" if before > 1 or mode != "ddp" else "dist=single"]
     run(tmp_path, before, tmp_path / "a", args + ["trainer.max_steps=2"])
     ckpt = tmp_path / "a" / "checkpoints" / "step_0000002"
+    files = sorted(ckpt.rglob("*"))
     args[1] = f"dist={mode}" if after > 1 or mode != "ddp" else "dist=single"
     run(tmp_path, after, tmp_path / "b", args + ["trainer.max_steps=4", f"trainer.resume={ckpt}"])
+    # The checkpoint was only read (ZeRO's conversion went to a scratch dir, since deleted).
+    assert sorted(ckpt.rglob("*")) == files
+    assert not list((tmp_path / "b").glob(".universal-*"))
     got = losses(tmp_path / "b")
     # Same global windows in the same steps: the one-process losses, up to reduction order.
     for step in (3, 4):
