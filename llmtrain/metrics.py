@@ -8,6 +8,7 @@ import math
 import os
 import secrets
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,7 @@ class WandbLogger:
             or os.environ.get("WANDB_MODE")
             or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         )
-        self.run = wandb.init(
+        init = dict(
             project=cfg.project,
             entity=cfg.entity,
             name=cfg.run_name or run_dir.name,
@@ -173,9 +174,24 @@ class WandbLogger:
             allow_val_change=resume,  # a resume may change the horizon, the logger's mode...
             dir=str(run_dir),
             config=config,
-            mode=mode,
             tags=list(cfg.tags),
         )
+        try:
+            self.run = wandb.init(**init, mode=mode)
+        except wandb.errors.Error as e:
+            if mode != "online":
+                raise
+            # A compute node without internet, a server down, a revoked key: the run trains
+            # and logs offline rather than crash (and be requeued into the same failure).
+            reason = str(e).strip().splitlines()[0]
+            print(
+                f"llmtrain: W&B online failed ({reason}); logging offline under {run_dir}/wandb "
+                f"instead. Upload it later with: wandb sync {run_dir}/wandb/offline-run-*",
+                file=sys.stderr,
+                flush=True,
+            )
+            wandb.teardown()  # the failed run still holds its id in W&B's service process
+            self.run = wandb.init(**init, mode="offline")
 
     @classmethod
     def run_id(cls, run_dir: Path, resume: bool) -> str:

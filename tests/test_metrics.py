@@ -103,3 +103,33 @@ def test_console_line_is_readable():
     line = console_line(r, 100, 65)
     assert "step     10/100" in line and "loss 3.2100" in line and "mfu   n/a" in line
     assert "eta 0:01:05" in line
+
+
+def test_wandb_unreachable_online_falls_back_to_offline(tmp_path, monkeypatch, capsys):
+    """A node without internet (or W&B down) trains and logs offline instead of crashing at
+    wandb.init, which the sbatch scripts would requeue into the same failure."""
+    import wandb
+
+    calls = []
+
+    def init(**kw):
+        calls.append(kw["mode"])
+        if kw["mode"] == "online":
+            raise wandb.errors.CommError("Failed to get resume status: context deadline exceeded")
+        return "offline run"
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(wandb, "teardown", lambda: calls.append("teardown"))
+    cfg = load_config(["logger=wandb", "logger.mode=online", "trainer.max_steps=1"]).logger
+    logger = build_logger(cfg, tmp_path, {}, is_main=True)
+    assert calls == ["online", "teardown", "offline"] and logger.run == "offline run"
+    err = capsys.readouterr().err
+    assert "W&B online failed (Failed to get resume status" in err
+    assert f"wandb sync {tmp_path}/wandb/offline-run-*" in err
+
+    # Offline is the user's choice: a failure there is not hidden.
+    monkeypatch.setattr(wandb, "init", lambda **kw: (_ for _ in ()).throw(wandb.errors.Error("x")))
+    with pytest.raises(wandb.errors.Error):
+        build_logger(
+            load_config(["logger.mode=offline", "trainer.max_steps=1"]).logger, tmp_path, {}, True
+        )
