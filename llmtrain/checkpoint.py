@@ -98,7 +98,7 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
         for p in ckpt_root.iterdir()
         if p.is_dir() and STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()
     ]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step)
 
 
 def candidates(ckpt_root: Path) -> list[Path]:
@@ -258,13 +258,31 @@ def save_checkpoint(
             error = _describe(e, final)
     agree(error)
     if main:
-        # The one just written stays, whatever its step: after a rollback (resuming an older
-        # step in the same run), newer steps of the abandoned branch are the ones to go.
-        others = [c for c in complete_checkpoints(ckpt_root) if c != final]
-        for old in others[: max(0, len(others) - (keep_last - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(ckpt_root, final, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune(ckpt_root: Path, final: Path, keep_last: int) -> None:
+    """Keep ``final`` (just written) and the ``keep_last - 1`` before it. After a rollback
+    (this run resumed an older step of its own), checkpoints past ``final`` are the abandoned
+    branch: they go too, or a later resume=auto could fall back onto them (another history)."""
+    step = _step(final)
+    others = [c for c in complete_checkpoints(ckpt_root) if c != final]
+    abandoned = [c for c in others if _step(c) > step]
+    before = [c for c in others if _step(c) < step]
+    if abandoned:
+        print(
+            f"checkpoint: removed {', '.join(c.name for c in abandoned)}, the branch abandoned "
+            f"when this run resumed an earlier step",
+            flush=True,
+        )
+    for old in abandoned + before[: max(0, len(before) - (keep_last - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _step(ckpt: Path) -> int:
+    return int(STEP_DIR.match(ckpt.name).group(1))
 
 
 class Preemption:

@@ -334,6 +334,24 @@ def test_a_rollback_keeps_the_checkpoint_it_writes(two_checkpoints, tmp_path):
     assert ckpt.latest_checkpoint(root) == root / "step_0000003"
 
 
+def test_after_a_rollback_auto_never_falls_back_onto_the_abandoned_branch(
+    two_checkpoints, tmp_path, capsys
+):
+    """Resuming step 2 of a run that reached step 4 (the README's advice after a divergence):
+    step 4 outlived the new branch's checkpoints, and once step 3 was damaged resume=auto
+    'fell back' onto step 4, another history."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    root = run_dir / "checkpoints"
+    overrides = [f"trainer.resume={root / 'step_0000002'}", "trainer.ckpt_every=1"]
+    train_mod.train(config(3, *overrides), run_dir)
+    assert "removed step_0000004, the branch abandoned" in capsys.readouterr().out
+    assert [c.name for c in ckpt.complete_checkpoints(root)] == ["step_0000002", "step_0000003"]
+    flip_byte(root / "step_0000003" / "model.safetensors")
+    train_mod.train(config(3, "trainer.resume=auto"), run_dir)
+    assert "falling back to " + str(root / "step_0000002") in capsys.readouterr().out
+
+
 def test_the_tools_check_the_manifest_before_reading_weights(two_checkpoints, tmp_path, capsys):
     """llmtrain-export, llmtrain-sample and consolidate wrote or sampled corrupted weights."""
     from llmtrain import consolidate, export, sample
