@@ -35,10 +35,11 @@ from typing import Any
 import torch
 
 from llmtrain.bench_record import build_record, paired_ratio, report
-from llmtrain.config import CONF_DIR, ConfigError, TrainConfig, load_config, validate
+from llmtrain.config import CONF_DIR, PACKAGE_DIR, ConfigError, TrainConfig, load_config, validate
 from llmtrain.data import DataError
 
-REPO = CONF_DIR.parent
+# The record lives in the repo's benchmarks/; installed from a wheel, under the current dir.
+REPO = CONF_DIR.parent if CONF_DIR.parent != PACKAGE_DIR else Path.cwd()
 RESULTS = REPO / "benchmarks" / "results.jsonl"
 MARKDOWN = REPO / "benchmarks" / "RESULTS.md"
 NEVER = 10**9  # an interval past any bench horizon: no log, eval or checkpoint in the window

@@ -21,8 +21,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llmtrain.checks import ConfigError, validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PACKAGE_DIR = Path(__file__).resolve().parent
+# A checkout (or `pip install -e`) reads the repo's conf/; a wheel carries it as llmtrain/conf.
+CONF_DIR = next(
+    (
+        d
+        for d in (PACKAGE_DIR.parent / "conf", PACKAGE_DIR / "conf")
+        if (d / "train.yaml").is_file()
+    ),
+    PACKAGE_DIR.parent / "conf",
+)
 
 
 @dataclass

@@ -136,3 +136,31 @@ def test_a_group_file_is_typed_by_the_root_schema(tmp_path, monkeypatch, line, k
     monkeypatch.setattr(config_mod, "CONF_DIR", conf)
     with pytest.raises(ConfigError, match=key):
         load_config(["model=mine", "trainer.max_steps=1"])
+
+
+def test_the_wheel_carries_the_configs(tmp_path):
+    """`pip install llmtrain` (not -e) had no conf/: every command failed to compose."""
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools", minversion="70.1")  # builds wheels without `wheel`
+    import shutil
+
+    repo, src = CONF_DIR.parent, tmp_path / "src"  # built from a copy: no build/ in the repo
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("llmtrain", "conf"):
+        shutil.copytree(repo / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(src)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("llmtrain-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"llmtrain/conf/{p.relative_to(CONF_DIR)}" for p in CONF_DIR.rglob("*.yaml")}
+    assert want <= names and "llmtrain/conf/experiment/smoke.yaml" in want
+    assert "llmtrain/assets/gpt2.tiktoken" in names
