@@ -196,10 +196,18 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, never clip
     throughput = Throughput()
     stream = batches(run.train_loader, throughput)
-    loss_sum = torch.zeros((), device=accelerator.device)  # summed over the log interval
+    # Summed over the log interval; a resume goes on with the interval the checkpoint was in.
+    loss_sum = torch.tensor(state.interval_loss, device=accelerator.device)
     step_loss = torch.zeros((), device=accelerator.device)
-    interval_steps, last_saved = 0, state.step
+    interval_steps, last_saved = state.interval_steps, state.step
     model.train()
+
+    def save(final: bool = False):
+        # Every rank saves; the interval's loss is kept as the ranks' mean (log_train's too),
+        # so a resume on another number of processes goes on with it as well.
+        partial = accelerator.reduce(loss_sum.clone(), reduction="mean")
+        state.interval_loss, state.interval_steps = partial.item(), interval_steps
+        return run.save(final=final)
 
     stop = False  # a preemption signal reached some rank
     while state.step < plan.max_steps:
@@ -244,7 +252,7 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
             log_eval(run)
             throughput.reset()
         if state.step % t.ckpt_every == 0:
-            if run.save() is not None:
+            if save() is not None:
                 last_saved = state.step
             throughput.reset()
         if stop:
@@ -254,12 +262,12 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     saved = ckpt.latest_checkpoint(run.ckpt_root) if last_saved == state.step else None
     if stop and saved is None:
         try:  # the previous checkpoint is intact if this fails; a requeue resumes from it
-            saved = run.save(final=True)
+            saved = save(final=True)
         except ckpt.SaveError as e:
             if run.is_main:
                 print(f"error: {e}", file=sys.stderr, flush=True)
     elif final_save and last_saved != state.step:
-        run.save(final=True)
+        save(final=True)
     run.metrics_file.close()
     run.logger.finish()
     accelerator.end_training()
