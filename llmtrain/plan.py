@@ -330,13 +330,17 @@ def _load(overrides: list[str], world_size: int) -> TrainConfig:
     return cfg
 
 
+DOES_NOT_FIT = 3  # not 1, a crash's code: a script can tell "too big" from "broken"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llmtrain-plan",
-        description="Memory per GPU and time for a training config, before launching. Flags "
-        "first, then the same Hydra overrides as llmtrain-train.",
+        description="Memory per GPU and time for a training config, before launching: the "
+        "same Hydra overrides as llmtrain-train, and the flags below, in any order.",
         epilog="example: llmtrain-plan --gpus 8 --gpu-mem 80 model=llama-8b dist=zero3 "
-        "trainer.micro_batch_size=1 data.seq_len=4096 trainer.max_tokens=20_000_000_000",
+        "trainer.micro_batch_size=1 data.seq_len=4096 trainer.max_tokens=20_000_000_000. "
+        "Exit status: 0 it fits, 3 it does not fit, 2 a bad config or flag.",
     )
     parser.add_argument(
         "--gpus",
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         help="device peak TFLOP/s (default: H100 SXM dense bf16, 989)",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt2-small")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # README: `llmtrain-plan ... --gpu-mem 24 key=v`
     if args.gpus < 1 or not 0 < args.mfu <= 1 or args.gpu_mem <= 0 or args.peak_tflops <= 0:
         parser.error("--gpus must be >= 1, --mfu in (0, 1], --gpu-mem and --peak-tflops > 0")
     try:
@@ -376,4 +380,4 @@ def main(argv: list[str] | None = None) -> int:
             "  note           this config trains on the CPU (trainer.device=cpu); the plan\n"
             f"                 is for {args.gpus} GPU(s) of {args.gpu_mem:g} GiB, in bf16"
         )
-    return 0 if p.fits else 1
+    return 0 if p.fits else DOES_NOT_FIT

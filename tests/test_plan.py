@@ -147,7 +147,7 @@ def test_cli_does_not_fit_gives_hints(capsys):
         "trainer.batch_tokens=1048576",
         "trainer.max_tokens=1000000000",
     ]
-    assert main(argv) == 1
+    assert main(argv) == 3  # does not fit (1 is a crash's code)
     out = capsys.readouterr().out
     assert "does not fit" in out
     assert "activation_checkpointing=true" in out and "zero3" in out
@@ -170,3 +170,11 @@ def test_cli_says_when_the_config_trains_on_the_cpu(capsys):
     assert "this config trains on the CPU (trainer.device=cpu)" in capsys.readouterr().out
     main(["model=gpt2-small", "trainer.max_steps=1"])
     assert "trains on the CPU" not in capsys.readouterr().out
+
+
+def test_cli_takes_flags_and_overrides_in_any_order(capsys):
+    """The README's `llmtrain-plan experiment=... --gpu-mem 24 trainer.micro_batch_size=16`
+    was 'unrecognized arguments'."""
+    argv = ["experiment=gpt2-124m-fineweb", "--gpu-mem", "24", "trainer.micro_batch_size=16"]
+    assert main(argv) == 0  # it fits a 24 GiB card at micro-batch 16
+    assert "batch          16 seq x 1024 tok x 32 accum" in capsys.readouterr().out
