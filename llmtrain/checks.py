@@ -121,14 +121,19 @@ def _check_model(m: ModelConfig) -> None:
 
 
 def _check_data(d: DataConfig, m: ModelConfig) -> None:
-    _positive(d, "data", "seq_len", "stride", "tokenize_batch", "prefetch_factor", "shard_tokens")
-    _one_of(d.source, "data.source", SOURCES)
-    _check_tokenizer_name(d.tokenizer)
     _require(
         d.seq_len <= m.context_length,
         "data.seq_len",
         f"{d.seq_len} exceeds model.context_length={m.context_length}",
     )
+    check_data(d)
+
+
+def check_data(d: DataConfig) -> None:
+    """The data section on its own (what llmtrain-prepare reads, with no model or trainer)."""
+    _positive(d, "data", "seq_len", "stride", "tokenize_batch", "prefetch_factor", "shard_tokens")
+    _one_of(d.source, "data.source", SOURCES)
+    _check_tokenizer_name(d.tokenizer)
     _require(
         d.stride is None or d.stride <= d.seq_len,
         "data.stride",
@@ -156,6 +161,20 @@ def _check_data(d: DataConfig, m: ModelConfig) -> None:
         d.files is None or d.source == "hf",
         "data.files",
         f"is not read by data.source={d.source} (shards come from data.path); remove it",
+    )
+    # A group file cannot make a key required ('???' merged onto the schema's default keeps the
+    # default), so the two groups whose path the user must give are checked here.
+    _require(
+        not (d.source == "hf" and d.path == "local" and d.files is None),
+        "data.files",
+        "data=local reads files on this machine: set data.files=PATH_OR_GLOB (comma-separated "
+        "for several)",
+    )
+    _require(
+        not (d.source == "shards" and d.path == "sample"),
+        "data.path",
+        "data=shards reads llm.c .bin shards from a directory: set data.path=DIR "
+        "(llmtrain-prepare writes one)",
     )
 
 

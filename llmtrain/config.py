@@ -224,12 +224,9 @@ def _without_append_hint(message: str, error: BaseException) -> str:
     return "\n".join(lines)
 
 
-def load_config(overrides: list[str] | None = None, world_size: int | None = None) -> TrainConfig:
-    """Compose ``conf/`` exactly as the command line does and return a validated config.
-
-    ``load_config(["model=gpt2-small", "trainer.max_steps=10"])`` is what
-    ``llmtrain-train model=gpt2-small trainer.max_steps=10`` trains with.
-    """
+def compose_config(overrides: list[str] | None = None) -> TrainConfig:
+    """Compose ``conf/`` exactly as the command line does, typed, before :func:`validate`:
+    Hydra's errors and a ``+key`` the schema lacks are ConfigErrors naming the key."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -239,7 +236,16 @@ def load_config(overrides: list[str] | None = None, world_size: int | None = Non
     except (HydraException, OmegaConfBaseException) as e:
         cause = f"\n{e.__cause__}" if e.__cause__ else ""
         raise ConfigError(_without_append_hint(f"{e}{cause}", e.__cause__ or e)) from e
-    return validate(to_dataclass(node), world_size=world_size or world_size_from_env())
+    return to_dataclass(node)
+
+
+def load_config(overrides: list[str] | None = None, world_size: int | None = None) -> TrainConfig:
+    """Compose ``conf/`` exactly as the command line does and return a validated config.
+
+    ``load_config(["model=gpt2-small", "trainer.max_steps=10"])`` is what
+    ``llmtrain-train model=gpt2-small trainer.max_steps=10`` trains with.
+    """
+    return validate(compose_config(overrides), world_size=world_size or world_size_from_env())
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
@@ -271,6 +277,7 @@ __all__ = [
     "TrainerConfig",
     "TrainConfig",
     "validate",
+    "compose_config",
     "load_config",
     "config_to_yaml",
     "config_to_dict",

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from llmtrain.config import CONF_DIR, ConfigError, DataConfig
+from llmtrain.checks import check_data
+from llmtrain.config import ConfigError, DataConfig, compose_config
 from llmtrain.documents import (
     STATS,
     DataError,
@@ -189,19 +190,10 @@ def _parse(argv: list[str]) -> tuple[list[str], str, int | None]:
 
 
 def load_data_config(overrides: list[str]) -> DataConfig:
-    """Compose ``conf/`` with the overrides and return only its (typed) data section."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            node = compose(config_name="train", overrides=overrides)
-        data = OmegaConf.to_object(node.data)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(str(e)) from e
-    assert isinstance(data, DataConfig)
+    """Compose ``conf/`` with the overrides, as llmtrain-train does, and return only its data
+    section (no training horizon needed)."""
+    data = compose_config(overrides).data
+    check_data(data)
     return data
 
 
@@ -229,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         manifest = prepare(cfg, out_dir, num_proc)
-    except DataError as e:  # the message names the file or dataset; no traceback to read past
-        print(f"llmtrain-prepare: data error: {e}", file=sys.stderr)
+    except (DataError, ConfigError) as e:  # it names the file, dataset or key: no traceback
+        kind = "config" if isinstance(e, ConfigError) else "data"
+        print(f"llmtrain-prepare: {kind} error: {e}", file=sys.stderr)
         sys.exit(2)
     for split, entry in manifest["splits"].items():
         tokens = sum(s["tokens"] for s in entry["shards"])

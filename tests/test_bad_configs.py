@@ -85,6 +85,8 @@ CASES = {
     "eval on the train split": (["data.val_split=train"], 1, "data.val_split", {}),
     "val_files without files": (["data.val_files={tmp}/v.txt"], 1, "data.val_files", {}),
     "files with shards": (["data=shards", "data.files={tmp}/x.bin"], 1, "data.files", {}),
+    "local without files": (["data=local"], 1, "data.files", {}),
+    "shards without a path": (["data=shards"], 1, "data.path", {}),
     "unknown on_save_error": (["trainer.on_save_error=ignore"], 1, "trainer.on_save_error", {}),
     "max_bad_steps 0": (["trainer.max_bad_steps=0"], 1, "trainer.max_bad_steps", {}),
     "keep_last 0": (["trainer.keep_last=0"], 1, "trainer.keep_last", {}),

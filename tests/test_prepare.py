@@ -69,10 +69,19 @@ def test_cli_parses_out_dir_and_overrides(tmp_path, capsys):
     "args, says",
     [
         (["data=local", "data.files=nope.txt"], "data error: data.files: no file matches"),
-        (["data=shards"], "config error: data: already shards"),
+        (["data=shards", "data.path=x"], "config error: data: already shards"),
+        (["data=local"], "config error: data.files: data=local reads files"),
+        (["data=sample", "data.seq_lenn=5"], "Did you mean data.seq_len?"),  # not '+data...'
+        (["data=sample", "+data.shard_token=9"], "did you mean data.shard_tokens?"),  # not dropped
+        (["data=sample", "data.tokenizer=gpt5"], "config error: data.tokenizer: unknown"),
+        (["data=sample", "OTHER SOURCE"], "config error: " + "{out}/manifest.json was written for"),
     ],
 )
 def test_cli_errors_are_a_message_and_exit_2(tmp_path, capsys, args, says):
+    if "OTHER SOURCE" in args:  # out_dir holds another source's shards: a message, no traceback
+        args = args[:-1]
+        (tmp_path / "manifest.json").write_text('{"source": {"path": "elsewhere"}, "splits": {}}')
+    says = says.replace("{out}", str(tmp_path))
     with pytest.raises(SystemExit) as e:
         main([*args, f"out_dir={tmp_path}", "num_proc=1"])
     assert e.value.code == 2 and says in capsys.readouterr().err
