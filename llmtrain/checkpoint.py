@@ -328,6 +328,32 @@ def saved_config(ckpt: Path) -> TrainConfig:
     return config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, a ``checkpoints/`` root or a run directory -> one complete checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: not a directory; give a step_XXXXXXX or run directory")
+    if (path / TRAINER_STATE).is_file():
+        ckpt = path
+    elif STEP_DIR.match(path.name.removesuffix(".tmp")):
+        raise FileNotFoundError(
+            f"{path}: incomplete checkpoint (no {TRAINER_STATE}: its save never finished); "
+            "use an older step_XXXXXXX directory or the run directory"
+        )
+    else:
+        ckpt = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"{path}: no complete llmtrain checkpoint inside (expected a step_XXXXXXX "
+                f"directory with {TRAINER_STATE}, a checkpoints/ directory or a run directory)"
+            )
+    if not (ckpt / "config.yaml").is_file():
+        raise FileNotFoundError(f"{ckpt / 'config.yaml'} is missing: the model shape is unknown")
+    return ckpt
+
+
 def load_trainer_state(ckpt: Path) -> TrainerState:
     return TrainerState(**json.loads((ckpt / TRAINER_STATE).read_text()))
 
@@ -337,14 +363,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     from llmtrain.consolidate import full_state_dict
     from llmtrain.model import GPT
 
-    path = Path(path)
-    ckpt = (
-        path
-        if (path / TRAINER_STATE).is_file()
-        else (latest_checkpoint(path / "checkpoints") or latest_checkpoint(path))
-    )
-    if ckpt is None:
-        raise FileNotFoundError(f"no complete llmtrain checkpoint at {path}")
+    ckpt = resolve_checkpoint(path)
     cfg = saved_config(ckpt)
     model = GPT(cfg.model)
     # Any dist mode (ZeRO and FSDP2 shards are gathered on CPU), checked against the manifest.

@@ -102,9 +102,10 @@ def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32")
     lists."""
     from safetensors.torch import save_file
 
+    from llmtrain.checkpoint import resolve_checkpoint
     from llmtrain.integrity import read_manifest
 
-    ckpt = Path(ckpt)
+    ckpt = resolve_checkpoint(ckpt)  # a step dir, or the newest of a run or checkpoints/ dir
     out = Path(out) if out else ckpt / "consolidated.safetensors"
     listed = {(ckpt / name).resolve() for name in read_manifest(ckpt)}
     if out.resolve() in listed:
@@ -249,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m llmtrain.consolidate",
         description="Write a checkpoint's full model weights (any dist mode) as safetensors.",
     )
-    parser.add_argument("checkpoint", help="a step_XXXXXXX directory")
+    parser.add_argument(
+        "checkpoint", help="a step_XXXXXXX dir, or a run or checkpoints/ dir (its newest)"
+    )
     parser.add_argument("--out", help="output file (default: CHECKPOINT/consolidated.safetensors)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     from llmtrain.integrity import CheckpointError

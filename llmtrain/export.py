@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from llmtrain.checkpoint import STEP_DIR, TRAINER_STATE, latest_checkpoint, saved_config
+from llmtrain.checkpoint import resolve_checkpoint, saved_config
 from llmtrain.config import ConfigError, TrainConfig
 from llmtrain.consolidate import full_state_dict
 from llmtrain.hf import hf_config, hf_family, to_hf_state_dict
@@ -48,32 +48,6 @@ from llmtrain.tokenizer import Tokenizer, get_tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, a ``checkpoints/`` root or a run directory -> one complete checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
-    if not path.is_dir():
-        raise NotADirectoryError(f"{path}: not a directory; give a step_XXXXXXX or run directory")
-    if (path / TRAINER_STATE).is_file():
-        ckpt = path
-    elif STEP_DIR.match(path.name.removesuffix(".tmp")):
-        raise FileNotFoundError(
-            f"{path}: incomplete checkpoint (no {TRAINER_STATE}: its save never finished); "
-            "use an older step_XXXXXXX directory or the run directory"
-        )
-    else:
-        ckpt = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"{path}: no complete llmtrain checkpoint inside (expected a step_XXXXXXX "
-                f"directory with {TRAINER_STATE}, a checkpoints/ directory or a run directory)"
-            )
-    if not (ckpt / "config.yaml").is_file():
-        raise FileNotFoundError(f"{ckpt / 'config.yaml'} is missing: the model shape is unknown")
-    return ckpt
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig, Path]:

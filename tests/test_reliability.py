@@ -374,6 +374,20 @@ def test_the_tools_check_the_manifest_before_reading_weights(two_checkpoints, tm
         consolidate.main([str(two), "--out", str(two / "optimizer.bin")])
 
 
+def test_consolidate_takes_a_run_dir_and_names_a_missing_path(two_checkpoints, tmp_path, capsys):
+    """Like llmtrain-export: it said 'runs/mine/manifest.json is missing' for a run dir, and
+    the same for a step that does not exist."""
+    from llmtrain import consolidate
+
+    consolidate.main([str(two_checkpoints), "--dtype", "bf16"])  # the run's newest checkpoint
+    out = two_checkpoints / "checkpoints" / "step_0000004" / "consolidated.safetensors"
+    assert capsys.readouterr().out.strip() == str(out) and out.is_file()
+    out.unlink()
+    nowhere = two_checkpoints / "checkpoints" / "step_0001000"
+    with pytest.raises(SystemExit, match="step_0001000: no such checkpoint or run directory"):
+        consolidate.main([str(nowhere)])
+
+
 def test_compiled_checkpoints_load_under_the_model_s_own_names(two_checkpoints, monkeypatch):
     """A trainer.compile=true run saves torch.compile's wrapper: every name has _orig_mod."""
     from llmtrain import consolidate
