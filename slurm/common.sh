@@ -67,7 +67,10 @@ run_nodes() {
     # Slurm sends USR1 (--signal=USR1@90) to every process of the step. The launcher and
     # torchrun's agent inherit it as ignored (they would die of it); the training processes
     # install their own handler, save a checkpoint and exit non-zero, which requeues the job.
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "
+    # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without it each
+    # node's launcher, its data workers and its GPU ranks would share one core.
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        ${SLURM_CPUS_PER_TASK:+--cpus-per-task="${SLURM_CPUS_PER_TASK}"} bash -c "
         set -euo pipefail
         source '${SLURM_SCRIPT_DIR}/common.sh'
         trap '' USR1
@@ -85,6 +88,8 @@ run_nodes() {
     elif [[ ${rc} -ne 0 && "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUES}" ]]; then
         echo "llmtrain: training exited with ${rc}; requeueing job ${SLURM_JOB_ID} (resume=auto)"
         scontrol requeue "${SLURM_JOB_ID}"
+    elif [[ ${rc} -ne 0 ]]; then
+        echo "llmtrain: training exited with ${rc}; not requeueing, job ${SLURM_JOB_ID} was requeued ${MAX_REQUEUES} times already (LLMTRAIN_MAX_REQUEUES)"
     fi
     return "${rc}"
 }

@@ -77,7 +77,8 @@ def _fake_bin(tmp_path: Path, accelerate_rc: int, worker_code: int | None = None
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scripts = {
-        "srun": "#!/bin/bash\nshift $(($# - 3))\nrc=0\n"
+        "srun": '#!/bin/bash\necho "${*:1:$(($# - 3))}" >> "$FAKE_LOG.srun"\n'
+        "shift $(($# - 3))\nrc=0\n"
         "for n in $(seq 0 $((SLURM_NNODES - 1))); do\n"
         '  SLURM_NODEID=$n "$@" || rc=$?\ndone\nexit $rc\n',
         "scontrol": '#!/bin/bash\nif [ "$1" = show ]; then echo gpu07; echo gpu08; echo gpu09;\n'
@@ -103,14 +104,26 @@ def test_real_path_one_launcher_per_node_and_requeue_on_failure(
 ):
     log = tmp_path / "calls"
     env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log),
-           "LLMTRAIN_RUN_DIR": str(tmp_path / "run")}  # fmt: skip
+           "LLMTRAIN_RUN_DIR": str(tmp_path / "run"), "SLURM_CPUS_PER_TASK": "64"}  # fmt: skip
     out = sbatch("multi-node.sbatch", ["dist=fsdp2"], env,
                  _fake_bin(tmp_path, launcher_rc, worker_code))  # fmt: skip
     assert out.returncode == rc, out.stderr
     calls = log.read_text().splitlines()
     assert [c.split("--machine_rank ")[1].split()[0] for c in calls] == ["0", "1", "2"]
     assert all("--main_process_ip gpu07" in c and "trainer.resume=auto" in c for c in calls)
+    # sbatch's --cpus-per-task reaches the step (srun has not inherited it since Slurm 22.05)
+    assert "--cpus-per-task=64" in Path(f"{log}.srun").read_text()
     requeued = Path(f"{log}.scontrol")
     assert requeued.is_file() == (rc not in (0, 2))  # 2: config error, never requeued
     if rc not in (0, 2):
         assert requeued.read_text().strip() == "requeue 4242"
+
+
+def test_requeues_stop_at_llmtrain_max_requeues(tmp_path):
+    log = tmp_path / "calls"
+    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log),
+           "LLMTRAIN_RUN_DIR": str(tmp_path / "run"), "SLURM_RESTART_COUNT": "3",
+           "LLMTRAIN_MAX_REQUEUES": "3"}  # fmt: skip
+    out = sbatch("multi-node.sbatch", ["dist=fsdp2"], env, _fake_bin(tmp_path, 1, 75))
+    assert out.returncode == 75 and not Path(f"{log}.scontrol").exists()
+    assert "not requeueing, job 4242 was requeued 3 times already" in out.stdout + out.stderr
