@@ -93,7 +93,9 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
         if mode not in ZERO_STAGE or (stage and int(stage) != ZERO_STAGE[mode]):
             raise ConfigError(
                 f"dist.mode: {mode!r} but the accelerate config file asks for DeepSpeed ZeRO "
-                f"stage {stage}; pass dist=zero{stage} or launch with launch/multi-gpu.yaml"
+                f"stage {stage}; pass dist=zero{stage}"
+                + (" (or zero3-offload)" if stage == "3" else "")
+                + " or launch with launch/multi-gpu.yaml"
             )
     if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and mode != "fsdp2":
         raise ConfigError(

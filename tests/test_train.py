@@ -226,6 +226,7 @@ def test_cli_trains_with_wandb_offline_and_a_resume_logs_to_the_same_run(tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tokens/step" in out.stdout and "step      2/2" in out.stdout
     assert (run_dir / "checkpoints" / "step_0000002").is_dir()
+    assert not (run_dir / "train.log").exists()  # Hydra's log file stayed empty: not written
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
 
