@@ -18,6 +18,7 @@ read (allowing the two DeepSpeed classes its optimizer files hold) and checks ea
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import os
@@ -194,10 +195,22 @@ DCP_GLOBALS = {
 }
 
 
+def _enum_member(cls: Any, name: Any) -> Any:
+    """Stands in for ``builtins.getattr`` while unpickling. Some Python versions (3.11.2, the
+    Debian 12 python, among them) pickle an Enum member as ``getattr(EnumClass, name)``: DCP's
+    _MEM_FORMAT_ENCODING, DeepSpeed's ZeroStageEnum. Only that use is allowed; a getattr that
+    would reach anything but an allowlisted Enum's member is refused."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__):
+        raise pickle.UnpicklingError(f"refusing getattr({cls!r}, {name!r}): not an Enum member")
+    return cls[name]
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """pickle's documented pattern for untrusted data: refuse globals outside an allowlist."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if (
             module in DCP_MODULES
             or (module, name) in DCP_GLOBALS
@@ -234,7 +247,7 @@ def safe_loading(ckpt: Path) -> Iterator[None]:
     ``ckpt`` was checked first. A file that needs anything else fails with its name."""
     for meta in sorted(ckpt.rglob(".metadata")):
         check_pickle(meta)
-    allowed = _deepspeed_globals(ckpt)
+    allowed = [*_deepspeed_globals(ckpt), (_enum_member, "builtins.getattr")]
     original = torch.load
     before = torch.serialization.get_safe_globals()
 

@@ -681,3 +681,39 @@ def test_dcp_metadata_is_checked_before_pickle_loads_it(tmp_path):
     with refused, safe_loading(bad.parent):
         pass
     assert not marker.exists()
+
+
+class ByGetattr:
+    """Pickles as ``getattr(owner, name)``: how Python 3.11.2 (Debian 12's) pickles an Enum
+    member, which DCP's .metadata and DeepSpeed's ZeRO files hold."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return (getattr, (self.owner, self.name))
+
+
+def test_enum_members_pickled_by_getattr_load_and_nothing_else_does(tmp_path):
+    """Every ZeRO and FSDP2 resume failed on Python 3.11.2: 'GLOBAL getattr was not an allowed
+    global'. getattr is allowed for an allowlisted Enum's member only."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    ckpt = tmp_path / "step_0000001"
+    (ckpt / "pytorch_model").mkdir(parents=True)
+    shard = ckpt / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"stage": ByGetattr(ZeroStageEnum, "gradients")}, shard)
+    with safe_loading(ckpt):
+        assert torch.load(shard, weights_only=False)["stage"] is ZeroStageEnum.gradients
+    torch.save({"x": ByGetattr(torch.Tensor, "add")}, shard)  # a method, not an Enum member
+    with safe_loading(ckpt), pytest.raises(CheckpointError, match="not an Enum member"):
+        torch.load(shard, weights_only=False)
+
+    meta = tmp_path / "dcp" / ".metadata"
+    meta.parent.mkdir()
+    meta.write_bytes(pickle.dumps([ByGetattr(_MEM_FORMAT_ENCODING, "TORCH_CONTIGUOUS_FORMAT")]))
+    check_pickle(meta)
+    meta.write_bytes(pickle.dumps([ByGetattr(_MEM_FORMAT_ENCODING, "__class__")]))
+    with pytest.raises(CheckpointError, match="not an Enum member"):
+        check_pickle(meta)
