@@ -48,12 +48,27 @@ def training_run(command: str) -> tuple[list[str], int] | None:
     return None
 
 
-COMMANDS = readme_commands()
+def commented_commands() -> list[str]:
+    """The example commands in the comments of the sbatch scripts, launch configs and
+    experiment files (what a user copies from the file they are reading)."""
+    commands = []
+    for path in [*REPO.glob("slurm/*.sbatch"), *REPO.glob("launch/*.yaml"),
+                 *REPO.glob("conf/experiment/*.yaml")]:  # fmt: skip
+        comments = [line[1:] for line in path.read_text().splitlines() if line.startswith("#")]
+        for line in "\n".join(comments).replace("\\\n", " ").splitlines():
+            start = min((i for w in STARTS if (i := line.find(w)) >= 0), default=-1)
+            if start >= 0 and "=" in line:
+                commands.append(line[start:].strip())
+    return commands
+
+
+STARTS = ("accelerate launch ", "sbatch ", "llmtrain-train ")
+COMMANDS = readme_commands() + commented_commands()
 RUNS = {c: r for c in COMMANDS if (r := training_run(c)) is not None}
 
 
 def test_the_readme_has_the_commands_this_file_checks():
-    assert len(RUNS) >= 12  # quickstart, overrides, resume, launchers, Slurm, shards
+    assert len(RUNS) >= 18  # quickstart, overrides, resume, launchers, Slurm, shards; headers
     assert any(world == 32 for _, world in RUNS.values())  # sbatch --nodes=4
 
 
