@@ -13,6 +13,7 @@ plus ``manifest.json``. An interrupted run resumes after the last finished shard
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -174,6 +175,9 @@ def _flush(
     buf.clear()
 
 
+OWN_ARGS = ("out_dir", "num_proc")  # llmtrain-prepare's own; the rest go to Hydra
+
+
 def _parse(argv: list[str]) -> tuple[list[str], str, int | None]:
     out_dir, num_proc, overrides = None, None, []
     for arg in argv:
@@ -181,7 +185,12 @@ def _parse(argv: list[str]) -> tuple[list[str], str, int | None]:
         if key.lstrip("+") == "out_dir":
             out_dir = value
         elif key.lstrip("+") == "num_proc":
-            num_proc = int(value)
+            try:
+                num_proc = int(value)
+            except ValueError:
+                raise ConfigError(f"num_proc: {value!r} is not a whole number") from None
+        elif close := difflib.get_close_matches(key.lstrip("+"), OWN_ARGS, n=1, cutoff=0.7):
+            raise ConfigError(f"{key}: not an argument; did you mean {close[0]}=...?")
         else:
             overrides.append(arg)
     if not out_dir:

@@ -74,6 +74,8 @@ def test_cli_parses_out_dir_and_overrides(tmp_path, capsys):
         (["data=sample", "data.seq_lenn=5"], "Did you mean data.seq_len?"),  # not '+data...'
         (["data=sample", "+data.shard_token=9"], "did you mean data.shard_tokens?"),  # not dropped
         (["data=sample", "data.tokenizer=gpt5"], "config error: data.tokenizer: unknown"),
+        (["data=sample", "num_procs=8"], "num_procs: not an argument; did you mean num_proc=...?"),
+        (["data=sample", "num_proc=eight"], "num_proc: 'eight' is not a whole number"),
         (["data=sample", "OTHER SOURCE"], "config error: " + "{out}/manifest.json was written for"),
     ],
 )
