@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -314,27 +315,30 @@ def _check_tokenizer_name(name: str) -> None:
     )
 
 
-def _finite(cfg: Any, prefix: str = "") -> None:
-    """No inf or nan anywhere: ``optim.lr=inf`` passes every range check and trains on nan."""
+def _leaves(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every setting of a config, sections walked."""
     for f in fields(cfg):
         value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
         if is_dataclass(value):
-            _finite(value, key + ".")
-        elif isinstance(value, float):
+            yield from _leaves(value, key + ".")
+        else:
+            yield key, value
+
+
+def _finite(cfg: Any) -> None:
+    """No inf or nan anywhere: ``optim.lr=inf`` passes every range check and trains on nan."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, float):
             _require(math.isfinite(value), key, f"must be a finite number, got {value}")
 
 
-def _no_secrets(cfg: Any, prefix: str = "") -> None:
+def _no_secrets(cfg: Any) -> None:
     """Refuse a config that holds a credential from the environment (an API key pasted into
     logger.run_name, a token in a data URL): the config is saved, printed and logged."""
     secrets = {name: value for name in SECRET_ENV if len(value := os.environ.get(name, "")) >= 8}
     if not secrets:
         return
-    for f in fields(cfg):
-        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
-        if is_dataclass(value):
-            _no_secrets(value, key + ".")
-            continue
+    for key, value in _leaves(cfg):
         for item in value if isinstance(value, list) else [value]:
             for name, secret in secrets.items():
                 _require(

@@ -36,6 +36,7 @@ from llmtrain.metrics import (
     receipt,
 )
 from llmtrain.model import GPT
+from llmtrain.optim import lr_at
 from llmtrain.tokenizer import Tokenizer, get_tokenizer
 
 
@@ -298,7 +299,7 @@ def plan_notes(cfg: TrainConfig, plan: Plan) -> list[str]:
             f"{plan.tokens_per_step:,}-token steps; the run trains {plan.max_steps:,} steps"
         )
     if o.warmup_steps > plan.max_steps and o.schedule != "wsd":  # wsd's is refused in checks
-        last = o.lr * plan.max_steps / o.warmup_steps
+        last = lr_at(plan.max_steps - 1, o, plan.max_steps)  # the last trained step's
         notes.append(
             f"  schedule   optim.warmup_steps={o.warmup_steps:,} is longer than the "
             f"{plan.max_steps:,}-step horizon: the lr ends at {last:.2e}, still warming up to "
