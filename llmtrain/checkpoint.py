@@ -83,7 +83,7 @@ class TrainerState:
     world_size: int = 1
     bad_steps: int = 0  # consecutive non-finite steps skipped (resets on a good step)
     skipped_steps: int = 0  # non-finite steps skipped over the whole run
-    # The log interval in progress (loss summed over its steps so far), so the first line after
+    # The log interval in progress (its steps' mean losses summed), so the first line after
     # a resume averages the same steps as an uninterrupted run's.
     interval_loss: float = 0.0
     interval_steps: int = 0

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -19,8 +20,9 @@ import torch
 from llmtrain.config import LoggerConfig, ModelConfig
 from llmtrain.integrity import write_atomic
 
-# Dense bf16 tensor-core peak, TFLOP/s, from each vendor datasheet (no sparsity). Matched in
-# order against torch.cuda.get_device_name(), so more specific names come first.
+# Dense bf16 tensor-core peak, TFLOP/s, from each vendor datasheet (no sparsity). A key matches
+# when each of its words is a whole word of torch.cuda.get_device_name() ("L4" is not "L40");
+# tried in order, so more specific names come first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("GH200", 989.0),
     ("H200 NVL", 835.0),
@@ -28,11 +30,13 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 NVL", 835.0),
     ("H100 PCIe", 756.0),
     ("H100", 989.0),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H800 PCIe", 756.0),
     ("H800", 989.0),
     ("B200", 2250.0),
-    ("A100", 312.0),
+    ("A100", 312.0),  # SXM4 and PCIe alike
     ("A800", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
 )
 
@@ -41,8 +45,9 @@ def device_peak_tflops(device_name: str | None) -> float | None:
     """The bf16 peak for a device name, or None when the device is not in the table."""
     if not device_name:
         return None
+    words = set(re.split(r"[^0-9a-z]+", device_name.lower()))  # "A100-SXM4-80GB" -> a100, ...
     for key, tflops in PEAK_BF16_TFLOPS:
-        if key in device_name:
+        if set(key.lower().split()) <= words:
             return tflops
     return None
 

@@ -255,6 +255,11 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
             train_loader.load_state_dict(data_state)
             load_state(accelerator, model, resume_from, state.world_size, cfg.dist.mode, run_dir)
         state.world_size = world
+        # load_state restored Accelerate's micro-batch count, a multiple of the saved run's
+        # accumulation steps. Another world size or micro-batch size makes it a misfit for
+        # this run's, gradients would then sync on the wrong micro-batch and every
+        # optimizer.step() be skipped; each step starts a fresh accumulation window.
+        accelerator.step = 0
 
     cfg_dict, run_receipt = config_to_dict(cfg), receipt()
     if is_main:

@@ -154,7 +154,7 @@ def log_train(
     """The log interval's mean training loss (averaged over ranks: the interval's one extra
     host sync), perplexity, throughput and MFU."""
     plan, state = run.plan, run.state
-    loss = run.accelerator.reduce(loss_sum, reduction="mean").item() / (plan.grad_accum * steps)
+    loss = run.accelerator.reduce(loss_sum, reduction="mean").item() / steps
     tok_s, wait = throughput.read()
     fpt = flops_per_token(run.cfg.model, plan.seq_len)
     record = {
@@ -196,7 +196,9 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, never clip
     throughput = Throughput()
     stream = batches(run.train_loader, throughput)
-    # Summed over the log interval; a resume goes on with the interval the checkpoint was in.
+    # Each step's mean loss, summed over the log interval (a sum of micro-batch losses would
+    # depend on grad_accum, which a resume may change); a resume goes on with the interval
+    # the checkpoint was in.
     loss_sum = torch.tensor(state.interval_loss, device=accelerator.device)
     step_loss = torch.zeros((), device=accelerator.device)
     interval_steps, last_saved = state.interval_steps, state.step
@@ -236,7 +238,7 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
         state.bad_steps = 0
         state.step += 1
         state.tokens += plan.tokens_per_step
-        loss_sum += step_loss
+        loss_sum += step_loss / plan.grad_accum
         interval_steps += 1
         throughput.tokens += plan.tokens_per_step
         if step_hook is not None:

@@ -40,6 +40,11 @@ def test_mfu_against_peak_table():
     assert device_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert device_peak_tflops("NVIDIA L40S") == 362.0
     assert device_peak_tflops("NVIDIA L4") == 121.0
+    # Whole words: an L40 is not an L4 (121), an H800 PCIe not an SXM H800 (989).
+    assert device_peak_tflops("NVIDIA L40") == 181.0
+    assert device_peak_tflops("NVIDIA H800 PCIe") == 756.0
+    assert device_peak_tflops("NVIDIA GH200 480GB") == 989.0
+    assert device_peak_tflops("NVIDIA H200 NVL") == 835.0
     assert device_peak_tflops("Some Future GPU") is None
     assert device_peak_tflops(None) is None
     # 500k tokens/s at 0.8547 GFLOP/token on a 989 TFLOP/s device: 43.2% MFU

@@ -154,6 +154,28 @@ def test_the_first_line_after_a_resume_averages_the_same_steps(tmp_path):
     assert sorted(losses(part)) == [4, 6]
 
 
+def test_a_resume_with_another_accumulation_count_goes_on_training(tmp_path):
+    """Saved at step 1 with 1 x 8 sequences per step, resumed with 2 x 4 (what a move to half
+    the processes does too): Accelerate's restored micro-batch count put the gradient sync on
+    the wrong micro-batch, every later optimizer step was skipped and the loss stood still;
+    and the step-2 line, half from before the save, divided by the new accumulation count."""
+    every = [
+        "trainer.log_every=2",
+        "trainer.ckpt_every=1",
+        "trainer.keep_last=4",
+        "trainer.eval_every=1000",
+    ]
+    common = [*FAST, "trainer.max_steps=4", *every, "data.shuffle=false"]
+    train(load_config([*common, "trainer.micro_batch_size=8"]), tmp_path / "full")
+    step_1 = tmp_path / "full" / "checkpoints" / "step_0000001"
+    resumed = [*common, "trainer.micro_batch_size=4", f"trainer.resume={step_1}"]
+    train(load_config(resumed), tmp_path / "resumed")
+    full, got = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(got) == [2, 4]
+    for step in (2, 4):  # the same sums in another order: equal to float rounding
+        assert got[step] == pytest.approx(full[step], rel=1e-5), step
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     common = [
         "trainer.max_steps=1",
