@@ -227,6 +227,7 @@ def redistribute_data_state(states: list[dict[str, Any]], rank: int, world: int)
         "done": [False],
         "workers": [{"epoch": epoch, "next": consumed + rank} if total else None],
         "stats": [stats if rank == 0 else dict.fromkeys(stats, 0)],
+        "windows": total // world,
     }
     if batch:
         state["batches"] = total // (batch * world)

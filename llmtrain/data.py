@@ -77,10 +77,11 @@ class TokenLoader:
         rank: int,
         world_size: int,
         kind: str,
+        seed: int = 0,
         max_workers: int | None = None,
     ) -> None:
         self.source, self.cfg, self.batch_size, self.train = source, cfg, batch_size, train
-        self.rank, self.world_size, self.kind = rank, world_size, kind
+        self.rank, self.world_size, self.kind, self.seed = rank, world_size, kind, seed
         # More workers than shards would idle (datasets gives workers whole shards).
         self.num_workers = min(cfg.num_workers, max_workers or cfg.num_workers)
         self.pin_memory = cfg.pin_memory and torch.cuda.is_available()
@@ -94,6 +95,7 @@ class TokenLoader:
             "workers": [None] * n,
             "stats": [dict.fromkeys(STATS, 0)] * n,
             "batches": 0,
+            "windows": 0,  # this rank's, counted as they come (a resume may change batch_size)
         }
 
     @property
@@ -104,7 +106,8 @@ class TokenLoader:
     def _meaning(self) -> dict[str, Any]:
         """What a saved position means depends on; a resume must match every value. A stream
         position indexes into one batch of documents' tokens (data.tokenize_batch) and into an
-        epoch's shard order (data.shuffle); a window index depends on the stride."""
+        epoch's shard order (data.shuffle, and trainer.seed when shuffled); a window index
+        depends on the stride."""
         keys = {
             "kind": self.kind,
             "num_workers": self.num_workers,
@@ -115,10 +118,12 @@ class TokenLoader:
         }
         if self.kind == "hf":
             keys["tokenize_batch"] = self.cfg.tokenize_batch
+        if self.cfg.shuffle:
+            keys["seed"] = self.seed
         return keys
 
     def state_dict(self) -> dict[str, Any]:
-        windows = self._state["batches"] * self.batch_size
+        windows = self._state["windows"]
         return copy.deepcopy(
             {
                 **self._state,
@@ -135,12 +140,13 @@ class TokenLoader:
         always = ("kind", "num_workers", "world_size", "seq_len")  # older checkpoints lack the rest
         for key, mine in self._meaning().items():
             if (key in always or key in state) and state.get(key) != mine:
-                name = {"kind": "data.source", "world_size": "world size"}.get(key, f"data.{key}")
+                names = {"kind": "data.source", "world_size": "world size", "seed": "trainer.seed"}
+                name = names.get(key, f"data.{key}")
                 raise DataError(
                     f"the data position was saved with {name}={state.get(key)} and this run "
                     f"has {mine}; exact resume needs the same value (set {name} back)"
                 )
-        keys = ("next", "done", "workers", "stats", "batches")
+        keys = ("next", "done", "workers", "stats", "batches", "windows")
         self._state = copy.deepcopy({k: state[k] for k in keys})
 
     def _items(self, state: dict[str, Any]) -> Iterator[tuple]:
@@ -181,6 +187,7 @@ class TokenLoader:
                 state["done"][w] = True
                 continue
             state["next"], state["batches"] = (w + 1) % n, state["batches"] + 1
+            state["windows"] += len(windows)
             yield self._inputs_and_targets(windows)
         if self.train or state["batches"] == 0:
             raise DataError(self._ran_out())
@@ -248,21 +255,14 @@ def build_dataloader(
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     train = split == "train"
+    loader_args = dict(batch_size=batch_size, train=train, rank=rank, world_size=world_size)
     if cfg.source == "shards":
         from llmtrain.shards import ShardWindows
 
         source = ShardWindows(
             cfg, split, batch_size, seed, rank if train else 0, world_size if train else 1
         )
-        return TokenLoader(
-            source,
-            cfg,
-            batch_size=batch_size,
-            train=train,
-            rank=rank,
-            world_size=world_size,
-            kind="shards",
-        )
+        return TokenLoader(source, cfg, kind="shards", seed=seed, **loader_args)
     val_ds, heldout = validation_documents(cfg)
     if train:
         ds = load_documents(cfg, cfg.train_split)
@@ -286,13 +286,4 @@ def build_dataloader(
         heldout if train else frozenset(),
         node=(rank, world_size) if train else None,  # split in each worker (see _dataset)
     )
-    return TokenLoader(
-        source,
-        cfg,
-        batch_size=batch_size,
-        train=train,
-        rank=rank,
-        world_size=world_size,
-        kind="hf",
-        max_workers=max(1, shards),
-    )
+    return TokenLoader(source, cfg, kind="hf", seed=seed, max_workers=max(1, shards), **loader_args)

@@ -327,20 +327,54 @@ def test_a_training_stream_that_ends_is_an_error_not_an_endless_wait():
         next(stream)
 
 
-@pytest.mark.parametrize("key, value", [("tokenize_batch", 1), ("stride", 8), ("shuffle", False)])
-def test_resume_refuses_a_change_that_moves_the_position(key, value):
+@pytest.mark.parametrize(
+    "key, value, name",
+    [
+        ("tokenize_batch", 1, "data.tokenize_batch"),
+        ("stride", 8, "data.stride"),
+        ("shuffle", False, "data.shuffle"),
+        ("seed", 2, "trainer.seed"),
+    ],
+)
+def test_resume_refuses_a_change_that_moves_the_position(key, value, name):
     """A position counts tokens into one batch of documents (data.tokenize_batch), windows of
-    one stride, in one epoch's shard order: changed, the resumed run would skip or repeat
-    tokens without a word. Checkpoints older than these fields still load."""
+    one stride, in one epoch's shard order (shuffled by the seed): changed, the resumed run
+    would skip or repeat tokens without a word (a new seed mid-epoch read 137 of 275 documents
+    twice). Checkpoints older than these fields still load."""
     cfg = small(num_workers=0, tokenize_batch=4)
     loader = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
     take(loader, 3)
     state = loader.state_dict()
-    other = build_dataloader(replace(cfg, **{key: value}), TOK, split="train", batch_size=2)
-    with pytest.raises(DataError, match=f"data.{key}=.* exact resume needs the same value"):
+    cfg_b, seed_b = (cfg, value) if key == "seed" else (replace(cfg, **{key: value}), 1)
+    other = build_dataloader(cfg_b, TOK, split="train", batch_size=2, seed=seed_b)
+    with pytest.raises(DataError, match=f"{name}=.* exact resume needs the same value"):
         other.load_state_dict(state)
-    old = {k: v for k, v in state.items() if k not in ("tokenize_batch", "stride", "shuffle")}
-    build_dataloader(cfg, TOK, split="train", batch_size=2).load_state_dict(old)
+    old = {
+        k: v for k, v in state.items() if k not in ("tokenize_batch", "stride", "shuffle", "seed")
+    }
+    build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1).load_state_dict(old)
+
+
+def test_without_shuffling_the_seed_may_change_at_a_resume():
+    cfg = small(num_workers=0, shuffle=False)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
+    take(loader, 3)
+    build_dataloader(cfg, TOK, split="train", batch_size=2, seed=2).load_state_dict(
+        loader.state_dict()
+    )
+
+
+def test_the_data_position_counts_windows_of_every_batch_size():
+    """A resume with another trainer.micro_batch_size: the tokens recorded count each batch at
+    its own size (they were batches x the current size)."""
+    cfg = small(num_workers=0)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=4, seed=1)
+    take(loader, 3)
+    smaller = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
+    smaller.load_state_dict(loader.state_dict())
+    take(smaller, 2)
+    state = smaller.state_dict()
+    assert (state["windows"], state["global_tokens"]) == (3 * 4 + 2 * 2, 16 * cfg.seq_len)
 
 
 def test_a_stream_that_drops_is_reopened_at_the_same_document(monkeypatch):
