@@ -145,21 +145,31 @@ def _universal(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def load_state(accelerator, model, ckpt: Path, saved_world: int, mode: str, scratch: Path) -> None:
+def load_state(
+    accelerator, model, optimizer, ckpt: Path, saved_world: int, mode: str, scratch: Path
+) -> None:
     """``accelerator.load_state`` that also accepts a checkpoint from another world size;
-    ``scratch`` is a writable dir every rank sees (the run dir), for a ZeRO conversion."""
-    world = accelerator.num_processes
-    if saved_world == world or mode not in ("zero1", "zero2", "zero3"):
+    ``scratch`` is a writable dir every rank sees (the run dir), for a ZeRO conversion.
+
+    The optimizer keeps this run's hyperparameters (weight decay, betas, eps: the config's,
+    as the lr is): torch's ``load_state_dict`` puts the saved run's back, and DeepSpeed's
+    universal loader puts param group 0's on every group (weight decay on biases and norms).
+    """
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if saved_world == accelerator.num_processes or mode not in ("zero1", "zero2", "zero3"):
         accelerator.load_state(str(ckpt))
-        return
+    else:
+        _load_universal(accelerator, model, ckpt, scratch)
+    for group, mine in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(mine)
+
+
+def _load_universal(accelerator, model, ckpt: Path, scratch: Path) -> None:
+    """A ZeRO checkpoint from another world size, through DeepSpeed's universal format."""
     universal = scratch / f".universal-{ckpt.name}"
     if accelerator.is_main_process:
         _universal(ckpt, universal)
     accelerator.wait_for_everyone()
-    # DeepSpeed's ZeRO-3 universal loader copies param group 0's hyperparameters onto every
-    # group, which would put weight decay on the no-decay group (biases, norms): keep ours.
-    groups = model.optimizer.optimizer.param_groups
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
     # The engine reads this flag at load time; the universal files carry no per-rank RNG.
     model._config.load_universal_checkpoint = True
     try:
@@ -172,9 +182,7 @@ def load_state(accelerator, model, ckpt: Path, saved_world: int, mode: str, scra
         )
     finally:
         model._config.load_universal_checkpoint = False
-    for group, saved in zip(groups, hyper, strict=True):
-        group.update(saved)
-    # It also gives every parameter group the same ``step`` tensor, which torch's AdamW then
+    # It gives every parameter group the same ``step`` tensor, which torch's AdamW then
     # increments once per group and step: each group needs its own.
     for state in model.optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):

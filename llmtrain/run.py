@@ -253,7 +253,9 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         with safe_loading(resume_from):
             data_state = load_data_state(resume_from, rank, world, state.world_size)
             train_loader.load_state_dict(data_state)
-            load_state(accelerator, model, resume_from, state.world_size, cfg.dist.mode, run_dir)
+            load_state(
+                accelerator, model, optimizer, resume_from, state.world_size, cfg.dist.mode, run_dir
+            )
         state.world_size = world
         # load_state restored Accelerate's micro-batch count, a multiple of the saved run's
         # accumulation steps. Another world size or micro-batch size makes it a misfit for

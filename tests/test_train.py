@@ -176,6 +176,21 @@ def test_a_resume_with_another_accumulation_count_goes_on_training(tmp_path):
         assert got[step] == pytest.approx(full[step], rel=1e-5), step
 
 
+def test_a_resume_trains_with_the_configs_optimizer_settings(tmp_path):
+    """Like the lr, weight decay, betas and eps are the config's: the optimizer's
+    load_state_dict put the saved run's back, so a new optim.weight_decay at a resume was
+    written to config.yaml and W&B and never used."""
+    base = [*FAST, "trainer.max_steps=1", "trainer.eval_every=1000"]
+    train(load_config(base), tmp_path)
+    changed = ["optim.weight_decay=0.5", "optim.beta1=0.5", "optim.eps=1e-3"]
+    train(load_config([*base, "trainer.max_steps=2", "trainer.resume=auto", *changed]), tmp_path)
+    saved = torch.load(tmp_path / "checkpoints" / "step_0000002" / "optimizer.bin")
+    got = [(g["weight_decay"], g["betas"], g["eps"]) for g in saved["param_groups"]]
+    assert got == [(0.5, (0.5, 0.95), 1e-3), (0.0, (0.5, 0.95), 1e-3)]  # decay, no-decay group
+    # AdamW's moments went on from the checkpoint's (two steps, not one from a fresh start).
+    assert {int(s["step"]) for s in saved["state"].values()} == {2}
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     common = [
         "trainer.max_steps=1",
