@@ -8,7 +8,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,8 @@ class Plan:
     grad_accum: int
     tokens_per_step: int
     max_steps: int
+    start_step: int = 0  # where a resume starts: its steps and tokens count toward the horizon
+    start_tokens: int = 0
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, world_size: int) -> Plan:
@@ -88,6 +90,21 @@ class Plan:
         accum = t.batch_tokens // (t.micro_batch_size * seq * world_size)
         steps = t.max_steps or math.ceil(t.max_tokens / t.batch_tokens)
         return cls(world_size, t.micro_batch_size, seq, accum, t.batch_tokens, steps)
+
+    def resumed(self, cfg: TrainConfig, step: int, tokens: int) -> Plan:
+        """This plan from a checkpoint at ``step`` with ``tokens`` trained. A horizon in
+        tokens counts those at whatever batch size they were trained: the steps left are the
+        tokens left over this run's batch (trainer.batch_tokens may have changed)."""
+        steps = self.max_steps
+        if cfg.trainer.max_steps is None:
+            left = max(0, cfg.trainer.max_tokens - tokens)
+            steps = step + math.ceil(left / self.tokens_per_step)
+        return replace(self, max_steps=steps, start_step=step, start_tokens=tokens)
+
+    @property
+    def total_tokens(self) -> int:
+        """The tokens trained by the horizon, a resumed run's earlier ones included."""
+        return self.start_tokens + (self.max_steps - self.start_step) * self.tokens_per_step
 
 
 def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, device) -> str:
@@ -99,8 +116,7 @@ def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, dev
             f"  data       {cfg.data.name}, seq_len {plan.seq_len}, tokenizer {cfg.data.tokenizer}",
             f"  batch      {plan.micro_batch} seq x {plan.seq_len} tok x {plan.grad_accum} accum x "
             f"{plan.world_size} proc = {plan.tokens_per_step:,} tokens/step",
-            f"  horizon    {plan.max_steps:,} steps = "
-            f"{plan.max_steps * plan.tokens_per_step:,} tokens",
+            f"  horizon    {plan.max_steps:,} steps = {plan.total_tokens:,} tokens",
             f"  compute    {fpt / 1e6:.1f} MFLOPs/token, {fpt * plan.tokens_per_step / 1e12:.2f} "
             f"TFLOPs/step; device {device}, dist {cfg.dist.mode}",
         ]
@@ -257,6 +273,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
                 accelerator, model, optimizer, resume_from, state.world_size, cfg.dist.mode, run_dir
             )
         state.world_size = world
+        plan = plan.resumed(cfg, state.step, state.tokens)
         # load_state restored Accelerate's micro-batch count, a multiple of the saved run's
         # accumulation steps. Another world size or micro-batch size makes it a misfit for
         # this run's, gradients would then sync on the wrong micro-batch and every
@@ -290,7 +307,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run.say(note)
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
-        for note in horizon_notes(cfg, plan, ckpt.saved_config(resume_from), state.step):
+        for note in horizon_notes(cfg, plan, ckpt.saved_config(resume_from)):
             run.say(note)
     if peak is None:
         run.say("  mfu        n/a: no bf16 peak known for this device (see metrics.py)")
@@ -315,11 +332,13 @@ def plan_notes(cfg: TrainConfig, plan: Plan) -> list[str]:
     return notes
 
 
-def horizon_notes(cfg: TrainConfig, plan: Plan, saved: TrainConfig, step: int) -> list[str]:
+def horizon_notes(cfg: TrainConfig, plan: Plan, saved: TrainConfig) -> list[str]:
     """What a resume changes about the run's end: nothing left to train, or an lr schedule
     stretched or shrunk (it is a function of step and horizon, so a new horizon reshapes the
     decay from here on)."""
-    before = Plan.from_config(saved, plan.world_size).max_steps
+    step = plan.start_step
+    before = Plan.from_config(saved, plan.world_size).resumed(saved, step, plan.start_tokens)
+    before = before.max_steps
     notes = []
     if step >= plan.max_steps:
         notes.append(

@@ -76,18 +76,36 @@ def test_compile_model_passes_the_mode(monkeypatch):
         assert calls == want
 
 
+def resumed_at(cfg, step: int) -> Plan:
+    return Plan.from_config(cfg, 1).resumed(cfg, step, step * cfg.trainer.batch_tokens)
+
+
 def test_a_resume_says_when_it_has_nothing_to_do_or_moves_the_schedule_end():
     from llmtrain.run import horizon_notes
 
     saved = load_config(["experiment=smoke"])  # 100 steps
     longer = load_config(["experiment=smoke", "trainer.max_steps=300"])
-    assert horizon_notes(saved, Plan.from_config(saved, 1), saved, 60) == []
-    (note,) = horizon_notes(saved, Plan.from_config(saved, 1), saved, 100)
+    assert horizon_notes(saved, resumed_at(saved, 60), saved) == []
+    (note,) = horizon_notes(saved, resumed_at(saved, 100), saved)
     assert "nothing to train: the checkpoint is at step 100 and the horizon is 100" in note
-    (note,) = horizon_notes(longer, Plan.from_config(longer, 1), saved, 60)
+    (note,) = horizon_notes(longer, resumed_at(longer, 60), saved)
     assert "cosine lr schedule now ends at step 300, not 100" in note
     flat = load_config(["experiment=smoke", "trainer.max_steps=300", "optim.schedule=constant"])
-    assert horizon_notes(flat, Plan.from_config(flat, 1), saved, 60) == []
+    assert horizon_notes(flat, resumed_at(flat, 60), saved) == []
+
+
+def test_a_token_horizon_counts_tokens_trained_at_another_batch_size():
+    """trainer.max_tokens=4096 at 512 tokens/step, resumed at step 4 (2,048 tokens) with
+    another trainer.batch_tokens: it said 'nothing to train' at 1,024 and trained to 5,120
+    tokens at 256 (the steps were counted as if all had this run's size)."""
+    tiny = ["experiment=smoke", "data.seq_len=64", "trainer.micro_batch_size=4"]
+    horizon = ["trainer.max_steps=null", "trainer.max_tokens=4096"]
+    for batch, steps in ((256, 4 + 8), (512, 8), (1024, 4 + 2)):
+        cfg = load_config([*tiny, *horizon, f"trainer.batch_tokens={batch}"])
+        plan = Plan.from_config(cfg, 1).resumed(cfg, 4, 2048)
+        assert (plan.max_steps, plan.total_tokens) == (steps, 4096), batch
+    by_steps = load_config([*tiny, "trainer.max_steps=10", "trainer.batch_tokens=1024"])
+    assert Plan.from_config(by_steps, 1).resumed(by_steps, 4, 2048).max_steps == 10
 
 
 def test_the_plan_notes_a_rounded_token_budget_and_a_warmup_past_the_horizon():

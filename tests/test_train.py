@@ -191,6 +191,15 @@ def test_a_resume_trains_with_the_configs_optimizer_settings(tmp_path):
     assert {int(s["step"]) for s in saved["state"].values()} == {2}
 
 
+def test_a_token_horizon_is_kept_when_a_resume_changes_the_batch(tmp_path):
+    horizon = [*FAST, "trainer.max_steps=null", "trainer.max_tokens=2048", "trainer.log_every=1"]
+    train(load_config([*horizon, "trainer.eval_every=1000"]), tmp_path)  # 4 steps of 512
+    more = ["trainer.max_tokens=4096", "trainer.batch_tokens=1024", "trainer.resume=auto"]
+    train(load_config([*horizon, *more]), tmp_path)  # 2 steps of 1,024
+    logged = [(r["step"], r["tokens"]) for r in records(tmp_path) if "loss" in r]
+    assert logged[-3:] == [(4, 2048), (5, 3072), (6, 4096)]
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     common = [
         "trainer.max_steps=1",
