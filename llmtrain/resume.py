@@ -155,10 +155,42 @@ def check_resumable(saved: TrainConfig, current: TrainConfig, ckpt: Path) -> Non
             f"share one). Resume with dist={was}, or take its weights to another run with "
             f"python -m llmtrain.consolidate {ckpt}"
         )
+    check_precision(current, ckpt)
     if saved.trainer.compile != current.trainer.compile:
         raise ConfigError(
             f"cannot resume from {ckpt}: it was written with trainer.compile="
             f"{str(saved.trainer.compile).lower()}, whose parameter names "
             f"{'carry' if saved.trainer.compile else 'lack'} torch.compile's _orig_mod. prefix; "
             f"resume with trainer.compile={str(saved.trainer.compile).lower()}"
+        )
+
+
+def check_precision(cfg: TrainConfig, ckpt: Path) -> None:
+    """Mixed precision changes what a checkpoint must hold, and the loaders fail deep inside
+    (a FileNotFoundError, exit 1, which job scripts requeue) when it lacks it: DeepSpeed looks
+    only for its own kind of optimizer shards (``bf16_zero_pp_rank_*`` for bf16), and an fp16
+    run loads its loss scale from ``scaler.pt``."""
+    from llmtrain.consolidate import DS_TAG
+    from llmtrain.dist import resolve_device, resolve_precision
+    from llmtrain.ds_config import ZERO_STAGE
+
+    now = resolve_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
+    now = {"no": "fp32"}.get(now, now)
+    fix = (
+        f"; resume with the checkpoint's trainer.precision, or take its weights to a new run "
+        f"with python -m llmtrain.consolidate {ckpt}"
+    )
+    if cfg.dist.mode in ZERO_STAGE and (ckpt / DS_TAG).is_dir():
+        saved_bf16 = any((ckpt / DS_TAG).glob("bf16_zero_pp_rank_*"))
+        if saved_bf16 != (now == "bf16"):
+            was = "bf16" if saved_bf16 else "fp32 or fp16"
+            raise ConfigError(
+                f"cannot resume from {ckpt}: it was written in {was} and this run trains in "
+                f"{now} (trainer.precision={cfg.trainer.precision}); DeepSpeed's optimizer "
+                f"shards differ between bf16 and the rest{fix}"
+            )
+    elif now == "fp16" and cfg.dist.mode not in ZERO_STAGE and not (ckpt / "scaler.pt").is_file():
+        raise ConfigError(
+            f"cannot resume from {ckpt}: this run trains in fp16 and the checkpoint has no fp16 "
+            f"loss scale (scaler.pt): it was written in another precision{fix}"
         )

@@ -116,3 +116,32 @@ def test_a_resume_in_another_layout_is_refused_before_it_starts(tmp_path, change
     check_resumable(saved, load_config(["experiment=smoke", "dist=ddp"]), tmp_path)  # one layout
     with pytest.raises(ConfigError, match=says):
         check_resumable(saved, load_config(["experiment=smoke", *change]), tmp_path)
+
+
+@pytest.mark.parametrize("saved_in, other", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_a_zero_resume_in_another_precision_is_refused_before_it_starts(tmp_path, saved_in, other):
+    """DeepSpeed names a bf16 run's optimizer shards apart and looks only for its own kind: the
+    resume failed after the process group was up with a FileNotFoundError (exit 1, requeued)."""
+    from llmtrain.config import load_config
+    from llmtrain.resume import check_resumable
+
+    prefix = "bf16_" if saved_in == "bf16" else ""
+    (tmp_path / "pytorch_model").mkdir()
+    (tmp_path / "pytorch_model" / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    zero2 = ["experiment=smoke", "dist=zero2"]
+    saved = load_config([*zero2, f"trainer.precision={saved_in}"])
+    check_resumable(saved, saved, tmp_path)
+    with pytest.raises(ConfigError, match=f"in {saved_in}.* this run trains in {other}"):
+        check_resumable(saved, load_config([*zero2, f"trainer.precision={other}"]), tmp_path)
+
+
+def test_an_fp16_resume_needs_the_checkpoints_loss_scale(tmp_path):
+    from llmtrain.config import load_config
+    from llmtrain.resume import check_resumable
+
+    saved = load_config(["experiment=smoke"])
+    fp16 = load_config(["experiment=smoke", "trainer.device=auto", "trainer.precision=fp16"])
+    with pytest.raises(ConfigError, match="no fp16 loss scale"):
+        check_resumable(saved, fp16, tmp_path)
+    (tmp_path / "scaler.pt").touch()
+    check_resumable(saved, fp16, tmp_path)
