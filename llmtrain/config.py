@@ -141,6 +141,7 @@ class TrainerConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     resume: str = "none"  # none | auto | a checkpoint directory
+    resume_data: bool = True  # false: a resume reads the data from its start (a new corpus)
     sample_every: int = 0  # 0 disables sample text at eval
     sample_prompt: str = "The"
     sample_tokens: int = 48

@@ -144,7 +144,8 @@ class TokenLoader:
                 name = names.get(key, f"data.{key}")
                 raise DataError(
                     f"the data position was saved with {name}={state.get(key)} and this run "
-                    f"has {mine}; exact resume needs the same value (set {name} back)"
+                    f"has {mine}; exact resume needs the same value (set {name} back), or "
+                    "resume with trainer.resume_data=false to read this run's data from its start"
                 )
         keys = ("next", "done", "workers", "stats", "batches", "windows")
         self._state = copy.deepcopy({k: state[k] for k in keys})

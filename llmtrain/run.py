@@ -267,8 +267,9 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         # Both reshard when the checkpoint was written by another number of processes; nothing
         # in the checkpoint is unpickled beyond tensors and plain containers.
         with safe_loading(resume_from):
-            data_state = load_data_state(resume_from, rank, world, state.world_size)
-            train_loader.load_state_dict(data_state)
+            if cfg.trainer.resume_data:
+                data_state = load_data_state(resume_from, rank, world, state.world_size)
+                train_loader.load_state_dict(data_state)
             load_state(
                 accelerator, model, optimizer, resume_from, state.world_size, cfg.dist.mode, run_dir
             )
@@ -307,7 +308,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run.say(note)
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
-        for note in horizon_notes(cfg, plan, ckpt.saved_config(resume_from)):
+        saved = ckpt.saved_config(resume_from)
+        for note in horizon_notes(cfg, plan, saved) + data_notes(cfg, saved):
             run.say(note)
     if peak is None:
         run.say("  mfu        n/a: no bf16 peak known for this device (see metrics.py)")
@@ -352,6 +354,28 @@ def horizon_notes(cfg: TrainConfig, plan: Plan, saved: TrainConfig) -> list[str]
             "reshaped from here"
         )
     return notes
+
+
+CORPUS_KEYS = ("source", "path", "config_name", "files", "train_split", "text_column")
+
+
+def data_notes(cfg: TrainConfig, saved: TrainConfig) -> list[str]:
+    """Where a resume's data starts: at the saved position (also in a corpus that moved), or,
+    with trainer.resume_data=false, at the start of this run's data (a second phase)."""
+    if not cfg.trainer.resume_data:
+        return ["  data       read from its start (trainer.resume_data=false)"]
+    changed = [
+        f"data.{k} {getattr(saved.data, k)!r} -> {getattr(cfg.data, k)!r}"
+        for k in CORPUS_KEYS
+        if getattr(saved.data, k) != getattr(cfg.data, k)
+    ]
+    if not changed:
+        return []
+    return [
+        f"  data       {', '.join(changed)}: the saved data position goes on in it, as in a "
+        "corpus that moved; for another corpus, resume with trainer.resume_data=false to read "
+        "it from its start"
+    ]
 
 
 def accelerator_broadcast(accelerator, value: str) -> str:

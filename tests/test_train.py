@@ -200,6 +200,24 @@ def test_a_token_horizon_is_kept_when_a_resume_changes_the_batch(tmp_path):
     assert logged[-3:] == [(4, 2048), (5, 3072), (6, 4096)]
 
 
+def test_a_second_phase_reads_its_corpus_from_the_start(tmp_path, local_text, capsys):
+    """A resume on another corpus carried the saved position into it without a word, skipping
+    its start; now it says so, and trainer.resume_data=false reads the new data from its start
+    (here also at another context length, which the saved position would refuse)."""
+    first = ["data=local", f"data.files={local_text}/doc00*.txt", "data.val_split=null"]
+    first += ["data.val_docs=2", "trainer.eval_every=1000"]
+    train(load_config([*FAST, *first, "trainer.max_steps=2"]), tmp_path)
+    moved = [*first[:1], f"data.files={local_text}/doc01*.txt", *first[2:]]
+    on = [*FAST, *moved, "trainer.resume=auto"]
+    train(load_config([*on, "trainer.max_steps=3"]), tmp_path)
+    assert "data.files" in capsys.readouterr().out.split("goes on in it")[0]
+    phase_2 = ["trainer.resume_data=false", "data.seq_len=32", "trainer.max_steps=4"]
+    train(load_config([*on, *phase_2]), tmp_path)
+    assert "data       read from its start (trainer.resume_data=false)" in capsys.readouterr().out
+    data = torch.load(tmp_path / "checkpoints" / "step_0000004" / "data_state_0.pt")
+    assert data["windows"] == 512 // 32  # one step's windows: the position started over
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     common = [
         "trainer.max_steps=1",
