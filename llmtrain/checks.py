@@ -163,6 +163,11 @@ def check_data(d: DataConfig) -> None:
         "data.files",
         f"is not read by data.source={d.source} (shards come from data.path); remove it",
     )
+    _require(
+        d.files is None or d.path == "local",
+        "data.files",
+        f"is read by data=local; this run's data is {d.name} (data.path={d.path}): add data=local",
+    )
     # A group file cannot make a key required ('???' merged onto the schema's default keeps the
     # default), so the two groups whose path the user must give are checked here.
     _require(
@@ -276,6 +281,12 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
         t.max_steps is not None or t.max_tokens is not None,
         "trainer.max_steps",
         "set trainer.max_steps or trainer.max_tokens (the run needs a horizon)",
+    )
+    _require(
+        t.max_steps is None or t.max_tokens is None,
+        "trainer.max_tokens",
+        f"and trainer.max_steps={t.max_steps} are both set (an experiment file pins max_steps) "
+        "and the run has one horizon; add trainer.max_steps=null to train by tokens",
     )
     _require(t.temperature >= 0, "trainer.temperature", "must be >= 0 (0 = greedy)")
     _require(t.top_k >= 0, "trainer.top_k", f"must be >= 0 (0 = no top-k cut), got {t.top_k}")

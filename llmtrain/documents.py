@@ -183,11 +183,11 @@ def read_error(cfg: DataConfig, e: BaseException) -> DataError:
     """A DataError for a failed read: the bad local file and why when one is found, else the
     source and the original error."""
     if cfg.files:
-        files = _expand(cfg.files, "data.files")
-        files += _expand(cfg.val_files, "data.val_files") if cfg.val_files else []
-        for f in files:
-            if (why := _unreadable(f)) is not None:
-                return DataError(f"data.files: {f}: {why}; fix or remove the file")
+        for key in ("data.files", "data.val_files"):
+            files = getattr(cfg, key.removeprefix("data."))
+            for f in _expand(files, key) if files else []:
+                if (why := _unreadable(f)) is not None:
+                    return DataError(f"{key}: {f}: {why}; fix or remove the file")
         return DataError(f"data.files={cfg.files!r}: reading failed: {type(e).__name__}: {e}")
     return DataError(f"data.path={cfg.path!r}: reading failed: {type(e).__name__}: {e}")
 
@@ -212,7 +212,12 @@ def validation_documents(cfg: DataConfig) -> tuple[Any, frozenset[bytes]]:
                 raise
             log.info("data: %s; holding out %d training documents instead", e, cfg.val_docs)
     ds = load_documents(cfg, cfg.train_split).take(cfg.val_docs)
-    texts = [row[cfg.text_column] for row in ds]
+    try:
+        texts = [row[cfg.text_column] for row in ds]
+    except Exception as e:  # noqa: BLE001 -- a corrupt file is named (exit 2), as in training
+        if is_transient(e):
+            raise
+        raise read_error(cfg, e) from e
     return ds, frozenset(_digest(t) for t in texts if isinstance(t, str))
 
 

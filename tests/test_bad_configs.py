@@ -86,6 +86,10 @@ CASES = {
     "val_files without files": (["data.val_files={tmp}/v.txt"], 1, "data.val_files", {}),
     "files with shards": (["data=shards", "data.files={tmp}/x.bin"], 1, "data.files", {}),
     "local without files": (["data=local"], 1, "data.files", {}),
+    # The files were read in place of the sample while the banner said "data sample".
+    "files without data=local": (["data.files={tmp}/x.txt"], 1, "data.files", {}),
+    # The experiment's max_steps won, and a run meant for 20,480 tokens trained 102,400.
+    "max_tokens beside max_steps": (["trainer.max_tokens=20480"], 1, "trainer.max_tokens", {}),
     "shards without a path": (["data=shards"], 1, "data.path", {}),
     "unknown on_save_error": (["trainer.on_save_error=ignore"], 1, "trainer.on_save_error", {}),
     "max_bad_steps 0": (["trainer.max_bad_steps=0"], 1, "trainer.max_bad_steps", {}),

@@ -583,6 +583,24 @@ def test_malformed_json_line_is_an_error_naming_file_and_line(tmp_path):
         loader(files=str(tmp_path / "c.jsonl"), val_files=str(tmp_path / "val.jsonl"))
 
 
+def test_malformed_json_among_held_out_documents_is_named_too(tmp_path):
+    """Read for validation before training (no data.val_files): it was a pyarrow traceback,
+    exit 1, which job scripts requeue."""
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": GOOD}) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"data.files: .*c.jsonl: line 2 is not JSON"):
+        loader(files=str(tmp_path / "c.jsonl"), val_docs=5)
+
+
+def test_a_bad_validation_file_is_named_by_its_key(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": GOOD}) + "\n")
+    (tmp_path / "v.jsonl").write_text("{oops\n")
+    cfg = DataConfig(
+        seq_len=32, files=str(tmp_path / "c.jsonl"), val_files=str(tmp_path / "v.jsonl")
+    )
+    with pytest.raises(DataError, match=r"data.val_files: .*v.jsonl: line 1 is not JSON"):
+        list(build_dataloader(cfg, TOK, split="val", batch_size=2))
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_empty_file_is_an_error_naming_it(tmp_path, suffix):
     (tmp_path / f"empty{suffix}").write_bytes(b"")
