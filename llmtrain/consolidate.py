@@ -102,7 +102,7 @@ def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32")
     lists."""
     from safetensors.torch import save_file
 
-    from llmtrain.checkpoint import resolve_checkpoint
+    from llmtrain.checkpoint import resolve_checkpoint, saved_config
     from llmtrain.integrity import read_manifest
 
     ckpt = resolve_checkpoint(ckpt)  # a step dir, or the newest of a run or checkpoints/ dir
@@ -111,17 +111,14 @@ def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32")
     if out.resolve() in listed:
         raise ConfigError(f"--out {out}: that file is part of the checkpoint; write elsewhere")
     state = full_state_dict(ckpt)
+    if saved_config(ckpt).model.tie_embeddings:  # GPT.load_state_dict re-ties the head
+        state.pop("lm_head.weight", None)  # FSDP2's shards load it as a second tensor
     cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    seen: dict[int, str] = {}
-    tensors = {}
-    for name, t in state.items():
-        key = t.data_ptr()
-        if key in seen:  # tied lm_head / wte: GPT.load_state_dict re-ties it
-            continue
-        seen[key] = name
-        tensors[name] = t.to(cast).contiguous()
+    tensors = {name: t.to(cast).contiguous() for name, t in state.items()}
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "dtype": dtype})
+    # safetensors creates the file 0600; give it the mode the checkpoint's files have
+    os.chmod(tmp, (ckpt / "config.yaml").stat().st_mode & 0o777)
     os.replace(tmp, out)
     return out
 
