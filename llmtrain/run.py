@@ -109,6 +109,14 @@ class Plan:
 
 def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, device) -> str:
     fpt = flops_per_token(cfg.model, plan.seq_len)
+    device = "cpu" if str(device).startswith("cpu") else device  # FSDP2 says cpu:0
+    d = cfg.dist
+    offload = [
+        name
+        for name, on in (("optimizer", d.offload_optimizer), ("params", d.offload_params))
+        if on
+    ]
+    dist = d.mode + (f" (offload {' + '.join(offload)} to CPU)" if offload else "")
     return "\n".join(
         [
             f"llmtrain | run dir {run_dir}",
@@ -118,7 +126,7 @@ def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, dev
             f"{plan.world_size} proc = {plan.tokens_per_step:,} tokens/step",
             f"  horizon    {plan.max_steps:,} steps = {plan.total_tokens:,} tokens",
             f"  compute    {fpt / 1e6:.1f} MFLOPs/token, {fpt * plan.tokens_per_step / 1e12:.2f} "
-            f"TFLOPs/step; device {device}, dist {cfg.dist.mode}",
+            f"TFLOPs/step; device {device}, dist {dist}",
         ]
     )
 
@@ -306,6 +314,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
     for note in plan_notes(cfg, plan):
         run.say(note)
+    if resume_from is None and cfg.trainer.resume == "auto":
+        run.say(f"  resume     auto: no checkpoint in {run_dir / 'checkpoints'}; from step 0")
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
         saved = ckpt.saved_config(resume_from)

@@ -141,11 +141,13 @@ def skip_step(run: Run) -> None:
     )
     if state.bad_steps >= run.cfg.trainer.max_bad_steps:
         last = ckpt.latest_checkpoint(run.ckpt_root)
-        raise ckpt.Diverged(
-            f"{state.bad_steps} consecutive non-finite steps; stopping. The last good "
-            f"checkpoint is {last or 'none (no checkpoint was written)'}; lower "
-            f"optim.lr or check the data, then resume from it."
+        then = (
+            f"The last good checkpoint is {last}; lower optim.lr or check the data, then "
+            "resume from it."
+            if last
+            else "No checkpoint was written; lower optim.lr or check the data, and start again."
         )
+        raise ckpt.Diverged(f"{state.bad_steps} consecutive non-finite steps; stopping. {then}")
 
 
 def log_train(

@@ -449,6 +449,13 @@ def test_k_bad_steps_in_a_row_stop_naming_the_last_good_checkpoint(tmp_path, mon
     assert str(tmp_path / "checkpoints" / "step_0000002") in str(e.value)
 
 
+def test_a_run_that_diverges_before_any_checkpoint_says_to_start_again(tmp_path, monkeypatch):
+    poisoned_model(monkeypatch, set(range(1, 100)))
+    cfg = config(10, "trainer.max_bad_steps=2")
+    with pytest.raises(ckpt.Diverged, match="No checkpoint was written; .* start again"):
+        train_mod.train(cfg, tmp_path)
+
+
 def test_nan_weights_are_never_saved(tmp_path, monkeypatch):
     """Finite gradients, but an update that leaves a NaN in the weights (step 3)."""
     build = run_mod.build_dist_optimizer

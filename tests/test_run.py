@@ -48,6 +48,9 @@ def test_startup_report_prints_the_derived_numbers(tmp_path):
     assert "4 seq x 64 tok x 4 accum x 1 proc = 1,024 tokens/step" in text
     assert "7 steps = 7,168 tokens" in text
     assert "device cpu, dist single" in text
+    offload = load_config(["experiment=smoke", "dist=zero3-offload"])
+    text = startup_report(offload, Plan.from_config(offload, 2), "1.2M", tmp_path, "cpu:0")
+    assert "device cpu, dist zero3 (offload optimizer to CPU)" in text
 
 
 def test_build_model_applies_the_trainer_options():

@@ -191,6 +191,12 @@ def test_a_resume_trains_with_the_configs_optimizer_settings(tmp_path):
     assert {int(s["step"]) for s in saved["state"].values()} == {2}
 
 
+def test_resume_auto_says_when_it_finds_nothing_to_resume(tmp_path, capsys):
+    """A mistyped hydra.run.dir with trainer.resume=auto started from step 0 without a word."""
+    train(load_config([*FAST, "trainer.max_steps=1", "trainer.resume=auto"]), tmp_path / "typo")
+    assert "resume     auto: no checkpoint in" in capsys.readouterr().out
+
+
 def test_a_token_horizon_is_kept_when_a_resume_changes_the_batch(tmp_path):
     horizon = [*FAST, "trainer.max_steps=null", "trainer.max_tokens=2048", "trainer.log_every=1"]
     train(load_config([*horizon, "trainer.eval_every=1000"]), tmp_path)  # 4 steps of 512
