@@ -119,10 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         prompt = encode_prompt(tokenizer, args.prompt)
         room = cfg.model.context_length - len(prompt)
         max_new = args.max_new_tokens or min(100, room)
-        if max_new < 1:
-            raise ValueError(
-                f"the prompt is {len(prompt)} tokens; model.context_length="
-                f"{cfg.model.context_length} leaves no room to generate"
+        if max_new > room:  # a usage error, like the other arguments' (exit 2)
+            fits = f"; use --max-new-tokens {room} or less" if room > 0 else ""
+            parser.error(
+                f"--max-new-tokens {max_new}: the prompt is {len(prompt)} tokens and "
+                f"model.context_length={cfg.model.context_length} leaves room for "
+                f"{max(room, 0)}{fits}"
             )
         step = load_trainer_state(ckpt).step
         greedy = args.temperature == 0
