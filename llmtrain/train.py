@@ -284,11 +284,19 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     return state
 
 
+# Errors every rank meets alike (a config, a signal, a checkpoint they verified together) are
+# printed once, by rank 0; the others may be one rank's own (its data, its disk).
+ONE_RANK_ERRORS = (DataError, ckpt.SaveError)
+
+
 def _exit(code: int, what: str, error: Exception) -> None:
     """Print why, record the code for a job script, and exit. A launcher (torchrun, accelerate
     launch) reports its own status rather than its workers', so with ``LLMTRAIN_EXIT_FILE`` set
     (the sbatch scripts set it) the code also goes to that file: 75 requeues, 2 does not."""
-    print(f"llmtrain: {what}: {error}", file=sys.stderr, flush=True)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or isinstance(error, ONE_RANK_ERRORS):
+        where = f" (rank {rank})" if rank else ""
+        print(f"llmtrain{where}: {what}: {error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     if path := os.environ.get("LLMTRAIN_EXIT_FILE"):
         with contextlib.suppress(OSError):

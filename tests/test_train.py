@@ -446,3 +446,21 @@ def test_cli_help_lists_the_groups_a_user_picks_from(tmp_path):
     groups = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert "model: gpt2-large, gpt2-medium, gpt2-small," in groups
     assert "_schema" not in groups  # the schemas are types, not options
+
+
+def test_an_error_every_rank_meets_is_printed_once(monkeypatch, capsys):
+    """On two processes each config error and preemption message was printed twice; an error
+    of one rank's own (its data, its disk) is still printed by that rank, naming it."""
+    import llmtrain.train as train_mod
+    from llmtrain.data import DataError
+
+    monkeypatch.setenv("RANK", "1")
+    for error, printed in ((ConfigError("bad key"), ""), (DataError("bad file"), "(rank 1)")):
+        with pytest.raises(SystemExit):
+            train_mod._exit(2, "error", error)
+        err = capsys.readouterr().err
+        assert (printed in err) if printed else err == ""
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        train_mod._exit(2, "config error", ConfigError("bad key"))
+    assert capsys.readouterr().err == "llmtrain: config error: bad key\n"
