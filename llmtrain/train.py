@@ -31,6 +31,7 @@ from llmtrain.config import (
 )
 from llmtrain.data import DataError, StreamError
 from llmtrain.dist import process_scope
+from llmtrain.documents import STATS
 from llmtrain.metrics import (
     Throughput,
     console_line,
@@ -177,15 +178,31 @@ def log_train(
     run.log(record, console_line(record, plan.max_steps, eta))
 
 
+def document_counts(run: Run) -> dict[str, int]:
+    """Training documents read so far by every rank: used, and skipped as empty, undecodable
+    or held out for validation (all 0 for data=shards, which holds tokens)."""
+    stats = run.train_loader.stats
+    counts = torch.tensor([stats[k] for k in STATS], device=run.accelerator.device)
+    return dict(zip(STATS, run.accelerator.reduce(counts, reduction="sum").tolist(), strict=True))
+
+
 def log_eval(run: Run) -> None:
     """Validation loss and perplexity, then a generated sample when trainer.sample_every says."""
     t, state = run.cfg.trainer, run.state
     val_loss = evaluate(run.model, run.accelerator, run.val_loader, t.eval_batches)
     val_ppl = perplexity(val_loss)
+    docs = document_counts(run)
     run.log(
-        {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": val_ppl},
+        {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": val_ppl}
+        | {"docs_used": docs["documents"]}
+        | {f"docs_{k}": docs[k] for k in ("empty", "undecodable", "heldout")},
         f"eval step {state.step}: val_loss {val_loss:.4f} | val_ppl {val_ppl:.2f}",
     )
+    if docs["empty"] + docs["undecodable"]:
+        run.say(
+            f"data: training documents skipped so far: {docs['empty']:,} empty, "
+            f"{docs['undecodable']:,} undecodable ({docs['documents']:,} used)"
+        )
     if t.sample_every and (state.step % t.sample_every == 0 or state.step == run.plan.max_steps):
         text = sample_text(run.model, run.accelerator, run.tokenizer, run.cfg, t.seed)
         run.say(f"sample: {text!r}")

@@ -191,6 +191,19 @@ def test_a_resume_trains_with_the_configs_optimizer_settings(tmp_path):
     assert {int(s["step"]) for s in saved["state"].values()} == {2}
 
 
+def test_skipped_documents_are_reported_at_each_evaluation(tmp_path, local_text, capsys):
+    """Counted since the start, but shown nowhere while training."""
+    (local_text / "doc038.txt").write_text("")
+    (local_text / "doc039.txt").write_bytes(b"\xff\xfe bad bytes " * 50)
+    local = ["data=local", f"data.files={local_text}/*.txt", "data.val_split=null"]
+    cfg = load_config([*FAST, *local, "data.val_docs=4", "trainer.max_steps=2"])
+    train(cfg, tmp_path)
+    (last,) = [r for r in records(tmp_path) if "val_loss" in r]
+    assert (last["docs_empty"], last["docs_undecodable"]) == (1, 1)
+    assert last["docs_used"] > 0 and last["docs_heldout"] == 4
+    assert "skipped so far: 1 empty, 1 undecodable" in capsys.readouterr().out
+
+
 def test_resume_auto_says_when_it_finds_nothing_to_resume(tmp_path, capsys):
     """A mistyped hydra.run.dir with trainer.resume=auto started from step 0 without a word."""
     train(load_config([*FAST, "trainer.max_steps=1", "trainer.resume=auto"]), tmp_path / "typo")
