@@ -173,8 +173,8 @@ def check_data(d: DataConfig) -> None:
     _require(
         not (d.source == "hf" and d.path == "local" and d.files is None),
         "data.files",
-        "data=local reads files on this machine: set data.files=PATH_OR_GLOB (comma-separated "
-        "for several)",
+        "data=local reads files on this machine: set data.files=PATH_OR_GLOB (several, "
+        "comma-separated, in Hydra's quotes: \"data.files='a.txt,more/*.txt'\")",
     )
     _require(
         not (d.source == "shards" and d.path == "sample"),

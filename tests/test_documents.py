@@ -98,3 +98,21 @@ def test_held_out_validation_documents_are_dropped_from_training(tmp_path):
     rows = [{"text": t} for t in [*texts, "", None]]
     assert clean_texts(rows, cfg, heldout, stats) == texts[2:]
     assert stats == {"documents": 4, "empty": 2, "undecodable": 0, "heldout": 2}
+
+
+def test_several_patterns_compose_in_hydras_quotes(tmp_path, monkeypatch):
+    """As the data=local message and conf/data/local.yaml write it: unquoted, Hydra reads the
+    comma as a list and refuses the value."""
+    from llmtrain.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "more").mkdir()
+    for name in ("a.txt", "more/b.txt", "more/c.txt"):
+        (tmp_path / name).write_text("A document. " * 20)
+    cfg = load_config(["experiment=smoke", "data=local", "data.files='a.txt,more/*.txt'"])
+    assert cfg.data.files == "a.txt,more/*.txt"
+    assert sorted(documents._expand(cfg.data.files, "data.files")) == [
+        "a.txt",
+        "more/b.txt",
+        "more/c.txt",
+    ]
