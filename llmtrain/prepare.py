@@ -98,10 +98,15 @@ def prepare(
     }
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        if old.get("source") != source:
+        if (was := old.get("source") or {}) != source:
+            diffs = [
+                f"{k}: {was.get(k)!r} there, {source.get(k)!r} now"
+                for k in sorted(set(was) | set(source))
+                if was.get(k) != source.get(k)
+            ]
             raise ConfigError(
-                f"{manifest_path} was written for {old.get('source')}, not {source}; "
-                "use another out_dir"
+                f"{manifest_path} was written from other settings ({'; '.join(diffs)}); "
+                "use another out_dir, or the settings it was written with"
             )
         manifest = old
     tok = get_tokenizer(cfg.tokenizer)

@@ -76,13 +76,21 @@ def test_cli_parses_out_dir_and_overrides(tmp_path, capsys):
         (["data=sample", "data.tokenizer=gpt5"], "config error: data.tokenizer: unknown"),
         (["data=sample", "num_procs=8"], "num_procs: not an argument; did you mean num_proc=...?"),
         (["data=sample", "num_proc=eight"], "num_proc: 'eight' is not a whole number"),
-        (["data=sample", "OTHER SOURCE"], "config error: " + "{out}/manifest.json was written for"),
+        (
+            ["data=sample", "OTHER SOURCE"],
+            "{out}/manifest.json was written from other settings "
+            "(path: 'elsewhere' there, 'sample' now); use another out_dir",
+        ),  # fmt: skip
     ],
 )
 def test_cli_errors_are_a_message_and_exit_2(tmp_path, capsys, args, says):
     if "OTHER SOURCE" in args:  # out_dir holds another source's shards: a message, no traceback
         args = args[:-1]
-        (tmp_path / "manifest.json").write_text('{"source": {"path": "elsewhere"}, "splits": {}}')
+        ours = {"path": "sample", "config_name": None, "files": None, "val_files": None,
+                "text_column": "text", "train_split": "train", "val_split": "validation",
+                "val_docs": 100, "tokenizer": "gpt2", "shard_tokens": 100_000_000}  # fmt: skip
+        there = json.dumps({"source": {**ours, "path": "elsewhere"}, "splits": {}})
+        (tmp_path / "manifest.json").write_text(there)
     says = says.replace("{out}", str(tmp_path))
     with pytest.raises(SystemExit) as e:
         main([*args, f"out_dir={tmp_path}", "num_proc=1"])
