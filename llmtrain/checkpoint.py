@@ -300,10 +300,14 @@ class Preemption:
         return self.signal is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        # Only a flag: the loop finishes its step and saves. Printing here could re-enter I/O.
+        # A flag: the loop finishes its step and saves. print() here could re-enter buffered
+        # I/O; os.write is one unbuffered call.
         self.signal = signal.Signals(signum).name
         if signum == signal.SIGINT:  # Ctrl-C saves; a second Ctrl-C stops at once, unsaved
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            if os.environ.get("RANK", "0") == "0":
+                os.write(2, b"\nllmtrain: Ctrl-C: stopping after this step with a checkpoint; "
+                         b"Ctrl-C again quits without saving\n")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -306,7 +306,7 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
 ONE_RANK_ERRORS = (DataError, ckpt.SaveError)
 
 
-def _exit(code: int, what: str, error: Exception) -> None:
+def _exit(code: int, what: str, error: Exception | str) -> None:
     """Print why, record the code for a job script, and exit. A launcher (torchrun, accelerate
     launch) reports its own status rather than its workers', so with ``LLMTRAIN_EXIT_FILE`` set
     (the sbatch scripts set it) the code also goes to that file: 75 requeues, 2 does not."""
@@ -345,6 +345,9 @@ def _hydra_main(node: DictConfig) -> None:
         _exit(1, "stopped", e)
     except ckpt.Preempted as e:
         _exit(ckpt.EXIT_PREEMPTED, "preempted", e)
+    except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
+        _exit(130, "interrupted", "stopped at once, unsaved; trainer.resume=auto resumes from "
+                                  "the last checkpoint")  # fmt: skip
 
 
 def main() -> None:

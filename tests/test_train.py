@@ -477,3 +477,33 @@ def test_an_error_every_rank_meets_is_printed_once(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train_mod._exit(2, "config error", ConfigError("bad key"))
     assert capsys.readouterr().err == "llmtrain: config error: bad key\n"
+
+
+def test_ctrl_c_says_what_it_does_and_a_second_one_leaves_without_a_traceback(
+    tmp_path, monkeypatch, capfd
+):
+    """The first Ctrl-C printed nothing until the step ended; the second, a 40-line
+    KeyboardInterrupt traceback."""
+    import signal
+
+    import llmtrain.checkpoint as ckpt
+    import llmtrain.train as train_mod
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        ckpt.Preemption()._handle(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "stopping after this step with a checkpoint; Ctrl-C again" in capfd.readouterr().err
+
+    def interrupted(cfg, run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["llmtrain-train", "experiment=smoke", "hydra.run.dir=r"])
+    with pytest.raises(SystemExit) as e:
+        train_mod.main()
+    err = capfd.readouterr().err
+    assert e.value.code == 130 and "llmtrain: interrupted: stopped at once, unsaved" in err
+    assert "Traceback" not in err
