@@ -64,23 +64,29 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
 
 
 def shard_files(cfg: DataConfig, split: str) -> list[str]:
-    """The shards of a split: the ``.bin`` files in ``data.path`` whose name has ``train`` (or
-    ``val``) as a word between ``_``, ``-`` or ``.``, as llm.c and llmtrain-prepare name them
-    (``fineweb_train_000001.bin``, ``tiny_shakespeare_val.bin``); ``pretrain_val_000.bin`` is
-    validation."""
+    """The shards of a split: the ``.bin`` files in ``data.path`` whose name ends in ``train``
+    (or ``val``) as a word, before an optional shard number, as llm.c and llmtrain-prepare
+    name them (``fineweb_train_000001.bin``, ``tiny_shakespeare_val.bin``): the data name
+    before it may hold either word (``pre-train_val_000000.bin`` is validation)."""
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"data.path={cfg.path!r}: no such directory (run llmtrain-prepare first)")
     word = "train" if split == "train" else "val"
-    files = sorted(
-        str(f) for f in root.glob("*.bin") if word in re.split(r"[_.\-]", f.name.lower())
-    )
+    files = sorted(str(f) for f in root.glob("*.bin") if _split_word(f.name) == word)
     if not files:
         raise DataError(
             f"data.path={cfg.path!r}: no {split} shards (.bin files with {word!r} as a word of "
             f"the name, e.g. NAME_{word}_000000.bin)"
         )
     return files
+
+
+def _split_word(name: str) -> str:
+    """NAME_SPLIT_000001.bin or NAME_SPLIT.bin -> SPLIT (lowercase), the word before the number."""
+    words = re.split(r"[_.\-]", name.lower().removesuffix(".bin"))
+    if len(words) > 1 and words[-1].isdigit():
+        words.pop()
+    return words[-1]
 
 
 class ShardWindows(IterableDataset):

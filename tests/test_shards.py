@@ -130,18 +130,19 @@ def test_missing_dir_is_a_clear_error(tmp_path):
 
 
 def test_the_split_is_a_word_of_the_file_name_not_any_substring(tmp_path):
-    """llm.c and llmtrain-prepare name shards NAME_SPLIT_N.bin; a data name that merely
-    contains "train" or "val" (pretrain, retrieval) must not move files between splits."""
+    """llm.c and llmtrain-prepare name shards NAME_SPLIT_N.bin; a data name that contains
+    "train" or "val", even as a word (pre-train, my-val), must not move files between splits."""
     names = ["pretrain_train_000001.bin", "pretrain_val_000000.bin", "retrieval_train_000001.bin",
-             "tiny_shakespeare_val.bin", "fineweb-edu-train-000002.bin", "notes.txt"]  # fmt: skip
+             "tiny_shakespeare_val.bin", "fineweb-edu-train-000002.bin", "notes.txt",
+             "pre-train_val_000000.bin", "my-val_train_000000.bin"]  # fmt: skip
     for name in names:
         write_shard(tmp_path / name, np.arange(40), 50257)
     cfg = cfg_for(tmp_path)
     found = {split: [Path(f).name for f in shard_files(cfg, split)] for split in ("train", "val")}
     assert found == {
-        "train": ["fineweb-edu-train-000002.bin", "pretrain_train_000001.bin",
-                  "retrieval_train_000001.bin"],
-        "val": ["pretrain_val_000000.bin", "tiny_shakespeare_val.bin"],
+        "train": ["fineweb-edu-train-000002.bin", "my-val_train_000000.bin",
+                  "pretrain_train_000001.bin", "retrieval_train_000001.bin"],
+        "val": ["pre-train_val_000000.bin", "pretrain_val_000000.bin", "tiny_shakespeare_val.bin"],
     }  # fmt: skip
     (tmp_path / "only-train").mkdir()
     write_shard(tmp_path / "only-train" / "x_train_000000.bin", np.arange(40), 50257)
