@@ -112,7 +112,16 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
     if cfg.files:
         data_files = {"train": _expand(cfg.files, "data.files")}
         if cfg.val_files:
-            data_files["validation"] = _expand(cfg.val_files, "data.val_files")
+            val = _expand(cfg.val_files, "data.val_files")
+            # data.files='corpus/*.txt' data.val_files=corpus/v.txt: v.txt is validation only
+            held = {os.path.realpath(f) for f in val}
+            train = [f for f in data_files["train"] if os.path.realpath(f) not in held]
+            if not train:
+                raise DataError(
+                    f"data.files: every file it matches is in data.val_files={cfg.val_files!r}; "
+                    "give training files besides the validation ones"
+                )
+            data_files = {"train": train, "validation": val}
         path, kwargs = _builder(list(chain(*data_files.values())), "data.files")
         kwargs["data_files"] = data_files
         if path != "text":  # an empty .txt is an empty document (skipped and counted)

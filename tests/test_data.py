@@ -100,7 +100,8 @@ def test_sample_train_unshuffled_equals_tiktoken():
 
 def test_stride_overlaps_windows(tmp_path):
     (tmp_path / "a.txt").write_text("one two three four five six seven eight nine ten " * 40)
-    cfg = small(files=str(tmp_path / "a.txt"), stride=8, val_files=str(tmp_path / "a.txt"))
+    (tmp_path / "train.txt").write_text("training text " * 40)
+    cfg = small(files=str(tmp_path / "train.txt"), stride=8, val_files=str(tmp_path / "a.txt"))
     x, y = next(iter(build_dataloader(cfg, TOK, split="val", batch_size=3)))
     ref = stream_of([(tmp_path / "a.txt").read_text()])
     for i in range(3):  # GPTDatasetV1: window i starts at i * stride
@@ -257,7 +258,9 @@ def test_missing_text_column(tmp_path):
 def test_empty_corpus(tmp_path):
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.txt").write_text("  \n")
-    cfg = small(files=str(tmp_path / "*.txt"), val_files=str(tmp_path / "a.txt"))
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "v.txt").write_text("validation text " * 40)
+    cfg = small(files=str(tmp_path / "*.txt"), val_files=str(tmp_path / "val" / "v.txt"))
     loader = build_dataloader(cfg, TOK, split="train", batch_size=2)
     with pytest.raises(DataError, match="no training window"):
         next(iter(loader))
@@ -269,7 +272,8 @@ def test_non_utf8_and_empty_documents_are_skipped_and_counted(tmp_path):
     (tmp_path / "good.txt").write_text(good)
     (tmp_path / "bad.txt").write_bytes(b"valid start \xff\xfe broken bytes " * 20)
     (tmp_path / "empty.txt").write_text("")
-    cfg = small(files=str(tmp_path / "*.txt"), val_files=str(tmp_path / "good.txt"))
+    (tmp_path / "v.txt").write_text("validation text " * 40)  # *.txt matches it: validation only
+    cfg = small(files=str(tmp_path / "*.txt"), val_files=str(tmp_path / "v.txt"))
     loader = build_dataloader(cfg, TOK, split="train", batch_size=2)
     got = unwindow(take(loader, 3), 32)
     assert got == stream_of([good])[: len(got)]

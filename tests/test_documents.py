@@ -24,7 +24,7 @@ from llmtrain.documents import (
 
 
 def local(files: str, **kw) -> DataConfig:
-    return replace(DataConfig(), files=files, val_files=None, **kw)
+    return replace(DataConfig(), **{"files": files, "val_files": None, **kw})
 
 
 @pytest.mark.parametrize("suffix", ["txt", "jsonl", "parquet"])
@@ -98,6 +98,20 @@ def test_held_out_validation_documents_are_dropped_from_training(tmp_path):
     rows = [{"text": t} for t in [*texts, "", None]]
     assert clean_texts(rows, cfg, heldout, stats) == texts[2:]
     assert stats == {"documents": 4, "empty": 2, "undecodable": 0, "heldout": 2}
+
+
+def test_a_validation_file_that_data_files_also_matches_is_validation_only(tmp_path):
+    """data.files='corpus/*.txt' data.val_files=corpus/v.txt trained on v.txt as well."""
+    for name in ("a.txt", "b.txt", "v.txt"):
+        (tmp_path / name).write_text(f"the text of {name}")
+    cfg = local(str(tmp_path / "*.txt"), val_files=str(tmp_path / "v.txt"))
+    assert sorted(row["text"] for row in load_documents(cfg, "train")) == [
+        "the text of a.txt",
+        "the text of b.txt",
+    ]
+    assert [row["text"] for row in load_documents(cfg, "validation")] == ["the text of v.txt"]
+    with pytest.raises(DataError, match="every file it matches is in data.val_files"):
+        load_documents(local(str(tmp_path / "v.txt"), val_files=str(tmp_path / "v.txt")), "train")
 
 
 def test_several_patterns_compose_in_hydras_quotes(tmp_path, monkeypatch):
