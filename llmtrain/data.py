@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -56,6 +57,15 @@ __all__ = [
     "TokenLoader",
     "build_dataloader",
 ]
+
+
+# The settings behind a saved data position's keys, as an error names them.
+NAMES = {
+    "kind": "data.source",
+    "world_size": "world size",
+    "seed": "trainer.seed",
+    "held_out": "held-out validation (data.val_docs / val_split / val_files)",
+}
 
 
 class TokenLoader:
@@ -105,9 +115,9 @@ class TokenLoader:
 
     def _meaning(self) -> dict[str, Any]:
         """What a saved position means depends on; a resume must match every value. A stream
-        position indexes into one batch of documents' tokens (data.tokenize_batch) and into an
-        epoch's shard order (data.shuffle, and trainer.seed when shuffled); a window index
-        depends on the stride."""
+        position indexes into one batch of documents' tokens (data.tokenize_batch; their text
+        column, less the documents held out for validation) and into an epoch's shard order
+        (data.shuffle, and trainer.seed when shuffled); a window index depends on the stride."""
         keys = {
             "kind": self.kind,
             "num_workers": self.num_workers,
@@ -118,6 +128,10 @@ class TokenLoader:
         }
         if self.kind == "hf":
             keys["tokenize_batch"] = self.cfg.tokenize_batch
+            keys["text_column"] = self.cfg.text_column
+            held = sorted(getattr(self.source, "heldout", ()))
+            digest = hashlib.blake2b(b"".join(held), digest_size=4).hexdigest()
+            keys["held_out"] = f"{len(held)} documents ({digest})"
         if self.cfg.shuffle:
             keys["seed"] = self.seed
         return keys
@@ -140,8 +154,7 @@ class TokenLoader:
         always = ("kind", "num_workers", "world_size", "seq_len")  # older checkpoints lack the rest
         for key, mine in self._meaning().items():
             if (key in always or key in state) and state.get(key) != mine:
-                names = {"kind": "data.source", "world_size": "world size", "seed": "trainer.seed"}
-                name = names.get(key, f"data.{key}")
+                name = NAMES.get(key, f"data.{key}")
                 raise DataError(
                     f"the data position was saved with {name}={state.get(key)} and this run "
                     f"has {mine}; exact resume needs the same value (set {name} back), or "

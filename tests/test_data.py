@@ -359,6 +359,18 @@ def test_resume_refuses_a_change_that_moves_the_position(key, value, name):
     build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1).load_state_dict(old)
 
 
+@pytest.mark.parametrize("change", [{"val_docs": 10}, {"text_column": "url"}])
+def test_resume_refuses_other_documents_in_the_stream(change):
+    """Saved with 3 held-out documents, resumed with 10: the position went on in a stream
+    without documents 3-9 (768 tokens of document 10 on were never trained, 3-9 had been)."""
+    cfg = small(num_workers=0, val_split=None, val_docs=3)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
+    take(loader, 3)
+    other = build_dataloader(replace(cfg, **change), TOK, split="train", batch_size=2, seed=1)
+    with pytest.raises(DataError, match="exact resume needs the same value"):
+        other.load_state_dict(loader.state_dict())
+
+
 def test_without_shuffling_the_seed_may_change_at_a_resume():
     cfg = small(num_workers=0, shuffle=False)
     loader = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
