@@ -14,6 +14,7 @@ from tiny import TINY
 
 from llmtrain.checkpoint import Preempted, latest_checkpoint, load_model
 from llmtrain.config import ConfigError, load_config
+from llmtrain.data import DataError
 from llmtrain.train import train
 
 FAST = [
@@ -220,20 +221,29 @@ def test_a_token_horizon_is_kept_when_a_resume_changes_the_batch(tmp_path):
 
 
 def test_a_second_phase_reads_its_corpus_from_the_start(tmp_path, local_text, capsys):
-    """A resume on another corpus carried the saved position into it without a word, skipping
-    its start; now it says so, and trainer.resume_data=false reads the new data from its start
-    (here also at another context length, which the saved position would refuse)."""
-    first = ["data=local", f"data.files={local_text}/doc00*.txt", "data.val_split=null"]
-    first += ["data.val_docs=2", "trainer.eval_every=1000"]
-    train(load_config([*FAST, *first, "trainer.max_steps=2"]), tmp_path)
-    moved = [*first[:1], f"data.files={local_text}/doc01*.txt", *first[2:]]
-    on = [*FAST, *moved, "trainer.resume=auto"]
-    train(load_config([*on, "trainer.max_steps=3"]), tmp_path)
+    """A corpus that moved goes on at its saved position, and the resume says so; another
+    corpus is refused (its documents differ) unless trainer.resume_data=false, which reads the
+    new data from its start (here also at another context length, which a saved position
+    would refuse)."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(local_text, moved)
+    local = ["data=local", "data.val_split=null", "data.val_docs=2", "trainer.eval_every=1000"]
+    run = tmp_path / "run"
+    train(
+        load_config([*FAST, *local, f"data.files={local_text}/doc00*.txt", "trainer.max_steps=2"]),
+        run,
+    )
+    on = [*FAST, *local, "trainer.resume=auto"]
+    train(load_config([*on, f"data.files={moved}/doc00*.txt", "trainer.max_steps=3"]), run)
     assert "data.files" in capsys.readouterr().out.split("goes on in it")[0]
-    phase_2 = ["trainer.resume_data=false", "data.seq_len=32", "trainer.max_steps=4"]
-    train(load_config([*on, *phase_2]), tmp_path)
+    other = [*on, f"data.files={local_text}/doc01*.txt", "trainer.max_steps=4"]
+    with pytest.raises(DataError, match="held-out validation"):
+        train(load_config(other), run)
+    train(load_config([*other, "trainer.resume_data=false", "data.seq_len=32"]), run)
     assert "data       read from its start (trainer.resume_data=false)" in capsys.readouterr().out
-    data = torch.load(tmp_path / "checkpoints" / "step_0000004" / "data_state_0.pt")
+    data = torch.load(run / "checkpoints" / "step_0000004" / "data_state_0.pt")
     assert data["windows"] == 512 // 32  # one step's windows: the position started over
 
 
