@@ -122,6 +122,8 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool =
     from transformers import GenerationConfig
 
     out = Path(out).absolute()
+    if out.is_symlink():  # write where it points (another disk, perhaps) and keep the link
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -157,6 +159,12 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool =
     tmp.mkdir(parents=True)
     try:
         config.save_pretrained(tmp)
+        if family == "llama":  # transformers 5 writes the theta only inside rope_parameters;
+            # 4.x (and other readers of config.json) take rope_theta from the top level and
+            # would otherwise rotate with their default of 10000
+            fields = json.loads((tmp / "config.json").read_text())
+            fields["rope_theta"] = cfg.model.rope_theta
+            (tmp / "config.json").write_text(json.dumps(fields, indent=2))
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         # safetensors creates the file 0600; give it the mode (umask) the other files got
         os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
@@ -167,12 +175,12 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool =
         tok_config = tmp / "tokenizer_config.json"
         fields = json.loads(tok_config.read_text())
         tok_config.write_text(json.dumps({**fields, "tokenizer_class": TOKENIZER_CLASS}, indent=2))
-    except BaseException:
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:  # no half-written OUT.tmp (the size of the model) is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.is_dir():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return ckpt
 
 

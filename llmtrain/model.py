@@ -448,7 +448,10 @@ def sample_next(
     top_k most likely and/or the smallest set holding top_p of the mass (Holtzman et al. 2020)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # the best logit becomes 0 and the others <= 0 before dividing: a tiny temperature then
+    # underflows them to -inf instead of overflowing the best to inf (NaN probabilities)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

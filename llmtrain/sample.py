@@ -19,6 +19,7 @@ samples.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda"
     )
     args = parser.parse_args(argv)
-    if args.temperature < 0:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
         parser.error(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
     if args.top_k < 0:
         parser.error(f"--top-k {args.top_k}: must be >= 0 (0 disables it)")
@@ -118,13 +119,17 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = get_tokenizer(cfg.data.tokenizer)
         prompt = encode_prompt(tokenizer, args.prompt)
         room = cfg.model.context_length - len(prompt)
+        if room < 1:  # nothing could be generated; a longer prompt would fail in the model
+            parser.error(
+                f"--prompt: {len(prompt)} tokens, and model.context_length="
+                f"{cfg.model.context_length} leaves no room for a new token; shorten the prompt"
+            )
         max_new = args.max_new_tokens or min(100, room)
         if max_new > room:  # a usage error, like the other arguments' (exit 2)
-            fits = f"; use --max-new-tokens {room} or less" if room > 0 else ""
             parser.error(
                 f"--max-new-tokens {max_new}: the prompt is {len(prompt)} tokens and "
-                f"model.context_length={cfg.model.context_length} leaves room for "
-                f"{max(room, 0)}{fits}"
+                f"model.context_length={cfg.model.context_length} leaves room for {room}; "
+                f"use --max-new-tokens {room} or less"
             )
         step = load_trainer_state(ckpt).step
         greedy = args.temperature == 0

@@ -107,6 +107,12 @@ CASES = {
     "fsdp2 on one cpu process": (["dist=fsdp2"], 1, "dist.mode", {}),
     "single with two processes": (["dist=single"], 2, "dist.mode", {}),
     "vocab smaller than tokenizer": (["model.vocab_size=1000"], 1, "model.vocab_size", {}),
+    "vocab larger than tokenizer": (  # sampling would draw ids with no text
+        ["model.vocab_size=50304"],
+        1,
+        "set model.vocab_size=50257",
+        {},
+    ),
     "api key in the config": (
         [f"logger.run_name=run-{FAKE_KEY}"],
         1,

@@ -263,3 +263,25 @@ def cli(script: str, module: str) -> list[str]:
     """The installed console script (checks the entry point), else ``python -m``."""
     path = Path(sys.executable).with_name(script)
     return [str(path)] if path.is_file() else [sys.executable, "-m", module]
+
+
+def test_llama_config_states_rope_theta_at_the_top_level(tmp_path_factory):
+    """transformers 5 writes the theta only inside ``rope_parameters``; 4.x and other readers of
+    config.json take ``rope_theta`` from the top level, defaulting to 10000 (llama-style trains
+    with 500000): their logits would be silently wrong."""
+    config = json.loads((exported(tmp_path_factory, "llama") / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0
+    assert config["rope_parameters"]["rope_theta"] == 500000.0
+
+
+def test_force_through_a_symlink_replaces_its_target(tmp_path_factory, tmp_path, capsys):
+    run = smoke_run(tmp_path_factory, "gpt2")
+    real, link = tmp_path / "disk" / "hf", tmp_path / "hf"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("old export")
+    link.symlink_to(real)
+    main([str(run), str(link), "--force"])
+    assert link.is_symlink() and (real / "model.safetensors").is_file()
+    assert not (real / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "hf"]  # no hf.tmp left
+    assert sorted(p.name for p in real.parent.iterdir()) == ["hf"]

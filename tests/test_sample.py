@@ -186,3 +186,24 @@ def cli(script: str, module: str) -> list[str]:
     """The installed console script (checks the entry point), else ``python -m``."""
     path = Path(sys.executable).with_name(script)
     return [str(path)] if path.is_file() else [sys.executable, "-m", module]
+
+
+def test_tiny_temperature_is_greedy(model):
+    prompt = encode_prompt(TOK, PROMPT)
+    greedy = sample(model, prompt, 8, temperature=0)
+    assert sample(model, prompt, 8, temperature=1e-40, seed=3) == greedy
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "nan"], "--temperature nan: must be >= 0"),
+        (["--prompt", " hello" * 256], "--prompt: 256 tokens, and model.context_length=256 leaves"),
+        (["--prompt", " hello" * 300], "--prompt: 300 tokens, and model.context_length=256 leaves"),
+    ],
+)
+def test_cli_unusable_prompt_or_temperature_fails_clearly(tmp_path_factory, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main([str(smoke_run(tmp_path_factory, "gpt2")), "--temperature", "0"] + args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
