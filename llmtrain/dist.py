@@ -119,16 +119,24 @@ def _deepspeed_plugin(
     ds = deepspeed_config(cfg, grad_accum, world_size, device, load_universal)
     zero = ds["zero_optimization"]
     # Every plugin field is given, so the launcher's ACCELERATE_DEEPSPEED_* env never wins.
-    return DeepSpeedPlugin(
-        hf_ds_config=ds,
-        gradient_accumulation_steps=grad_accum,
-        gradient_clipping=cfg.optim.grad_clip,
-        zero_stage=zero["stage"],
-        offload_optimizer_device=zero.get("offload_optimizer", {}).get("device", "none"),
-        offload_param_device=zero.get("offload_param", {}).get("device", "none"),
-        zero3_init_flag=False,  # llmtrain builds the model before prepare()
-        zero3_save_16bit_model=False,
-    )
+    # A DEEPSPEED accelerate config (launch/zero*.yaml) also lists its fields (zero_stage,
+    # mixed_precision) in ACCELERATE_CONFIG_DS_FIELDS, and DeepSpeedPlugin refuses those next
+    # to a full DeepSpeed config; check_launch has already held them against dist=.
+    fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        return DeepSpeedPlugin(
+            hf_ds_config=ds,
+            gradient_accumulation_steps=grad_accum,
+            gradient_clipping=cfg.optim.grad_clip,
+            zero_stage=zero["stage"],
+            offload_optimizer_device=zero.get("offload_optimizer", {}).get("device", "none"),
+            offload_param_device=zero.get("offload_param", {}).get("device", "none"),
+            zero3_init_flag=False,  # llmtrain builds the model before prepare()
+            zero3_save_16bit_model=False,
+        )
+    finally:
+        if fields is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
 
 
 def _fsdp2_plugin(cfg: TrainConfig):

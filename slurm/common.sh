@@ -15,7 +15,9 @@ GPUS_PER_NODE="${GPUS_PER_NODE##*:}"  # "h100:8" -> 8
 MAX_REQUEUES="${LLMTRAIN_MAX_REQUEUES:-5}"
 PORT="${LLMTRAIN_MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 # The same run dir on every requeue of this job, so trainer.resume=auto finds its checkpoints.
-RUN_DIR="${LLMTRAIN_RUN_DIR:-runs/${SLURM_JOB_NAME:-llmtrain}-${SLURM_JOB_ID}}"
+# The job name lands in a Hydra override: the characters Hydra parses (= , : ' ...) become _.
+JOB_NAME="${SLURM_JOB_NAME:-llmtrain}"
+RUN_DIR="${LLMTRAIN_RUN_DIR:-runs/${JOB_NAME//[^A-Za-z0-9._-]/_}-${SLURM_JOB_ID}}"
 
 if command -v scontrol >/dev/null 2>&1; then
     mapfile -t HOSTS < <(scontrol show hostnames "${SLURM_JOB_NODELIST}")
@@ -32,7 +34,33 @@ export NCCL_DEBUG_SUBSYS="${NCCL_DEBUG_SUBSYS:-INIT,NET}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export PYTHONUNBUFFERED=1
 
-# The command of node $1 (its SLURM_NODEID); the training arguments follow the script's name.
+# TRAIN_ARGS: the user's training arguments and what a requeued job needs. The user's
+# own hydra.run.dir, dist.timeout_s and trainer.resume win over the script's: a run dir given
+# on the command line is the one requeues continue (and sets RUN_DIR); a
+# trainer.resume=<checkpoint> (a second phase, the run of an earlier job) is used until the
+# run dir holds a checkpoint of its own, then trainer.resume=auto continues from that.
+train_overrides() {
+    local a value resume=auto run_dir_arg="hydra.run.dir=${RUN_DIR}"
+    TRAIN_ARGS=(${LLMTRAIN_TIMEOUT_S:+"dist.timeout_s=${LLMTRAIN_TIMEOUT_S}"})
+    for a in "$@"; do
+        case "${a}" in
+            hydra.run.dir=*)
+                run_dir_arg="${a}"
+                value="${a#*=}"
+                [[ "${value}" =~ ^\'(.*)\'$ || "${value}" =~ ^\"(.*)\"$ ]] && value="${BASH_REMATCH[1]}"
+                RUN_DIR="${value}"
+                ;;
+            trainer.resume=*) resume="${a#*=}" ;;
+            *) TRAIN_ARGS+=("${a}") ;;
+        esac
+    done
+    if compgen -G "${RUN_DIR}/checkpoints/step_*/trainer_state.json" >/dev/null; then
+        resume=auto
+    fi
+    TRAIN_ARGS+=("trainer.resume=${resume}" "${run_dir_arg}")
+}
+
+# The command of node $1 (its SLURM_NODEID); the training arguments (TRAIN_ARGS) follow.
 node_command() {
     local node="$1"; shift
     printf '%q ' accelerate launch \
@@ -42,12 +70,13 @@ node_command() {
         --machine_rank "${node}" \
         --main_process_ip "${MAIN_ADDR}" \
         --main_process_port "${PORT}" \
-        -m llmtrain.train "$@" trainer.resume=auto "hydra.run.dir=${RUN_DIR}" \
-        "dist.timeout_s=${LLMTRAIN_TIMEOUT_S:-1800}"
+        -m llmtrain.train "$@"
     echo
 }
 
 run_nodes() {
+    train_overrides "$@"
+    set -- "${TRAIN_ARGS[@]}"
     if [[ "${DRY_RUN}" == "1" ]]; then
         for ((node = 0; node < NNODES; node++)); do
             echo "node ${node} (${HOSTS[$node]:-?}): $(node_command "${node}" "$@")"
@@ -63,6 +92,8 @@ run_nodes() {
     export LLMTRAIN_EXIT_FILE="${RUN_DIR}/.exit-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
     mkdir -p "${RUN_DIR}"
     rm -f "${LLMTRAIN_EXIT_FILE}"
+    local latest="${RUN_DIR}/checkpoints/latest" before
+    before="$(cat "${latest}" 2>/dev/null || true)"
     # One launcher per node; each computes its machine rank from its own SLURM_NODEID.
     # Slurm sends USR1 (--signal=USR1@90) to every process of the step. The launcher and
     # torchrun's agent inherit it as ignored (they would die of it); the training processes
@@ -80,16 +111,25 @@ run_nodes() {
     if [[ ${rc} -ne 0 && -s "${LLMTRAIN_EXIT_FILE}" ]]; then
         rc="$(head -n 1 "${LLMTRAIN_EXIT_FILE}")"
     fi
-    # 75: preempted (USR1/TERM), a checkpoint was saved. Other failures (a crashed node, a
-    # NCCL timeout) resume from the last checkpoint too. 2 is a config, data or checkpoint
-    # error, or a run that diverged: a requeue would only fail again.
+    # 75: preempted (USR1/TERM) or out of time, a checkpoint was saved: always requeued, a
+    # week-long run under a 24-hour limit needs six of these. Other failures (a crashed node,
+    # a NCCL timeout) resume from the last checkpoint too, up to MAX_REQUEUES times in a row
+    # without a new checkpoint. 2 is a config, data or checkpoint error, or a run that
+    # diverged: a requeue would only fail again.
+    local failures_file="${RUN_DIR}/.failures-${SLURM_JOB_ID}" failures=0
+    [[ -s "${failures_file}" ]] && failures="$(head -n 1 "${failures_file}")"
+    [[ "$(cat "${latest}" 2>/dev/null || true)" != "${before}" ]] && failures=0  # progress
     if [[ ${rc} -eq 2 ]]; then
         echo "llmtrain: config, data or checkpoint error, or divergence (exit 2); not requeueing, fix the arguments"
-    elif [[ ${rc} -ne 0 && "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUES}" ]]; then
-        echo "llmtrain: training exited with ${rc}; requeueing job ${SLURM_JOB_ID} (resume=auto)"
+    elif [[ ${rc} -eq 75 ]]; then
+        echo "llmtrain: stopped by a signal with a checkpoint (exit 75); requeueing job ${SLURM_JOB_ID} (resume=auto)"
+        scontrol requeue "${SLURM_JOB_ID}"
+    elif [[ ${rc} -ne 0 && ${failures} -lt ${MAX_REQUEUES} ]]; then
+        echo "$((failures + 1))" > "${failures_file}"
+        echo "llmtrain: training exited with ${rc}; requeueing job ${SLURM_JOB_ID} (resume=auto), failure $((failures + 1)) of ${MAX_REQUEUES}"
         scontrol requeue "${SLURM_JOB_ID}"
     elif [[ ${rc} -ne 0 ]]; then
-        echo "llmtrain: training exited with ${rc}; not requeueing, job ${SLURM_JOB_ID} was requeued ${MAX_REQUEUES} times already (LLMTRAIN_MAX_REQUEUES)"
+        echo "llmtrain: training exited with ${rc}; not requeueing, job ${SLURM_JOB_ID} failed ${MAX_REQUEUES} times in a row without a new checkpoint (LLMTRAIN_MAX_REQUEUES)"
     fi
     return "${rc}"
 }

@@ -48,6 +48,30 @@ def test_launcher_mismatches_fail_before_any_process_group(monkeypatch):
         check_launch(cfg, 2)
 
 
+@pytest.mark.parametrize("launch", ["zero2", "zero3"])
+def test_zero_launch_configs_are_accepted_by_the_plugin(monkeypatch, launch):
+    """accelerate launch --config_file launch/zeroN.yaml exports the file's DeepSpeed fields
+    (as ACCELERATE_CONFIG_DS_FIELDS, the way accelerate's launch command lists them), which
+    DeepSpeedPlugin refuses next to the full DeepSpeed config llmtrain generates."""
+    import os
+
+    import yaml
+
+    from llmtrain.dist import _deepspeed_plugin
+
+    file = yaml.safe_load((Path(__file__).parents[1] / "launch" / f"{launch}.yaml").read_text())
+    fields = [*file["deepspeed_config"], "mixed_precision"]
+    stage = file["deepspeed_config"]["zero_stage"]
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", file["mixed_precision"])
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", ",".join(fields))
+    cfg = load_config(FAST + [f"dist={launch}", "data.path=x"], world_size=2)
+    check_launch(cfg, 2)
+    assert _deepspeed_plugin(cfg, 1, 2, "cpu", False).zero_stage == stage
+    assert os.environ["ACCELERATE_CONFIG_DS_FIELDS"] == ",".join(fields)  # left as it was
+
+
 def test_one_process_runs_of_any_mode_follow_each_other(tmp_path):
     """train() without a launcher cleans up after itself: a notebook may run zero3, then
     single, then zero2 in one process (each needs a fresh process group or none at all)."""

@@ -1,6 +1,8 @@
 """slurm/*.sbatch without Slurm: the dry run, and the real path with fake srun/scontrol."""
 
 import os
+import shlex
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -85,8 +87,12 @@ def _fake_bin(tmp_path: Path, accelerate_rc: int, worker_code: int | None = None
         'else echo "$@" >> "$FAKE_LOG.scontrol"; fi\n',
         # Like torchrun: the workers' code goes to LLMTRAIN_EXIT_FILE, the launcher exits 1.
         "accelerate": '#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n'
+        'printf \'%s\\0\' "$@" > "$FAKE_LOG.args.$SLURM_NODEID"\n'
+        "grep '^SigIgn' /proc/$$/status > \"$FAKE_LOG.sigign.$SLURM_NODEID\"\n"
         + (f'echo {worker_code} > "$LLMTRAIN_EXIT_FILE"\n' if worker_code is not None else "")
-        + f"exit {accelerate_rc}\n",
+        # FAKE_SAVES: this attempt wrote a new checkpoint before it failed
+        + 'if [ -n "$FAKE_SAVES" ]; then d="$(dirname "$LLMTRAIN_EXIT_FILE")/checkpoints"; '
+        'mkdir -p "$d"; echo "step_$RANDOM$RANDOM" > "$d/latest"; fi\n' + f"exit {accelerate_rc}\n",
     }
     for name, body in scripts.items():
         p = bin_dir / name
@@ -119,11 +125,84 @@ def test_real_path_one_launcher_per_node_and_requeue_on_failure(
         assert requeued.read_text().strip() == "requeue 4242"
 
 
-def test_requeues_stop_at_llmtrain_max_requeues(tmp_path):
+def _args(log: Path, node: int) -> list[str]:
+    """The exact arguments node ``node``'s launcher received."""
+    return Path(f"{log}.args.{node}").read_text().split("\0")[:-1]
+
+
+def _last(args: list[str], key: str) -> str:
+    """The value Hydra uses: the last override of ``key``."""
+    return [a for a in args if a.startswith(f"{key}=")][-1].split("=", 1)[1]
+
+
+def test_preemptions_always_requeue_failures_stop_at_llmtrain_max_requeues(tmp_path):
+    """A week under a 24-hour limit is six requeues with exit 75 (checkpoint saved); they do
+    not count. Failures (exit 1) are requeued LLMTRAIN_MAX_REQUEUES times in a row; one that
+    saved a checkpoint first starts the count again."""
     log = tmp_path / "calls"
     env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log),
-           "LLMTRAIN_RUN_DIR": str(tmp_path / "run"), "SLURM_RESTART_COUNT": "3",
-           "LLMTRAIN_MAX_REQUEUES": "3"}  # fmt: skip
-    out = sbatch("multi-node.sbatch", ["dist=fsdp2"], env, _fake_bin(tmp_path, 1, 75))
-    assert out.returncode == 75 and not Path(f"{log}.scontrol").exists()
-    assert "not requeueing, job 4242 was requeued 3 times already" in out.stdout + out.stderr
+           "LLMTRAIN_RUN_DIR": str(tmp_path / "run"), "LLMTRAIN_MAX_REQUEUES": "2"}  # fmt: skip
+    (tmp_path / "p").mkdir(), (tmp_path / "c").mkdir()
+    preempted, crashed = _fake_bin(tmp_path / "p", 1, 75), _fake_bin(tmp_path / "c", 1)
+    requeues = Path(f"{log}.scontrol")
+    attempts = [(preempted, {})] * 7 + [(crashed, {})] * 2 + [(crashed, {"FAKE_SAVES": "1"})]
+    attempts += [(crashed, {}), (crashed, {})]
+    for restart, (fake, extra) in enumerate(attempts):
+        out = sbatch("multi-node.sbatch", ["dist=fsdp2"],
+                     {**env, **extra, "SLURM_RESTART_COUNT": str(restart)}, fake)  # fmt: skip
+        assert out.returncode == (75 if restart < 7 else 1)
+        assert len(requeues.read_text().splitlines()) == min(restart + 1, len(attempts) - 1)
+    assert "not requeueing, job 4242 failed 2 times in a row" in out.stdout + out.stderr
+
+
+def test_the_users_run_dir_resume_and_timeout_win_and_requeues_continue(tmp_path):
+    """sbatch ... trainer.resume=<phase 1 checkpoint> hydra.run.dir=X dist.timeout_s=7200: the
+    first attempt starts from that checkpoint in X, a requeue continues X's own checkpoints."""
+    log, mine = tmp_path / "calls", tmp_path / "phase2"
+    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log)}
+    phase1 = "runs/phase1/checkpoints/step_0001000"
+    user = ["dist=fsdp2", f"trainer.resume={phase1}", f"hydra.run.dir='{mine}'",
+            "dist.timeout_s=7200"]  # fmt: skip
+    out = sbatch("multi-node.sbatch", user, env, _fake_bin(tmp_path, 1, 75))
+    assert out.returncode == 75, out.stderr
+    for node in range(3):
+        args = _args(log, node)
+        assert _last(args, "trainer.resume") == phase1
+        assert _last(args, "hydra.run.dir") == f"'{mine}'"
+        assert _last(args, "dist.timeout_s") == "7200"
+    assert (mine / ".exit-4242-0").read_text() == "75\n"  # the exit file is in the user's dir
+    state = mine / "checkpoints" / "step_0001100" / "trainer_state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    out = sbatch("multi-node.sbatch", user, {**env, "SLURM_RESTART_COUNT": "1"},
+                 tmp_path / "bin")  # fmt: skip
+    assert _last(_args(log, 0), "trainer.resume") == "auto"
+    assert _last(_args(log, 0), "hydra.run.dir") == f"'{mine}'"
+
+
+def test_arguments_reach_every_launcher_unchanged_and_usr1_is_ignored_there(tmp_path):
+    log = tmp_path / "calls"
+    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log),
+           "LLMTRAIN_RUN_DIR": str(tmp_path / "run")}  # fmt: skip
+    tricky = ["data.files='a/*.txt,b/*.txt'", 'logger.run_name="my run"', "x=$HOME", "y=a;b",
+              "z=it's", "*", "w=`id`", "v=a  b"]  # fmt: skip
+    out = sbatch("multi-node.sbatch", tricky, env, _fake_bin(tmp_path, 0))
+    assert out.returncode == 0, out.stderr
+    for node in range(3):
+        args = _args(log, node)
+        assert args[args.index("llmtrain.train") + 1 :][: len(tricky)] == tricky
+        # the launcher must survive Slurm's USR1 (only the training processes handle it)
+        ignored = int(Path(f"{log}.sigign.{node}").read_text().split()[1], 16)
+        assert ignored & (1 << (signal.SIGUSR1 - 1))
+
+
+def test_a_job_name_hydra_would_parse_still_gives_a_valid_run_dir():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = sbatch("single-node.sbatch", ["experiment=smoke"],
+                 {"SLURM_JOB_ID": "9", "LLMTRAIN_DRY_RUN": "1",
+                  "SLURM_JOB_NAME": "gpt lr=3e-4,bs=1M"})  # fmt: skip
+    words = shlex.split(out.stdout.split(": ", 1)[1])
+    run_dir = [w for w in words if w.startswith("hydra.run.dir=")]
+    assert run_dir == ["hydra.run.dir=runs/gpt_lr_3e-4_bs_1M-9"]
+    OverridesParser.create().parse_overrides(run_dir)
