@@ -10,10 +10,15 @@ set -euo pipefail
 : "${SLURM_JOB_ID:?run under sbatch, or set fake SLURM_* variables with LLMTRAIN_DRY_RUN=1}"
 DRY_RUN="${LLMTRAIN_DRY_RUN:-0}"
 NNODES="${SLURM_NNODES:-1}"
+if [[ -z "${LLMTRAIN_GPUS_PER_NODE:-}${SLURM_GPUS_ON_NODE:-}" ]]; then
+    echo "llmtrain: SLURM_GPUS_ON_NODE is not set (no --gpus-per-node or --gres=gpu:N?);" \
+        "starting 8 processes per node (LLMTRAIN_GPUS_PER_NODE sets it)" >&2
+fi
 GPUS_PER_NODE="${LLMTRAIN_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 GPUS_PER_NODE="${GPUS_PER_NODE##*:}"  # "h100:8" -> 8
 MAX_REQUEUES="${LLMTRAIN_MAX_REQUEUES:-5}"
-PORT="${LLMTRAIN_MAIN_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+# 20000-31999: below Linux's ephemeral ports (32768-60999), which outgoing connections take.
+PORT="${LLMTRAIN_MAIN_PORT:-$((20000 + SLURM_JOB_ID % 12000))}"
 # The same run dir on every requeue of this job, so trainer.resume=auto finds its checkpoints.
 # The job name lands in a Hydra override: the characters Hydra parses (= , : ' ...) become _.
 JOB_NAME="${SLURM_JOB_NAME:-llmtrain}"

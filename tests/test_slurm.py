@@ -68,6 +68,20 @@ def test_single_node_dry_run_and_missing_slurm_is_explained():
     assert bad.returncode != 0 and "SLURM_JOB_ID" in bad.stderr
 
 
+def test_port_avoids_ephemeral_range_and_missing_gpu_count_is_said():
+    """The default port stays below 32768, where the kernel hands out outgoing ports (a clash
+    there would repeat on every requeue); with no GPU count from Slurm the 8 is announced."""
+    for job_id in ("54321", "11999", "12000"):
+        out = sbatch("single-node.sbatch", [], {"SLURM_JOB_ID": job_id, "LLMTRAIN_DRY_RUN": "1"})
+        assert out.returncode == 0, out.stderr
+        port = int(out.stdout.split("--main_process_port ")[1].split()[0])
+        assert 20000 <= port < 32768
+        assert "--num_processes 8 " in out.stdout
+        assert "SLURM_GPUS_ON_NODE is not set" in out.stderr
+    quiet = sbatch("single-node.sbatch", [], {**FAKE, "LLMTRAIN_DRY_RUN": "1"})
+    assert "not set" not in quiet.stderr
+
+
 def test_sbatch_headers_ask_for_signal_and_requeue():
     for script in ("single-node.sbatch", "multi-node.sbatch"):
         text = (ROOT / "slurm" / script).read_text()
