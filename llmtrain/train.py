@@ -17,6 +17,8 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
 from llmtrain import checkpoint as ckpt
@@ -365,12 +367,17 @@ def _check_overrides(args: list[str]) -> None:
     """Compose the config once before Hydra does: a typo, an unknown option or a wrong type
     then exits 2 (and reaches LLMTRAIN_EXIT_FILE), which job scripts do not requeue; Hydra's
     own report of the same error exits 1, like a crash. Hydra's flags (--help, --cfg, -m ...)
-    and hydra.* overrides are left to Hydra."""
+    are left to Hydra, and of hydra.* overrides only the syntax is checked here."""
     if any(a.startswith("-") for a in args):
         return
-    overrides = [a for a in args if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    hydras = [a for a in args if a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    for a in hydras:  # hydra.run.dir=runs/lr=3e-4 is a syntax error
+        try:
+            OverridesParser.create().parse_overrides([a])
+        except OverrideParseException as e:
+            _exit(2, "config error", f"{a}: {str(e).splitlines()[0]} (quote the value: '...')")
     try:
-        load_config(overrides)
+        load_config([a for a in args if a not in hydras])
     except ConfigError as e:
         _exit(2, "config error", e)
 

@@ -348,6 +348,7 @@ def test_cli_bad_config_fails_fast_naming_the_key(tmp_path):
         ("+trainer.max_step=10", "did you mean trainer.max_steps?"),  # '+' got past Hydra
         ("model=gpt2small", "gpt2-small"),  # the options are listed
         ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("hydra.run.dir=runs/lr=3e-4", "hydra.run.dir=runs/lr=3e-4: mismatched input '='"),
     ],
 )
 def test_cli_a_misspelt_key_exits_2_so_job_scripts_do_not_requeue_it(tmp_path, override, says):
