@@ -139,6 +139,23 @@ def _describe(e: OSError, where: Path) -> str:
     return f"{e.filename or where}: {e.strerror or e}" + (f" ({hint})" if hint else "")
 
 
+def _describe_write(e: Exception, where: Path) -> str:
+    """A failed checkpoint write as one line. The writers do not raise OSError for a full disk:
+    safetensors raises SafetensorError ("... No space left on device (os error 28)") and
+    torch.save's zip writer a RuntimeError ("unexpected pos 25767936 vs 25767824") that names
+    no OS error at all; a file system left with no free space then gets the ENOSPC hint."""
+    if isinstance(e, OSError):
+        return _describe(e, where)
+    text = " ".join(str(e).split()) or "no message"
+    code = int(m.group(1)) if (m := re.search(r"\(os error (\d+)\)", text)) else None
+    if code is None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20:
+                code = errno.ENOSPC
+    hint = HINTS.get(code or 0)
+    return f"{where}: {type(e).__name__}: {text}" + (f" ({hint})" if hint else "")
+
+
 def _free_space_problem(ckpt_root: Path) -> str | None:
     """Refuse early when the last checkpoint's size is more than the free space: a write that
     fails halfway through DeepSpeed's save could leave the other ranks waiting in a collective."""
@@ -236,8 +253,8 @@ def save_checkpoint(
             if (weights := tmp / "model.safetensors").is_file():
                 # safetensors creates it 0600; give it the mode (umask) the other files got
                 os.chmod(weights, (tmp / TRAINER_STATE).stat().st_mode & 0o777)
-    except OSError as e:
-        error = _describe(e, tmp)
+    except Exception as e:  # noqa: BLE001 -- every rank must reach agree(), or the others hang
+        error = _describe_write(e, tmp)
     agree(error)
 
     # Every rank hashes (and fsyncs) a share of the files, largest first; rank 0 lists them.
@@ -255,11 +272,21 @@ def save_checkpoint(
             write_manifest(tmp, {k: v for part in parts for k, v in part.items()})
             fsync_dir(tmp)
             shutil.rmtree(final, ignore_errors=True)
+            # `latest` before the rename: a crash between the two leaves it naming a directory
+            # that does not exist yet, which resume passes over (to the previous checkpoint).
+            # After the rename it left `latest` on the previous step beside this complete one,
+            # and resume=auto went back to it.
+            write_atomic(ckpt_root / "latest", final.name)
             os.replace(tmp, final)
             fsync_dir(ckpt_root)
-            write_atomic(ckpt_root / "latest", final.name)
         except OSError as e:
             error = _describe(e, final)
+            with contextlib.suppress(OSError):
+                if not final.is_dir():  # the rename failed: `latest` goes back as it was
+                    if previous is not None:
+                        write_atomic(ckpt_root / "latest", previous.name)
+                    else:
+                        (ckpt_root / "latest").unlink(missing_ok=True)
     agree(error)
     if main:
         prune(ckpt_root, final, keep_last)
@@ -282,7 +309,14 @@ def prune(ckpt_root: Path, final: Path, keep_last: int) -> None:
             flush=True,
         )
     for old in abandoned + before[: max(0, len(before) - (keep_last - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed out of every listing first: a kill mid-removal leaves a step_N.tmp, which the
+        # next save removes, not a step_N without its trainer_state.json that nothing removes.
+        doomed = old.with_name(old.name + ".tmp")
+        try:
+            os.replace(old, doomed)
+        except OSError:
+            doomed = old
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _step(ckpt: Path) -> int:

@@ -246,15 +246,20 @@ class MetricsFile:
     A fresh run (``resumed_at=None``) starts the file anew. A run resumed at step S keeps the
     records up to S and drops later ones, left by the attempt that was cut off after its last
     checkpoint: the resumed run logs those steps again, and each step appears once.
+    ``logged_past`` is the last step of the records it dropped (None when it dropped none).
     """
 
     def __init__(self, path: Path | None, resumed_at: int | None = None):
         self.file = None
+        self.logged_past: int | None = None
         if path is None:
             return
         kept = []
         if resumed_at is not None and path.exists():
-            kept = [x for x in path.read_text("utf-8").splitlines() if _upto(x, resumed_at)]
+            lines = path.read_text("utf-8").splitlines()
+            kept = [x for x in lines if _upto(x, resumed_at)]
+            dropped = [_step(x) for x in lines if not _upto(x, resumed_at)]
+            self.logged_past = max((s for s in dropped if s is not None), default=None)
         write_atomic(path, "".join(x + "\n" for x in kept))
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -268,12 +273,18 @@ class MetricsFile:
             self.file.close()
 
 
+def _step(line: str) -> int | None:
+    """A whole record's step; None for a torn line."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None
+
+
 def _upto(line: str, step: int) -> bool:
     """A whole record of a step up to ``step`` (a torn last line is dropped too)."""
-    try:
-        return json.loads(line).get("step", 0) <= step
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    logged = _step(line)
+    return logged is not None and logged <= step
 
 
 def perplexity(loss: float) -> float:

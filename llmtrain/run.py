@@ -298,12 +298,20 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run_dir / "metrics.jsonl" if is_main else None,
         resumed_at=state.step if resume_from is not None else None,
     )
+    # W&B never rewrites a step it holds: a resume before the last logged step logs those steps
+    # again and W&B drops them. trainer.resume=auto retrains them exactly, so nothing is lost;
+    # a step the user named (a rollback, often with a lower lr after a divergence) trains other
+    # values, which go to a new W&B run rather than vanish behind the abandoned branch's.
+    logged_past = metrics_file.logged_past
+    named = resume_from is not None and cfg.trainer.resume not in ("auto", "none")
+    named = named and Path(cfg.trainer.resume).resolve() == resume_from.resolve()
+    rollback = named and logged_past is not None
     logger = build_logger(
         cfg.logger,
         run_dir,
         {**cfg_dict, "receipt": run_receipt},
         is_main,
-        resume=resume_from is not None,
+        resume=resume_from is not None and not rollback,
     )
     peak = device_peak_tflops(
         torch.cuda.get_device_name() if accelerator.device.type == "cuda" else None
@@ -322,6 +330,11 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         saved = ckpt.saved_config(resume_from)
         for note in horizon_notes(cfg, plan, saved) + data_notes(cfg, saved):
             run.say(note)
+        if rollback and cfg.logger.name == "wandb":
+            run.say(
+                f"  wandb      a new W&B run: the run dir's last one holds steps up to "
+                f"{logged_past:,} of the branch abandoned at step {state.step:,}"
+            )
     if peak is None:
         run.say("  mfu        n/a: no bf16 peak known for this device (see metrics.py)")
     return run

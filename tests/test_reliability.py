@@ -136,6 +136,51 @@ def test_kill_9_during_save_keeps_previous_and_resume_auto_uses_it(tmp_path, cap
     assert verify(root / "step_0000004") is None
 
 
+class Killed(BaseException):
+    """The process dying at that point (nothing after it runs)."""
+
+
+def test_a_kill_just_after_the_rename_resumes_from_the_new_checkpoint(tmp_path, monkeypatch):
+    """`latest` was written after the rename: a kill in between left it naming step 2 beside a
+    complete step 4; resume=auto went back to step 2 and its next save deleted step 4 as 'the
+    branch abandoned when this run resumed an earlier step'."""
+    root, fsync = tmp_path / "checkpoints", ckpt.fsync_dir
+
+    def dies_after_the_rename(path):
+        fsync(path)
+        if path == root and (root / "step_0000004").is_dir():
+            raise Killed
+
+    monkeypatch.setattr(ckpt, "fsync_dir", dies_after_the_rename)
+    with pytest.raises(Killed):
+        train_mod.train(config(4, "trainer.ckpt_every=2"), tmp_path)
+    assert verify(root / "step_0000004") is None
+    assert resume.choose_resume("auto", root) == root / "step_0000004"
+
+
+def test_a_kill_while_pruning_leaves_nothing_the_next_save_keeps(tmp_path, monkeypatch):
+    """keep_last removed an old checkpoint in place: a kill mid-removal could take its
+    trainer_state.json first, leaving a step_N dir that no listing saw again and no save ever
+    removed (a whole checkpoint of disk, named 'incomplete' by the tools)."""
+    root, rmtree = tmp_path / "checkpoints", shutil.rmtree
+
+    def dies_mid_removal(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.startswith("step_0000002") and (path / ckpt.TRAINER_STATE).exists():
+            (path / ckpt.TRAINER_STATE).unlink()
+            raise Killed
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_mid_removal)
+    with pytest.raises(Killed):
+        train_mod.train(config(4, "trainer.ckpt_every=2", "trainer.keep_last=1"), tmp_path)
+    monkeypatch.undo()
+    train_mod.train(
+        config(6, "trainer.ckpt_every=2", "trainer.keep_last=1", "trainer.resume=auto"), tmp_path
+    )
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000006"]
+
+
 # --- 2. preemption: SIGTERM / SIGUSR1 -> finish the step, save, exit 75 -------------------------
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -352,6 +397,40 @@ def test_after_a_rollback_auto_never_falls_back_onto_the_abandoned_branch(
     assert "falling back to " + str(root / "step_0000002") in capsys.readouterr().out
 
 
+def test_a_rollback_logs_to_a_new_wandb_run(two_checkpoints, tmp_path, monkeypatch, capsys):
+    """W&B drops every log below its run's last step. A rollback (a named step, often with a
+    lower lr after a divergence) logged its steps 3..4 into the run that holds the abandoned
+    branch's 3..4: the dashboard kept showing the old values, and nothing said so."""
+    import wandb
+
+    inits = []
+
+    class FakeRun:
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: inits.append(kw["id"]) or FakeRun())
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    (run_dir / "wandb_run_id").write_text("0123456789ab\n")
+    root = run_dir / "checkpoints"
+    shutil.rmtree(root / "step_0000004")  # cut off after logging step 4, before saving it
+    wb = ["logger=wandb", "logger.mode=offline"]
+
+    train_mod.train(config(4, *wb, "trainer.resume=auto"), run_dir)  # reruns 3..4 exactly
+    assert inits == ["0123456789ab"]
+    assert "a new W&B run" not in capsys.readouterr().out
+
+    train_mod.train(config(4, *wb, f"trainer.resume={root / 'step_0000002'}"), run_dir)
+    assert inits[1] != "0123456789ab"
+    assert (run_dir / "wandb_run_id").read_text().strip() == inits[1]
+    assert "a new W&B run" in capsys.readouterr().out
+    assert steps_logged(run_dir) == [1, 2, 3, 4]
+
+
 def test_the_tools_check_the_manifest_before_reading_weights(two_checkpoints, tmp_path, capsys):
     """llmtrain-export, llmtrain-sample and consolidate wrote or sampled corrupted weights."""
     from llmtrain import consolidate, export, sample
@@ -560,6 +639,59 @@ def test_on_save_error_continue_keeps_training_and_saves_later(tmp_path, monkeyp
     assert "not saved" in capsys.readouterr().out
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000006"]
+
+
+class full_as_writers_say:
+    """A full disk as the writers really report it: safetensors raises SafetensorError, torch.save
+    a RuntimeError naming no OS error (both seen on a full tmpfs), and no space is left."""
+
+    ERRORS = {
+        "safetensors": "Error while serializing: I/O error: No space left on device (os error 28)",
+        "torch.save": "[enforce fail at inline_container.cc:672] . unexpected pos 2576 vs 2570",
+    }
+
+    def __init__(self, accelerator, ckpt_root, writer):
+        self.acc, self.writer = accelerator, writer
+
+    def __enter__(self):
+        from safetensors import SafetensorError
+
+        original, error = type(self.acc).save_state, self.ERRORS[self.writer]
+        usage = shutil.disk_usage
+
+        def save_state(output_dir, **kw):
+            original(self.acc, output_dir, **kw)
+            shutil.disk_usage = lambda path: usage(path)._replace(free=0)
+            raise (SafetensorError if self.writer == "safetensors" else RuntimeError)(error)
+
+        self.acc.save_state, self.usage = save_state, usage
+
+    def __exit__(self, *exc):
+        del self.acc.save_state
+        shutil.disk_usage = self.usage
+
+
+@pytest.mark.parametrize("writer", list(full_as_writers_say.ERRORS))
+@pytest.mark.parametrize("on_error", ["stop", "continue"])
+def test_a_full_disk_as_the_writers_report_it_is_a_save_error(
+    tmp_path, monkeypatch, capsys, writer, on_error
+):
+    """It escaped as a traceback (exit 1, on_save_error=continue ignored) and left its
+    half-written step_N.tmp filling the disk until the next save."""
+    fail_second_save(monkeypatch, lambda acc, root: full_as_writers_say(acc, root, writer))
+    root = tmp_path / "checkpoints"
+    cfg = config(6, "trainer.ckpt_every=2", f"trainer.on_save_error={on_error}")
+    if on_error == "stop":
+        with pytest.raises(ckpt.SaveError) as e:
+            train_mod.train(cfg, tmp_path)
+        message = str(e.value)
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002"]
+    else:
+        assert train_mod.train(cfg, tmp_path).step == 6
+        message = capsys.readouterr().out
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000006"]
+    assert "step_0000004 not saved" in message and "the disk is full" in message, message
+    assert full_as_writers_say.ERRORS[writer] in message
 
 
 # --- 6. bad data -------------------------------------------------------------------------------
