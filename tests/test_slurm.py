@@ -82,6 +82,23 @@ def test_port_avoids_ephemeral_range_and_missing_gpu_count_is_said():
     assert "not set" not in quiet.stderr
 
 
+def test_submitting_away_from_the_repository_root_is_explained(tmp_path):
+    """sbatch runs a copy of the script from its spool folder: common.sh is found through
+    SLURM_SUBMIT_DIR, and from elsewhere the job says where to submit from."""
+    for script in ("single-node.sbatch", "multi-node.sbatch"):
+        copy = tmp_path / script  # what slurmd runs: the script alone
+        copy.write_text((ROOT / "slurm" / script).read_text())
+        env = {**FAKE, "LLMTRAIN_DRY_RUN": "1", "PATH": os.environ["PATH"]}
+        found = subprocess.run(["bash", str(copy)], cwd=ROOT, capture_output=True, text=True,
+                               env={**env, "SLURM_SUBMIT_DIR": str(ROOT)})  # fmt: skip
+        assert found.returncode == 0 and "accelerate launch" in found.stdout, found.stderr
+        lost = subprocess.run(["bash", str(copy)], cwd=tmp_path, capture_output=True, text=True,
+                              env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)})  # fmt: skip
+        assert lost.returncode == 2
+        assert "common.sh not found: submit from the repository root" in lost.stderr
+        assert "command not found" not in lost.stderr
+
+
 def test_sbatch_headers_ask_for_signal_and_requeue():
     for script in ("single-node.sbatch", "multi-node.sbatch"):
         text = (ROOT / "slurm" / script).read_text()
