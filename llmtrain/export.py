@@ -126,11 +126,17 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool =
         out = out.resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    occupied = out.is_dir() and any(out.iterdir())
+    if occupied and not force:
         raise FileExistsError(f"{out}: directory is not empty; pass --force to replace it")
     ckpt = resolve_checkpoint(ckpt)
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise FileExistsError(f"{out}: holds the checkpoint {ckpt}; choose another OUT")
+    if occupied and not (out / "config.json").is_file():  # a mistyped OUT: a run dir...
+        raise FileExistsError(
+            f"{out}: not an earlier export (no config.json); --force replaces only an export: "
+            "choose another OUT, or empty it yourself"
+        )
     state, cfg, ckpt = load_checkpoint(ckpt)
     try:
         family = hf_family(cfg.model)
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a step_XXXXXXX dir, a checkpoints/ dir or a run dir")
     parser.add_argument("out", help="output directory (created; must be empty unless --force)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights dtype")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
     args = parser.parse_args(argv)
     try:
         ckpt = export(args.checkpoint, args.out, args.dtype, args.force)

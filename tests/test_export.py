@@ -204,7 +204,13 @@ def test_refuses_to_overwrite_unless_forced(tmp_path_factory, tmp_path, capsys):
     assert "holds the checkpoint" in run_main([str(run), str(run.parent), "--force"], capsys)
     ckpt = run / "checkpoints" / "step_0000002"
     assert "holds the checkpoint" in run_main([str(ckpt), str(ckpt), "--force"], capsys)
+    other_run = tmp_path / "other-run"  # a mistyped OUT is not deleted, even with --force
+    shutil.copytree(run, other_run)
+    assert "not an earlier export" in run_main([str(run), str(other_run), "--force"], capsys)
+    assert "not an earlier export" in run_main([str(run), str(out), "--force"], capsys)
+    assert (other_run / "checkpoints").is_dir() and (out / "keep.txt").is_file()
 
+    (out / "config.json").write_text("{}")  # an earlier export
     main([str(run), str(out), "--force"])
     assert "GPT2LMHeadModel" in capsys.readouterr().out
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
@@ -279,6 +285,7 @@ def test_force_through_a_symlink_replaces_its_target(tmp_path_factory, tmp_path,
     real, link = tmp_path / "disk" / "hf", tmp_path / "hf"
     real.mkdir(parents=True)
     (real / "old.txt").write_text("old export")
+    (real / "config.json").write_text("{}")
     link.symlink_to(real)
     main([str(run), str(link), "--force"])
     assert link.is_symlink() and (real / "model.safetensors").is_file()
