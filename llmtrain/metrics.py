@@ -173,7 +173,7 @@ class WandbLogger:
         init = dict(
             project=cfg.project,
             entity=cfg.entity,
-            name=cfg.run_name or run_dir.name,
+            name=cfg.run_name or self.default_name(run_dir),
             id=self.run_id(run_dir, resume),
             resume="allow",
             allow_val_change=resume,  # a resume may change the horizon, the logger's mode...
@@ -197,6 +197,14 @@ class WandbLogger:
             )
             wandb.teardown()  # the failed run still holds its id in W&B's service process
             self.run = wandb.init(**init, mode="offline")
+
+    @staticmethod
+    def default_name(run_dir: Path) -> str:
+        """The run dir's name; with Hydra's default runs/<date>/<time>, both ("20-30-53"
+        alone would not say which day)."""
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+            return f"{run_dir.parent.name}/{run_dir.name}"
+        return run_dir.name
 
     @classmethod
     def run_id(cls, run_dir: Path, resume: bool) -> str:

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -108,6 +109,19 @@ def test_console_line_is_readable():
     line = console_line(r, 100, 65)
     assert "step     10/100" in line and "loss 3.2100" in line and "mfu   n/a" in line
     assert "eta 0:01:05" in line
+
+
+def test_wandb_run_name_defaults_to_the_run_dir(tmp_path, monkeypatch):
+    import wandb
+
+    names = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: names.append(kw["name"]))
+    cfg = load_config(["logger=wandb", "logger.mode=offline", "trainer.max_steps=1"]).logger
+    for run_dir in (tmp_path / "runs" / "2026-11-23" / "20-30-53", tmp_path / "runs" / "gpt-42"):
+        run_dir.mkdir(parents=True)
+        build_logger(cfg, run_dir, {}, is_main=True)
+    build_logger(replace(cfg, run_name="mine"), tmp_path / "runs" / "gpt-42", {}, is_main=True)
+    assert names == ["2026-11-23/20-30-53", "gpt-42", "mine"]
 
 
 def test_wandb_unreachable_online_falls_back_to_offline(tmp_path, monkeypatch, capsys):
