@@ -125,7 +125,8 @@ def _check_data(d: DataConfig, m: ModelConfig) -> None:
     _require(
         d.seq_len <= m.context_length,
         "data.seq_len",
-        f"{d.seq_len} exceeds model.context_length={m.context_length}",
+        f"{d.seq_len} exceeds model.context_length={m.context_length}; set "
+        f"data.seq_len={m.context_length} (or less), or model.context_length={d.seq_len}",
     )
     check_data(d)
 
@@ -218,6 +219,12 @@ def _check_dist(dist: DistConfig, t: TrainerConfig) -> None:
         f"optimizer offload needs a ZeRO mode, got {dist.mode}",
     )
     _require(
+        not (t.compile and dist.mode == "zero3"),
+        "trainer.compile",
+        "true is not available with ZeRO-3: DeepSpeed's forward hook cannot take torch.compile's "
+        "wrapper and the first step fails; use dist=fsdp2 (compiles), or trainer.compile=false",
+    )
+    _require(
         dist.reshard_after_forward or dist.mode != "zero3",
         "dist.reshard_after_forward",
         "false is not available with ZeRO-3 (DeepSpeed always re-partitions parameters after "
@@ -305,12 +312,21 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
 
 def _check_batch(t: TrainerConfig, d: DataConfig, ws: int) -> None:
     window = t.micro_batch_size * d.seq_len * ws
+    if t.batch_tokens % window == 0:
+        return
+    bigger = max(1, t.batch_tokens // window) * window
+    hint = f"try {bigger}"
+    if bigger != t.batch_tokens:  # another global batch is another recipe: say so
+        hint += f" ({bigger / t.batch_tokens:.3g}x the global batch)"
+    if t.batch_tokens % (d.seq_len * ws) == 0:  # a smaller micro-batch keeps the global batch
+        rows = t.batch_tokens // (d.seq_len * ws)  # sequences per process per step
+        micro = max(m for m in range(1, min(rows, t.micro_batch_size) + 1) if rows % m == 0)
+        hint += f", or trainer.micro_batch_size={micro}, which keeps it"
     _require(
-        t.batch_tokens % window == 0,
+        False,
         "trainer.batch_tokens",
         f"{t.batch_tokens} is not divisible by micro_batch_size x seq_len x world_size "
-        f"= {t.micro_batch_size} x {d.seq_len} x {ws} = {window}; "
-        f"try {max(1, t.batch_tokens // window) * window}",
+        f"= {t.micro_batch_size} x {d.seq_len} x {ws} = {window}; {hint}",
     )
 
 

@@ -189,7 +189,11 @@ def world_size_from_env() -> int:
 def to_dataclass(node: Any) -> TrainConfig:
     """A composed DictConfig -> a plain TrainConfig object (``validate`` checks the values)."""
     _no_unknown_keys(node, TrainConfig, "")
-    obj = OmegaConf.to_object(node)
+    try:  # interpolations resolve here: ${oc.env:UNSET}, ${trainer.nope}, a str for an int
+        obj = OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from e
     assert isinstance(obj, TrainConfig)
     return obj
 
@@ -236,8 +240,23 @@ def compose_config(overrides: list[str] | None = None) -> TrainConfig:
             node = compose(config_name="train", overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
         cause = f"\n{e.__cause__}" if e.__cause__ else ""
-        raise ConfigError(_without_append_hint(f"{e}{cause}", e.__cause__ or e)) from e
+        message = _without_append_hint(f"{e}{cause}", e.__cause__ or e)
+        raise ConfigError(_plus_group_hint(message, overrides or [])) from e
     return to_dataclass(node)
+
+
+def _plus_group_hint(message: str, overrides: list[str]) -> str:
+    """``+experiment=smoke`` (Hydra's docs write experiments so) adds a group train.yaml already
+    lists, and Hydra answers "use 'override experiment: smoke'", YAML for a file, or "model
+    appears more than once in the final defaults list"; every group here is in the defaults."""
+    for o in overrides:
+        group, _, option = o.lstrip("+").partition("=")
+        if o.startswith("+") and not o.startswith("++") and (CONF_DIR / group).is_dir():
+            return (
+                f"{o}: {group} is a group of train.yaml's defaults already; write "
+                f"{group}={option}, without the '+'"
+            )
+    return message
 
 
 def load_config(overrides: list[str] | None = None, world_size: int | None = None) -> TrainConfig:

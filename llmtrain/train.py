@@ -19,6 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from llmtrain import checkpoint as ckpt
@@ -327,8 +328,38 @@ def _exit(code: int, what: str, error: Exception | str) -> None:
     sys.exit(code)
 
 
+# A sweep's (-m) jobs run, and the exit codes of those that stopped: it goes on to the next.
+_SWEEP: dict[str, list[int]] = {"jobs": [], "failed": []}
+SWEEP_FLAGS = ("-m", "--multirun")
+
+
+def _in_sweep() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # no Hydra job running
+        return False
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_main(node: DictConfig) -> None:
+    """One job. In a sweep, a job that stops (diverged, a bad value for it, its data) exits
+    with its code after the others have run, not before them; a preemption or Ctrl-C still
+    ends the sweep at once."""
+    sweep = _in_sweep()
+    if sweep:
+        _SWEEP["jobs"].append(HydraConfig.get().job.num)
+    try:
+        _job(node)
+    except SystemExit as e:
+        if not sweep or e.code == 130:
+            raise
+        _SWEEP["failed"].append(int(e.code or 0))
+        wandb = sys.modules.get("wandb")  # a run stopped midway left its W&B run open
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish(exit_code=int(e.code or 0))
+
+
+def _job(node: DictConfig) -> None:
     try:
         cfg = validate(to_dataclass(node), world_size=world_size_from_env())
         run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -359,8 +390,20 @@ def main() -> None:
         a.startswith("hydra.run.dir=") for a in sys.argv[1:]
     ):
         sys.argv.append("hydra.run.dir=.")
-    _check_overrides(sys.argv[1:])
+    args = sys.argv[1:]
+    for record in _SWEEP.values():
+        record.clear()
+    sweep = any(a in SWEEP_FLAGS for a in args) or "hydra.mode=MULTIRUN" in args
+    if sweep and "RANK" in os.environ:
+        _exit(2, "config error", "-m/--multirun: a sweep runs its jobs one after another in one "
+              "process, and a launcher's process group ends with the first job; start one launch "
+              "per sweep point (a shell loop over accelerate launch or sbatch), or sweep without "
+              "a launcher")  # fmt: skip
+    _check_overrides(args)
     _hydra_main()
+    if failed := _SWEEP["failed"]:
+        _exit(max(failed), "sweep", f"{len(failed)} of the sweep's {len(_SWEEP['jobs'])} jobs "
+              "stopped (each one's reason is above); the others ran to their end")  # fmt: skip
 
 
 def _check_overrides(args: list[str]) -> None:

@@ -164,3 +164,86 @@ def test_the_wheel_carries_the_configs(tmp_path):
     want = {f"llmtrain/conf/{p.relative_to(CONF_DIR)}" for p in CONF_DIR.rglob("*.yaml")}
     assert want <= names and "llmtrain/conf/experiment/smoke.yaml" in want
     assert "llmtrain/assets/gpt2.tiktoken" in names
+
+
+# Tokens in the Hub samples a data group's config_name picks (the dataset cards: "around N
+# gpt2 tokens"); a run past them repeats its corpus without a word (train loaders loop).
+SAMPLE_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m-fineweb", "llama-1b-fineweb-edu"])
+def test_no_recipe_trains_past_the_end_of_its_corpus(name):
+    """llama-1b-fineweb-edu said 20B tokens of FineWeb-Edu and streamed sample-10BT twice."""
+    cfg = load_config([f"experiment={name}"], world_size=8)
+    run = Plan.from_config(cfg, 8)
+    assert run.max_steps * run.tokens_per_step <= 1.01 * SAMPLE_TOKENS[cfg.data.config_name]
+
+
+def test_the_wsd_recipe_keeps_a_checkpoint_to_extend_from():
+    """Its header says the run can be extended from a checkpoint taken before the decay; with
+    keep_last=3 the last one of those (step 15,000) was pruned by step 18,000."""
+    cfg = load_config(["experiment=llama-1b-fineweb-edu"], world_size=8)
+    t, o = cfg.trainer, cfg.optim
+    decay_start = t.max_steps - round(o.decay_fraction * t.max_steps)
+    saved = list(range(t.ckpt_every, t.max_steps + 1, t.ckpt_every))
+    saved += [t.max_steps] if t.max_steps % t.ckpt_every else []
+    kept = saved[-t.keep_last :]  # checkpoint.prune: the newest keep_last
+    assert min(kept) <= decay_start
+
+
+def test_a_batch_that_does_not_split_suggests_the_micro_batch_that_keeps_it():
+    """On 64 GPUs the 124M recipe was told 'try 2097152': four times the recipe's batch."""
+    keep = r"try 2097152 \(4x the global batch\), or trainer.micro_batch_size=8, which keeps it"
+    with pytest.raises(ConfigError, match=keep):
+        load_config(["experiment=gpt2-124m-fineweb"], world_size=64)
+    with pytest.raises(ConfigError, match="try 491520") as e:  # 3 GPUs: no micro-batch fits
+        load_config(["experiment=gpt2-124m-fineweb"], world_size=3)
+    assert "micro_batch_size=" not in str(e.value).split("try")[1]
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("trainer.max_steps=${oc.env:LLMTRAIN_TEST_UNSET}", "LLMTRAIN_TEST_UNSET"),
+        ("trainer.max_steps=${trainer.nope}", "trainer.nope"),
+        ("trainer.max_steps=${oc.env:HOME}", "could not be converted"),
+    ],
+)
+def test_an_interpolation_that_does_not_resolve_names_the_key(override, says, monkeypatch):
+    """An unset environment variable was a 60-line OmegaConf traceback and exit 1 (requeued)."""
+    monkeypatch.delenv("LLMTRAIN_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError, match="trainer.max_steps") as e:
+        load_config(["experiment=smoke", override])
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["+experiment=smoke", "+model=tiny"])
+def test_plus_group_is_told_to_drop_the_plus(override):
+    """Hydra's docs write +experiment=...; here experiment is in the defaults, and Hydra's
+    answer was to write 'override experiment: smoke' in a YAML file."""
+    with pytest.raises(ConfigError, match=override.lstrip("+")) as e:
+        load_config([override, "trainer.max_steps=1"])
+    assert "without the '+'" in str(e.value)
+
+
+def test_seq_len_past_the_context_says_what_to_set():
+    with pytest.raises(ConfigError, match="data.seq_len=256"):
+        load_config(["model=tiny", "data=fineweb", "trainer.max_steps=1"])
+
+
+def test_runs_started_in_the_same_second_get_their_own_dirs():
+    """Two runs launched together (a sweep of `llmtrain-train ... &`) shared runs/DATE/TIME:
+    one config.yaml, one metrics.jsonl, and both died writing the same checkpoint."""
+    import re
+    from datetime import datetime
+
+    import yaml
+
+    pattern = yaml.safe_load((CONF_DIR / "train.yaml").read_text())["hydra"]["run"]["dir"]
+
+    def resolved(now):
+        return re.sub(r"\$\{now:([^}]*)\}", lambda m: now.strftime(m.group(1)), pattern)
+
+    a = resolved(datetime(2026, 1, 1, 12, 0, 0, 1))
+    b = resolved(datetime(2026, 1, 1, 12, 0, 0, 500_000))
+    assert "${" not in a and a != b

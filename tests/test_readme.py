@@ -82,3 +82,20 @@ def test_every_training_command_composes_at_its_world_size(command):
 def test_every_plan_command_runs(command, capsys):
     # 0 fits, 3 does not (the README asks "fits?" of a 24 GB card); 2 would be a refused config
     assert plan_main(shlex.split(command)[1:]) in (0, 3), capsys.readouterr().err
+
+
+# The Hub samples' sizes, from the dataset cards ("around N gpt2 tokens").
+SAMPLE_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350e9}
+
+
+@pytest.mark.parametrize("command", list(RUNS))
+def test_no_command_trains_past_the_end_of_its_corpus(command):
+    """A Llama-3B command trained 60B tokens on sample-10BT: six epochs, said nowhere."""
+    from llmtrain.run import Plan
+
+    overrides, world = RUNS[command]
+    cfg = load_config([o for o in overrides if not o.startswith("hydra.")], world_size=world)
+    size = SAMPLE_TOKENS.get(cfg.data.config_name or "")
+    if cfg.data.name in ("fineweb", "fineweb-edu") and size is not None:
+        run = Plan.from_config(cfg, world)
+        assert run.max_steps * run.tokens_per_step <= 1.01 * size  # "around": 10B, not 20B

@@ -518,3 +518,45 @@ def test_ctrl_c_says_what_it_does_and_a_second_one_leaves_without_a_traceback(
     err = capfd.readouterr().err
     assert e.value.code == 130 and "llmtrain: interrupted: stopped at once, unsaved" in err
     assert "Traceback" not in err
+
+
+def test_a_sweep_goes_on_after_one_of_its_jobs_stops(tmp_path, monkeypatch, capsys):
+    """`-m optim.lr=1e30,3e-4`: the first job diverged, exited 2, and the second never ran."""
+    import llmtrain.checkpoint as ckpt
+    import llmtrain.train as train_mod
+
+    lrs = []
+
+    def train(cfg, run_dir):
+        lrs.append(cfg.optim.lr)
+        if cfg.optim.lr > 1:
+            raise ckpt.Diverged("5 consecutive non-finite steps")
+
+    monkeypatch.setattr(train_mod, "train", train)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys, "argv", ["llmtrain-train", "-m", "experiment=smoke", "optim.lr=1e30,3e-4"]
+    )
+    monkeypatch.setenv("LLMTRAIN_EXIT_FILE", str(tmp_path / "exit"))
+    with pytest.raises(SystemExit) as e:
+        train_mod.main()
+    assert lrs == [1e30, 3e-4]
+    assert e.value.code == 2 and (tmp_path / "exit").read_text().strip() == "2"
+    assert "1 of the sweep's 2 jobs" in capsys.readouterr().err
+
+
+def test_a_sweep_under_a_launcher_is_refused(tmp_path, monkeypatch, capsys):
+    """Every job after the first crashed: the first one's end_training() ends the launcher's
+    process group ("Default process group has not been initialized")."""
+    import llmtrain.train as train_mod
+
+    monkeypatch.setattr(train_mod, "train", lambda cfg, run_dir: pytest.fail("trained"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(
+        sys, "argv", ["llmtrain-train", "-m", "experiment=smoke", "dist=ddp", "optim.lr=1e-3,3e-4"]
+    )
+    with pytest.raises(SystemExit) as e:
+        train_mod.main()
+    assert e.value.code == 2 and "-m/--multirun" in capsys.readouterr().err
