@@ -113,6 +113,12 @@ class TokenLoader:
         """Documents used, and skipped as empty / undecodable / held out, so far."""
         return {k: sum(s[k] for s in self._state["stats"]) for k in STATS}
 
+    @property
+    def epoch(self) -> int:
+        """The pass over its training data this rank is in: 1, then 2 once any of its workers
+        has delivered a batch from a second reading of its documents, and so on."""
+        return 1 + max((w["epoch"] for w in self._state["workers"] if w), default=0)
+
     def _meaning(self) -> dict[str, Any]:
         """What a saved position means depends on; a resume must match every value. A stream
         position indexes into one batch of documents' tokens (data.tokenize_batch; their text

@@ -187,6 +187,7 @@ class Run:
     peak_tflops: float | None  # the device's dense bf16 peak, None where unknown (no MFU)
     start_step: int  # the step this process started (or resumed) at: the ETA's baseline
     started: float = field(default_factory=time.perf_counter)
+    epoch: int = 1  # the pass over the training data last reported (rank 0's)
 
     @property
     def is_main(self) -> bool:
@@ -318,7 +319,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     )
     run = Run(
         cfg, plan, accelerator, model, optimizer, tokenizer, train_loader, val_loader, state,
-        run_dir, run_receipt, metrics_file, logger, peak, state.step,
+        run_dir, run_receipt, metrics_file, logger, peak, state.step, epoch=train_loader.epoch,
     )  # fmt: skip
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
     for note in plan_notes(cfg, plan):

@@ -175,7 +175,15 @@ def log_train(
         "peak_mem_gb": peak_memory_gb(run.accelerator.device),
         "data_wait": wait,
         "skipped_steps": state.skipped_steps,
+        "epoch": run.train_loader.epoch,  # rank 0's: the ranks read shares of about one size
     }
+    if record["epoch"] > run.epoch:
+        again = "again, reshuffled" if run.cfg.data.shuffle else "again, in the same order"
+        run.say(
+            f"data: epoch {record['epoch']} by step {state.step:,}: the training data ran out "
+            f"(rank 0's share) and is read {again}"
+        )
+        run.epoch = record["epoch"]
     steps_done = max(1, state.step - run.start_step)
     eta = (time.perf_counter() - run.started) / steps_done * (plan.max_steps - state.step)
     run.log(record, console_line(record, plan.max_steps, eta))

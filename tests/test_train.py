@@ -205,6 +205,28 @@ def test_skipped_documents_are_reported_at_each_evaluation(tmp_path, local_text,
     assert "skipped so far: 1 empty, 1 undecodable" in capsys.readouterr().out
 
 
+def test_a_new_epoch_is_logged_and_said_once(tmp_path, capsys):
+    """A corpus shorter than the run is read again: each record carries the epoch, and the
+    console says when a new one begins (a resume into it does not say it again)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):  # about 300 tokens each; one is held out for validation
+        (corpus / f"doc{i}.txt").write_text(f"Document {i} is short. " * 60)
+    local = ["data=local", f"data.files={corpus}/*.txt", "data.val_split=null", "data.val_docs=1"]
+    every = [*FAST, *local, "trainer.log_every=1", "trainer.eval_every=1000"]
+    run = tmp_path / "run"
+    train(load_config([*every, "trainer.max_steps=4"]), run)
+    first = capsys.readouterr().out
+    train(load_config([*every, "trainer.max_steps=6", "trainer.resume=auto"]), run)
+    epochs = [r["epoch"] for r in records(run) if "loss" in r]
+    assert epochs[0] == 1 and epochs == sorted(epochs) and epochs[-1] >= 3
+    said = first + capsys.readouterr().out
+    for epoch in range(2, epochs[-1] + 1):
+        step = epochs.index(epoch) + 1
+        assert said.count(f"data: epoch {epoch} by step {step}: the training data ran out") == 1
+    assert said.count("data: epoch") == epochs[-1] - 1
+
+
 def test_resume_auto_says_when_it_finds_nothing_to_resume(tmp_path, capsys):
     """A mistyped hydra.run.dir with trainer.resume=auto started from step 0 without a word."""
     train(load_config([*FAST, "trainer.max_steps=1", "trainer.resume=auto"]), tmp_path / "typo")
