@@ -200,11 +200,12 @@ class WandbLogger:
 
     @staticmethod
     def default_name(run_dir: Path) -> str:
-        """The run dir's name; with Hydra's default runs/<date>/<time>, both ("20-30-53"
-        alone would not say which day)."""
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
-            return f"{run_dir.parent.name}/{run_dir.name}"
-        return run_dir.name
+        """The run dir's name; under Hydra's dated dirs, from the date on: runs/<date>/<time>
+        gives "<date>/<time>", a sweep's multirun/<date>/<time>/<job> "<date>/<time>/<job>"
+        (the time or the job number alone would not say which run)."""
+        parts = run_dir.parts
+        dated = [i for i, p in enumerate(parts) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", p)]
+        return "/".join(parts[dated[-1] :]) if dated else run_dir.name
 
     @classmethod
     def run_id(cls, run_dir: Path, resume: bool) -> str:

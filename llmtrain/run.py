@@ -356,6 +356,17 @@ def plan_notes(cfg: TrainConfig, plan: Plan) -> list[str]:
             f"{plan.max_steps:,}-step horizon: the lr ends at {last:.2e}, still warming up to "
             f"optim.lr={o.lr:.2e}"
         )
+    d = cfg.dist
+    if o.fused is not None and d.offload_optimizer:
+        notes.append(
+            f"  optimizer  optim.fused={o.fused} is not used: with dist.offload_optimizer the "
+            "step is DeepSpeed's CPU Adam (AdamW mode)"
+        )
+    if not d.reshard_after_forward and d.mode not in ("fsdp2", "zero3"):
+        notes.append(
+            f"  dist       dist.reshard_after_forward=false is not used: it is for fsdp2 (and "
+            f"refused for zero3); {d.mode} keeps whole parameters on every rank anyway"
+        )
     return notes
 
 

@@ -117,11 +117,13 @@ def test_wandb_run_name_defaults_to_the_run_dir(tmp_path, monkeypatch):
     names = []
     monkeypatch.setattr(wandb, "init", lambda **kw: names.append(kw["name"]))
     cfg = load_config(["logger=wandb", "logger.mode=offline", "trainer.max_steps=1"]).logger
-    for run_dir in (tmp_path / "runs" / "2026-11-23" / "20-30-53", tmp_path / "runs" / "gpt-42"):
+    sweep_job = tmp_path / "multirun" / "2026-11-23" / "20-30-53-000001" / "1"
+    for run_dir in (tmp_path / "runs" / "2026-11-23" / "20-30-53", tmp_path / "runs" / "gpt-42",
+                    sweep_job):  # fmt: skip
         run_dir.mkdir(parents=True)
         build_logger(cfg, run_dir, {}, is_main=True)
     build_logger(replace(cfg, run_name="mine"), tmp_path / "runs" / "gpt-42", {}, is_main=True)
-    assert names == ["2026-11-23/20-30-53", "gpt-42", "mine"]
+    assert names == ["2026-11-23/20-30-53", "gpt-42", "2026-11-23/20-30-53-000001/1", "mine"]
 
 
 def test_wandb_unreachable_online_falls_back_to_offline(tmp_path, monkeypatch, capsys):

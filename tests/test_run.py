@@ -126,6 +126,13 @@ def test_the_plan_notes_a_rounded_token_budget_and_a_warmup_past_the_horizon():
     assert "optim.warmup_steps=10 is longer than the 4-step horizon" in note
     assert "the lr ends at 1.20e-03, still warming up to optim.lr=3.00e-03" in note
     assert notes("trainer.max_steps=10") == []  # warmup's last step is the run's: at the peak
+    # settings a dist mode does not use are said, not silently dropped
+    (note,) = notes("trainer.max_steps=10", "dist=zero2", "dist.offload_optimizer=true",
+                    "optim.fused=true")  # fmt: skip
+    assert "optim.fused=True is not used: with dist.offload_optimizer" in note
+    (note,) = notes("trainer.max_steps=10", "dist=zero2", "dist.reshard_after_forward=false")
+    assert "dist.reshard_after_forward=false is not used" in note and "zero2 keeps" in note
+    assert notes("trainer.max_steps=10", "dist=fsdp2", "dist.reshard_after_forward=false") == []
 
 
 def test_the_eval_sample_must_fit_the_context_with_its_prompt():
