@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmtrain.config import ConfigError, TrainConfig, load_config
 from llmtrain.memory import (
@@ -364,12 +365,22 @@ def main(argv: list[str] | None = None) -> int:
         default=H100_SXM_BF16_TFLOPS,
         help="device peak TFLOP/s (default: H100 SXM dense bf16, 989)",
     )
+    parser.add_argument(
+        "--config-dir",
+        "-cd",
+        help="a folder of your own configs (experiment/, model/...), as llmtrain-train's",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt2-small")
     args = parser.parse_intermixed_args(argv)  # README: `llmtrain-plan ... --gpu-mem 24 key=v`
     if args.gpus < 1 or not 0 < args.mfu <= 1 or args.gpu_mem <= 0 or args.peak_tflops <= 0:
         parser.error("--gpus must be >= 1, --mfu in (0, 1], --gpu-mem and --peak-tflops > 0")
+    overrides = list(args.overrides)
+    if args.config_dir:
+        if not Path(args.config_dir).is_dir():
+            parser.error(f"--config-dir {args.config_dir}: no such folder")
+        overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
     try:
-        cfg = _load(args.overrides, args.gpus)
+        cfg = _load(overrides, args.gpus)
     except ConfigError as e:
         print(f"llmtrain-plan: bad config: {e}", file=sys.stderr)
         return 2

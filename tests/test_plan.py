@@ -178,3 +178,17 @@ def test_cli_takes_flags_and_overrides_in_any_order(capsys):
     argv = ["experiment=gpt2-124m-fineweb", "--gpu-mem", "24", "trainer.micro_batch_size=16"]
     assert main(argv) == 0  # it fits a 24 GiB card at micro-batch 16
     assert "batch          16 seq x 1024 tok x 32 accum" in capsys.readouterr().out
+
+
+def test_cli_reads_a_users_config_dir_as_training_does(tmp_path, capsys):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: gpt2-medium\n"
+        "experiment: mine\ntrainer:\n  max_steps: 7\n"
+    )
+    assert main(["experiment=mine", "--config-dir", str(tmp_path), "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2-medium" in out and "7 steps" in out  # from the user's file
+    with pytest.raises(SystemExit) as e:
+        main(["experiment=mine", "--config-dir", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "no such folder" in capsys.readouterr().err
