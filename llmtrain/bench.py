@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from llmtrain.bench_record import build_record, paired_ratio, report
+from llmtrain.bench_record import build_record, paired_interval, paired_ratio, report
 from llmtrain.config import CONF_DIR, PACKAGE_DIR, ConfigError, TrainConfig, load_config, validate
 from llmtrain.data import DataError
 
@@ -243,6 +243,15 @@ class _NoWait:
         self.start, self.data_wait = time.perf_counter(), 0.0
 
 
+def compile_cache_warm() -> bool:
+    """Whether inductor's on-disk cache already holds compiled code: a warm cache makes the
+    first step's compile seconds (compile_s) a fraction of a cold compile's."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    path = Path(cache_dir())
+    return path.is_dir() and any(path.iterdir())
+
+
 def command_line(argv: list[str] | None) -> str:
     if argv is not None or not sys.argv[0].endswith(".py"):
         prog = "llmtrain-bench"
@@ -275,6 +284,15 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
             "--baseline: the bare loop is one process in fp32 or bf16; run it with one process "
             "and trainer.precision=bf16 or fp32"
         )
+    # Under a launcher each run's end (Accelerate's end_training) destroys the process group
+    # the launcher made, and a second run in the process cannot start another.
+    timed = args.repeats * (1 + bool(args.versus))
+    if "RANK" in os.environ and (world > 1 or cfg.dist.mode != "single") and timed > 1:
+        raise ConfigError(
+            f"under a launcher each process times one run: use --repeats 1 and no --versus "
+            f"(asked for {timed} runs), and launch again for each further run"
+        )
+    cache_warm = compile_cache_warm() if cfg.trainer.compile or after_cfg.trainer.compile else None
     cpu_batches, same_batches = (
         sample_batches(cfg, plan, plan.max_steps) if args.baseline else ([], False)
     )
@@ -289,7 +307,13 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
                 runs[which].append(run_bare(cfg, cpu_batches, args.warmup, plan, device))
             else:
                 runs[which].append(run_framework(after_cfg, args.warmup, after_plan, device))
-    common = dict(command=command_line(argv), device=device, precision=precision, args=args)
+    common = dict(
+        command=command_line(argv),
+        device=device,
+        precision=precision,
+        args=args,
+        compile_cache_warm=cache_warm,
+    )
     record = build_record(cfg, plan, runs["framework"], **common)
     if args.baseline:
         bare = runs["bare"]
@@ -305,6 +329,10 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
             overhead_vs_bare_mean=record["step_time_s"] / bare_time,
             # Each framework run against the bare run taken next to it: cancels slow drift.
             overhead_vs_bare_paired=paired_ratio(
+                record["step_times_s"], [x["step_time_s"] for x in bare]
+            ),
+            # The noise the goal is read against: mean +- 2 standard errors of those ratios.
+            overhead_vs_bare_paired_interval=paired_interval(
                 record["step_times_s"], [x["step_time_s"] for x in bare]
             ),
             bare_step_times_s=[x["step_time_s"] for x in bare],

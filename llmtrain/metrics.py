@@ -123,6 +123,19 @@ def git_sha() -> str:
     return sha + ("-dirty" if edited else "")
 
 
+def source_sha() -> str:
+    """A hash of llmtrain/*.py and conf/**/*.yaml as they are: names the code a record ran, also
+    where there is no git (a copy of the tree on a lent GPU host)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    files = sorted([*root.glob("llmtrain/*.py"), *root.glob("conf/**/*.yaml")])
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def receipt() -> dict[str, str]:
     """What produced a run: saved beside every checkpoint and sent to the logger."""
     from importlib.metadata import PackageNotFoundError, version

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmtrain.bench import bench_config, main, make_sample_shards
 from llmtrain.bench_record import write_table
@@ -162,3 +163,43 @@ def test_fused_loss_benchmark_runs():
     ).stdout
     assert "head 64 tokens x 16 -> 50304 vocab, chunk 16, cpu, fp32" in out
     assert "plain eager" in out and "fused eager" in out and "compiled" not in out
+
+
+def test_repeats_under_a_launcher_are_refused_before_any_run(shards, monkeypatch, capsys):
+    """Under a launcher the first run's end destroys the process group, and a second run in
+    the same process failed ('Default process group has not been initialized'): --repeats and
+    --versus are refused up front, with the way out."""
+    import llmtrain.bench as bench
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a timed run started")
+
+    monkeypatch.setattr(bench, "run_framework", no_run)
+    args = ["--steps", "1", "--warmup", "1", "--repeats", "2", "--no-record"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, *TINY, "dist=ddp", f"data.path={shards}"])
+    assert e.value.code == 2
+    assert "--repeats 1 and no --versus" in capsys.readouterr().err
+
+
+def test_record_pins_code_versions_and_model_shape(shards):
+    """Enough to reproduce a row without the repo's git history (the GPU host has none):
+    the resolved config, the parameter count, a hash of the source, library versions, and
+    whether torch.compile found its caches warm."""
+    import argparse
+
+    from llmtrain.bench_record import build_record
+    from llmtrain.run import Plan
+
+    cfg = bench_config([*TINY, f"data.path={shards}"], steps=2, warmup=1)
+    run = dict(step_time_s=0.1, step_time_p50_s=0.1, times=[0.1, 0.1], first_step_s=0.2,
+               data_wait_frac=0.0, peak_mem_gb=1.0)  # fmt: skip
+    args = argparse.Namespace(warmup=1, steps=2, note=None)
+    r = build_record(cfg, Plan.from_config(cfg, 1), [run], command="x",
+                     device=torch.device("cpu"), precision="no", args=args)  # fmt: skip
+    assert r["config"]["model"]["n_embd"] == 32 and r["n_params"] > 0
+    assert len(r["source_sha"]) == 12 and r["python"] and r["accelerate"]
+    assert "compile_cache_warm" in r

@@ -122,3 +122,27 @@ def test_report_reads_as_the_readme_shows_it():
     assert "compile     31.3 s (first step minus a steady step)" in text
     assert "vs before   1.081x tokens/s paired with the run without trainer.loss_chunk=8192" in text
     assert "peak memory 0.62x (2.42 GB)" in text and "vs bare" not in text
+
+
+def test_cpu_goal_is_inconclusive_when_the_repeats_straddle_it():
+    """Row 14 of results.jsonl: paired median 1.004, but its repeats run 0.896 to 1.187;
+    'met' claimed more than the runs show."""
+    r = _record(step_times_s=[1.187, 1.105, 0.896, 0.993], bare_step_times_s=[1.0] * 4,
+                overhead_vs_bare=0.99, overhead_vs_bare_paired=1.049)  # fmt: skip
+    block = render([r])
+    assert "0.918-1.173 over 4 repeats" in block and "| inconclusive |" in block
+    steady = _record(step_times_s=[1.01, 1.02], bare_step_times_s=[1.0, 1.0])
+    assert "| met |" in render([steady])
+
+
+def test_gpu_goals_count_only_the_named_model_on_one_device():
+    """A row whose command changed the model's shape (model.n_layer=2 keeps the name
+    gpt2-small) must not meet gpt2-small's goal; the measured cell names the dist mode."""
+    base = dict(model="gpt2-small", device="NVIDIA H100 80GB HBM3", seq_len=1024,
+                precision="bf16", compile=True, mfu=0.4, overhead_vs_bare=None)  # fmt: skip
+    small = _record(**base, tokens_per_s=900_000.0, tokens_per_s_per_device=900_000.0,
+                    command="llmtrain-bench model=gpt2-small model.n_layer=2")  # fmt: skip
+    real = _record(**base, tokens_per_s=466_000.0, tokens_per_s_per_device=466_000.0,
+                   dist="fsdp2", command="llmtrain-bench model=gpt2-small dist=fsdp2")  # fmt: skip
+    block = render([small, real])
+    assert "compile on, 1 H100 | >= 520,000 tokens/s | 466,000 (#2, fsdp2) | below" in block
