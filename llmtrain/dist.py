@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
 from llmtrain.checks import CPU_ATTENTIONS
 from llmtrain.config import ConfigError, TrainConfig
@@ -213,7 +213,10 @@ def _accelerator(
         step_scheduler_with_optimizer=False,
         # A backend given to a single process makes Accelerate expect a process group.
         kwargs_handlers=[
-            InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s))
+            InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s)),
+            # DDP's gradients are views into its all-reduce buckets, not a second copy of
+            # every gradient beside them (4 bytes per parameter; ignored by ZeRO and FSDP2).
+            DistributedDataParallelKwargs(gradient_as_bucket_view=True),
         ]
         if world > 1
         else [],

@@ -146,6 +146,7 @@ def _train(run_dir: str, overrides: list[str]) -> dict:
         "world": acc.num_processes,
         "type": str(acc.distributed_type),
         "model": type(model).__name__,
+        "bucket_view": getattr(model, "gradient_as_bucket_view", None),  # DDP's, else None
         "params": local_numel(model),
         "opt": opt_numel,
     }
@@ -195,6 +196,7 @@ def test_mode_shards_matches_one_process_and_resumes_bitwise(mode, shards, refer
     for rank in full:
         assert rank["world"] == 2 and rank["type"].endswith(dist_type), rank
         assert rank["model"] == wrapped, rank
+        assert rank["bucket_view"] is (True if mode == "ddp" else None), rank  # no grads copy
         share = rank["params"] / total
         assert (0.4 < share < 0.6) if shards_params else share == 1.0, (mode, rank, total)
         opt_share = rank["opt"] / (2 * total)  # two AdamW moments per parameter
