@@ -42,10 +42,13 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 def device_peak_tflops(device_name: str | None) -> float | None:
-    """The bf16 peak for a device name, or None when the device is not in the table."""
+    """The bf16 peak for a device name, or None when the device is not in the table. A MIG
+    slice ("NVIDIA H100 80GB HBM3 MIG 1g.10gb") has a fraction of the GPU's peak: None too."""
     if not device_name:
         return None
     words = set(re.split(r"[^0-9a-z]+", device_name.lower()))  # "A100-SXM4-80GB" -> a100, ...
+    if "mig" in words:
+        return None
     for key, tflops in PEAK_BF16_TFLOPS:
         if set(key.lower().split()) <= words:
             return tflops

@@ -146,3 +146,22 @@ def test_gpu_goals_count_only_the_named_model_on_one_device():
                    dist="fsdp2", command="llmtrain-bench model=gpt2-small dist=fsdp2")  # fmt: skip
     block = render([small, real])
     assert "compile on, 1 H100 | >= 520,000 tokens/s | 466,000 (#2, fsdp2) | below" in block
+
+
+def test_p90_is_the_nearest_rank_not_the_slowest_step():
+    import argparse
+
+    import torch
+
+    from llmtrain.bench_record import build_record
+    from llmtrain.config import load_config
+    from llmtrain.run import Plan
+
+    cfg = load_config(["experiment=smoke", "trainer.max_steps=10"])
+    times = [0.1 * i for i in range(1, 11)]  # 0.1 .. 1.0 s: p90 is 0.9, not the slowest 1.0
+    run = dict(step_time_s=0.55, step_time_p50_s=0.55, times=times, first_step_s=1.0,
+               data_wait_frac=0.0, peak_mem_gb=1.0)  # fmt: skip
+    args = argparse.Namespace(warmup=1, steps=10, note=None)
+    r = build_record(cfg, Plan.from_config(cfg, 1), [run], command="x",
+                     device=torch.device("cpu"), precision="no", args=args)  # fmt: skip
+    assert abs(r["step_time_p90_s"] - 0.9) < 1e-9

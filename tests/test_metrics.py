@@ -47,6 +47,7 @@ def test_mfu_against_peak_table():
     assert device_peak_tflops("NVIDIA GH200 480GB") == 989.0
     assert device_peak_tflops("NVIDIA H200 NVL") == 835.0
     assert device_peak_tflops("Some Future GPU") is None
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3 MIG 1g.10gb") is None  # a slice, not 989
     assert device_peak_tflops(None) is None
     # 500k tokens/s at 0.8547 GFLOP/token on a 989 TFLOP/s device: 43.2% MFU
     assert mfu(500e3, 0.8547e9, 989.0) == pytest.approx(500e3 * 0.8547e9 / 989e12)
