@@ -11,6 +11,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import threading
 import time
 from dataclasses import replace
@@ -238,10 +239,18 @@ def test_resume_is_exact(tmp_path, kind, k, workers):
 
 
 def test_epochs_reshuffle_and_count(tmp_path):
-    cfg = small(files=write_txt_corpus(tmp_path, 6), val_docs=1, seq_len=16)
+    """Each epoch reads every training document once, in a new order (it only counted)."""
+    docs = docs_of(list((SAMPLE_DIR / "data" / "validation").glob("*.parquet")))[:6]
+    for i, d in enumerate(docs):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"[doc{i}] {d[:300]}")
+    cfg = small(files=str(tmp_path / "*.txt"), val_docs=1, seq_len=16, num_workers=0)
     loader = build_dataloader(cfg, TOK, split="train", batch_size=4, seed=1)
-    take(loader, 120)
-    assert loader.state_dict()["workers"][0]["epoch"] >= 1
+    text = TOK.decode(unwindow(take(loader, 120), 16))
+    assert loader.state_dict()["workers"][0]["epoch"] >= 3
+    order = [int(m) for m in re.findall(r"\[doc(\d)\]", text)]
+    epochs = [order[i : i + 5] for i in range(0, len(order) - 4, 5)][:3]
+    assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 5 for e in epochs), order
+    assert len({tuple(e) for e in epochs}) > 1, epochs  # not the same order every epoch
 
 
 def test_missing_file(tmp_path):

@@ -70,6 +70,27 @@ def test_cl100k_base_by_name(shared_cache):
     assert tok.decode(tok.encode(TEXT)) == TEXT
 
 
+def test_matches_tiktokens_own_gpt2_definition_without_a_cache(monkeypatch):
+    """Runs everywhere (CI has no tiktoken cache, so the two tests above skip there): tiktoken's
+    own r50k_base definition (its pattern, specials and pinned ranks hash), fed the shipped ranks
+    file instead of a download, must encode exactly as get_tokenizer("gpt2")."""
+    import tiktoken.load
+    from tiktoken_ext import openai_public
+
+    def shipped(url, expected_hash=None):  # tiktoken's pinned hash, checked on our file
+        return tiktoken.load.load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=expected_hash)
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", shipped)
+    spec = openai_public.r50k_base()
+    spec.pop("explicit_n_vocab")
+    reference = tiktoken.Encoding(**spec)
+    ours = get_tokenizer("gpt2")
+    assert ours.encoding._pat_str == reference._pat_str
+    assert ours.encoding._special_tokens == reference._special_tokens
+    assert ours.encode(TEXT) == reference.encode_ordinary(TEXT)
+    assert ours.encode_prompt(TEXT) == reference.encode(TEXT, allowed_special="all")
+
+
 def test_unknown_encoding_names_the_key():
     with pytest.raises(ValueError, match="data.tokenizer"):
         get_tokenizer("no-such-encoding")
