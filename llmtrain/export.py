@@ -116,8 +116,17 @@ def hf_tokenizer(tokenizer: Tokenizer, context_length: int) -> Any:
     return fast
 
 
-def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
-    """Write ``ckpt`` as a transformers directory ``out``; returns the checkpoint used."""
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Write ``ckpt`` as a transformers directory ``out``; returns the checkpoint used. Weights
+    larger than ``max_shard_size`` are split into model-0000i-of-0000n.safetensors files with a
+    model.safetensors.index.json, as ``save_pretrained`` writes them (llama-8b in fp32 is 30 GB)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -171,9 +180,14 @@ def export(ckpt: str | Path, out: str | Path, dtype: str = "fp32", force: bool =
             fields = json.loads((tmp / "config.json").read_text())
             fields["rope_theta"] = cfg.model.rope_theta
             (tmp / "config.json").write_text(json.dumps(fields, indent=2))
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        # safetensors creates the file 0600; give it the mode (umask) the other files got
-        os.chmod(tmp / "model.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
+        split = split_torch_state_dict_into_shards(weights, max_shard_size=max_shard_size)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: weights[n] for n in names}, str(tmp / filename), {"format": "pt"})
+            # safetensors creates the file 0600; give it the mode (umask) the other files got
+            os.chmod(tmp / filename, (tmp / "config.json").stat().st_mode & 0o777)
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         generation.save_pretrained(tmp)
         hf_tokenizer(tokenizer, cfg.model.context_length).save_pretrained(tmp)
         # transformers 5 names its class TokenizersBackend, which 4.x cannot load; both load
@@ -200,9 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="output directory (created; must be empty unless --force)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights dtype")
     parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="split larger weights into files of this size"
+    )
     args = parser.parse_args(argv)
     try:
-        ckpt = export(args.checkpoint, args.out, args.dtype, args.force)
+        ckpt = export(args.checkpoint, args.out, args.dtype, args.force, args.max_shard_size)
     except (OSError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
         sys.exit(f"llmtrain-export: error: {e}")
     cfg = saved_config(ckpt)

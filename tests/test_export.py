@@ -108,6 +108,23 @@ def test_logits_equal_ours(tmp_path_factory, family):
     torch.testing.assert_close(logits[..., :V], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_large_weights_are_sharded_with_an_index(tmp_path_factory, tmp_path, family):
+    """Past --max-shard-size the weights go to several files and an index, which transformers
+    loads as one model (llama-8b in fp32 is 30 GB; the Hub takes files up to 50 GB)."""
+    run, out = smoke_run(tmp_path_factory, family), tmp_path / "hf"
+    main([str(run), str(out), "--max-shard-size", "8MB"])
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    sharded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    whole = transformers.AutoModelForCausalLM.from_pretrained(exported(tmp_path_factory, family))
+    for (name, a), (_, b) in zip(
+        sharded.state_dict().items(), whole.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
 TEXTS = [
     "Hello, world! The quick brown fox.",
     "  leading spaces\n\n\ttabs and\r\nCRLF   trailing  ",
