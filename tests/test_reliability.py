@@ -471,11 +471,14 @@ def test_compiled_checkpoints_load_under_the_model_s_own_names(two_checkpoints, 
     """A trainer.compile=true run saves torch.compile's wrapper: every name has _orig_mod."""
     from llmtrain import consolidate
 
+    step = two_checkpoints / "checkpoints" / "step_0000004"
+    plain, _ = ckpt.load_model(step)
     load = consolidate._load_full
     monkeypatch.setattr(consolidate, "_load_full", lambda ckpt, kind: {
         f"_orig_mod.{k}": v for k, v in load(ckpt, kind).items()})  # fmt: skip
-    model, _ = ckpt.load_model(two_checkpoints / "checkpoints" / "step_0000004")
-    assert "transformer.wte.weight" in model.state_dict()
+    model, _ = ckpt.load_model(step)
+    for name, value in plain.state_dict().items():  # the trained weights, under their names
+        assert torch.equal(model.state_dict()[name], value), name
 
 
 def test_every_checkpoint_damaged_is_an_error(two_checkpoints, tmp_path):
