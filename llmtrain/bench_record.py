@@ -73,7 +73,14 @@ def build_record(
     """The JSON record of one config's runs (the fields issue 6 names, and more)."""
     from llmtrain.config import config_to_dict
     from llmtrain.memory import param_counts
-    from llmtrain.metrics import device_peak_tflops, flops_per_token, git_sha, mfu, source_sha
+    from llmtrain.metrics import (
+        device_peak_tflops,
+        flops_per_token,
+        git_sha,
+        mfu,
+        package_version,
+        source_sha,
+    )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -133,22 +140,13 @@ def build_record(
         "git_sha": git_sha(),
         "source_sha": source_sha(),  # llmtrain/ and conf/ as run: pins code without git
         "python": platform.python_version(),
-        "accelerate": _version("accelerate"),
-        "deepspeed": _version("deepspeed") if cfg.dist.mode.startswith("zero") else None,
+        "accelerate": package_version("accelerate"),
+        "deepspeed": package_version("deepspeed") if cfg.dist.mode.startswith("zero") else None,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "n_params": param_counts(cfg.model)[0],
         "config": config_to_dict(cfg),  # the resolved config: the model's shape included
         "note": args.note,
     }
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def report(r: dict[str, Any]) -> str:

@@ -322,11 +322,9 @@ def _check_batch(t: TrainerConfig, d: DataConfig, ws: int) -> None:
         rows = t.batch_tokens // (d.seq_len * ws)  # sequences per process per step
         micro = max(m for m in range(1, min(rows, t.micro_batch_size) + 1) if rows % m == 0)
         hint += f", or trainer.micro_batch_size={micro}, which keeps it"
-    _require(
-        False,
-        "trainer.batch_tokens",
-        f"{t.batch_tokens} is not divisible by micro_batch_size x seq_len x world_size "
-        f"= {t.micro_batch_size} x {d.seq_len} x {ws} = {window}; {hint}",
+    raise ConfigError(
+        f"trainer.batch_tokens: {t.batch_tokens} is not divisible by micro_batch_size x "
+        f"seq_len x world_size = {t.micro_batch_size} x {d.seq_len} x {ws} = {window}; {hint}"
     )
 
 

@@ -139,16 +139,21 @@ def source_sha() -> str:
     return h.hexdigest()[:12]
 
 
-def receipt() -> dict[str, str]:
-    """What produced a run: saved beside every checkpoint and sent to the logger."""
+def package_version(name: str) -> str | None:
+    """An installed package's version; None when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def receipt() -> dict[str, str]:
+    """What produced a run: saved beside every checkpoint and sent to the logger."""
     import torch
 
-    try:
-        pkg = version("llmtrain")
-    except PackageNotFoundError:
-        pkg = "unknown"
+    pkg = package_version("llmtrain") or "unknown"
     return {"llmtrain": pkg, "git_sha": git_sha(), "torch": torch.__version__}
 
 
@@ -282,9 +287,12 @@ class MetricsFile:
         kept = []
         if resumed_at is not None and path.exists():
             lines = path.read_text("utf-8").splitlines()
-            kept = [x for x in lines if _upto(x, resumed_at)]
-            dropped = [_step(x) for x in lines if not _upto(x, resumed_at)]
-            self.logged_past = max((s for s in dropped if s is not None), default=None)
+            steps = [_step(x) for x in lines]  # None: a torn line, dropped too
+            kept = [
+                x for x, s in zip(lines, steps, strict=True) if s is not None and s <= resumed_at
+            ]
+            later = [s for s in steps if s is not None and s > resumed_at]
+            self.logged_past = max(later, default=None)
         write_atomic(path, "".join(x + "\n" for x in kept))
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -304,12 +312,6 @@ def _step(line: str) -> int | None:
         return int(json.loads(line).get("step", 0))
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
         return None
-
-
-def _upto(line: str, step: int) -> bool:
-    """A whole record of a step up to ``step`` (a torn last line is dropped too)."""
-    logged = _step(line)
-    return logged is not None and logged <= step
 
 
 def perplexity(loss: float) -> float:
