@@ -16,6 +16,7 @@ Accelerate never applies FSDP to a CPU run, so :func:`_fsdp_on_cpu` applies it.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 from collections.abc import Iterator
@@ -161,6 +162,8 @@ def build_accelerator(
     device = resolve_device(cfg.trainer.device)
     if device == "cpu":  # DeepSpeed, imported by Accelerate along the way, warns otherwise
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if cfg.dist.mode in ZERO_STAGE:
+            _skip_shm_comm_build()
     if cfg.dist.mode in ("zero1", "zero2", "zero3", "fsdp2") and "RANK" not in os.environ:
         _world_of_one_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -195,6 +198,17 @@ def build_accelerator(
             "(launch/*.yaml) and that transformers is installed for DeepSpeed."
         )
     return accelerator
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at every init: ~32 s on a
+    new machine, and a build interrupted midway leaves a lock that every later run waits on
+    forever. Only tensor-parallel inference uses it (``inference_all_reduce``); training's
+    collectives are gloo's. Replaced on the module object itself: the attribute path
+    ``deepspeed.comm.torch`` names a function, not this module."""
+    module = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(module, "build_shm_op"):
+        module.build_shm_op = lambda: None
 
 
 def _accelerator(

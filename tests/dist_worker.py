@@ -30,13 +30,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def skip_shm_op_build() -> None:
-    """DeepSpeed JIT-builds a shared-memory all-reduce op (~32 s cold) at every CPU init; it is
-    only used for inference. The module object must be patched through sys.modules: the name
-    ``deepspeed.comm.torch`` resolves to a function when imported as an attribute."""
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-
 def _reset_singletons() -> None:
     """Forked from a process that may have run single-process training: forget its state."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -67,7 +60,6 @@ def _worker(
 
     torch.set_num_threads(1)
     _reset_singletons()
-    skip_shm_op_build()
     code = 0
     try:
         result: Any = fn(*args)

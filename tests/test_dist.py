@@ -90,6 +90,24 @@ def test_one_process_runs_of_any_mode_follow_each_other(tmp_path):
         assert torch.nn.functional.linear is linear  # ZeRO-3 leaves its own wrapper there
 
 
+def test_a_cpu_deepspeed_run_compiles_nothing(tmp_path):
+    """DeepSpeed's CPU backend would JIT-build its shared-memory all-reduce (inference only) at
+    every init: half a minute on a new machine, and an interrupted build leaves a lock every
+    later run waits on forever. A ZeRO run on a machine with no built ops builds none."""
+    import os
+    import subprocess
+    import sys
+
+    ext = tmp_path / "torch_extensions"
+    cmd = [sys.executable, "-m", "llmtrain.train", *FAST, "data.source=hf", "dist=zero2"]
+    cmd += ["trainer.max_steps=1", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 1" in out.stdout + out.stderr
+    assert not ext.exists() or not any(ext.iterdir()), sorted(p.name for p in ext.rglob("*"))
+
+
 # --- multi-process runs ----------------------------------------------------------------------
 
 
