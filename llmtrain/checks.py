@@ -155,6 +155,11 @@ def check_data(d: DataConfig) -> None:
         "use the source's validation split or data.val_split=null (hold out data.val_docs)",
     )
     _require(
+        0 < d.val_fraction < 1,
+        "data.val_fraction",
+        f"is {d.val_fraction}: the share of a one-file corpus kept for validation is in (0, 1)",
+    )
+    _require(
         d.val_files is None or d.files is not None,
         "data.val_files",
         "is only read with data.files (local corpora); set data.files too, or remove it",

@@ -71,6 +71,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str | None = "validation"  # None: hold out val_docs documents instead
     val_docs: int = 100
+    val_fraction: float = 0.1  # a corpus of one .txt file: its last tenth is validation
     tokenizer: str = "gpt2"
     seq_len: int = 256  # tokens per training window (context length used in training)
     stride: int | None = None  # step between windows; None = seq_len (no overlap)

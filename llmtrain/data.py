@@ -43,7 +43,8 @@ from llmtrain.documents import (
     STATS,
     DataError,
     StreamError,
-    load_documents,
+    single_text_file,
+    training_documents,
     validation_documents,
 )
 from llmtrain.packing import PackedDocuments
@@ -64,7 +65,7 @@ NAMES = {
     "kind": "data.source",
     "world_size": "world size",
     "seed": "trainer.seed",
-    "held_out": "held-out validation (data.val_docs / val_split / val_files)",
+    "held_out": "held-out validation (data.val_docs / val_split / val_files / val_fraction)",
 }
 
 
@@ -138,6 +139,8 @@ class TokenLoader:
             held = sorted(getattr(self.source, "heldout", ()))
             digest = hashlib.blake2b(b"".join(held), digest_size=4).hexdigest()
             keys["held_out"] = f"{len(held)} documents ({digest})"
+            if single_text_file(self.cfg):
+                keys["held_out"] = f"the last {self.cfg.val_fraction:g} of the text"
         if self.cfg.shuffle:
             keys["seed"] = self.seed
         return keys
@@ -285,7 +288,7 @@ def build_dataloader(
         return TokenLoader(source, cfg, kind="shards", seed=seed, **loader_args)
     val_ds, heldout = validation_documents(cfg)
     if train:
-        ds = load_documents(cfg, cfg.train_split)
+        ds = training_documents(cfg)
         n = ds.n_shards
         if cfg.shuffle and cfg.shuffle_buffer > 0:
             ds = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)

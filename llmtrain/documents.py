@@ -205,13 +205,45 @@ def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def single_text_file(cfg: DataConfig) -> str | None:
+    """The file of a local corpus that is one .txt file and no ``data.val_files``: a single
+    document, so no document can be held out for validation; its text is split instead."""
+    if not cfg.files or cfg.val_files:
+        return None
+    files = _expand(cfg.files, "data.files")
+    return files[0] if len(files) == 1 and _builder(files, "data.files")[0] == "text" else None
+
+
+def _text_part(ds: Any, cfg: DataConfig, validation: bool) -> Any:
+    """The head (training) or the last ``data.val_fraction`` (validation) of each text, cut at
+    the same character, as nanoGPT splits its one-file corpora."""
+    column, fraction = cfg.text_column, cfg.val_fraction
+
+    def part(row: dict) -> dict:
+        text = row[column]
+        cut = int(len(text) * (1 - fraction))
+        return {column: text[cut:] if validation else text[:cut]}
+
+    return ds.map(part)
+
+
+def training_documents(cfg: DataConfig) -> Any:
+    """The training split; of a corpus that is one .txt file, all but its validation tail."""
+    ds = load_documents(cfg, cfg.train_split)
+    return _text_part(ds, cfg, validation=False) if single_text_file(cfg) else ds
+
+
 def validation_documents(cfg: DataConfig) -> tuple[Any, frozenset[bytes]]:
     """The validation stream and the digests training must exclude.
 
     The source's own validation split if it has one (``data.val_split`` or ``data.val_files``);
-    otherwise the first ``data.val_docs`` documents of the unshuffled training split, held out
-    of training by content digest wherever they appear.
+    for a corpus that is one .txt file, the last ``data.val_fraction`` of its text (training
+    reads the rest: :func:`training_documents`); otherwise the first ``data.val_docs``
+    documents of the unshuffled training split, held out of training by content digest
+    wherever they appear.
     """
+    if single_text_file(cfg):
+        return _text_part(load_documents(cfg, cfg.train_split), cfg, validation=True), frozenset()
     has_val = cfg.val_files if cfg.files else cfg.val_split
     if has_val:
         try:

@@ -31,7 +31,8 @@ from llmtrain.documents import (
     STATS,
     DataError,
     clean_texts,
-    load_documents,
+    single_text_file,
+    training_documents,
     validation_documents,
 )
 from llmtrain.shards import write_shard
@@ -90,6 +91,8 @@ def prepare(
             "shard_tokens",
         )
     }
+    if single_text_file(cfg):  # its split point decides which text is validation
+        source["val_fraction"] = cfg.val_fraction
     manifest_path = out / "manifest.json"
     manifest: dict[str, Any] = {
         "format": "llm.c .bin (magic 20240520)",
@@ -117,7 +120,7 @@ def prepare(
     val_ds, heldout = validation_documents(cfg)
     splits = {
         "val": (val_ds, frozenset()),
-        "train": (load_documents(cfg, cfg.train_split), heldout),
+        "train": (training_documents(cfg), heldout),
     }
     with Pool(
         num_proc or os.cpu_count() or 1, initializer=_init, initargs=(cfg.tokenizer,)

@@ -41,6 +41,7 @@ def test_the_world_size_is_part_of_the_batch_window():
         ("model", {"n_head": 5}, "model.n_embd"),
         ("model", {"position": "alibi"}, "model.position"),
         ("data", {"stride": 2048}, "data.stride"),
+        ("data", {"val_fraction": 1.0}, "data.val_fraction"),
         ("optim", {"beta2": 1.0}, "optim.beta1"),
         ("dist", {"mode": "zero2", "offload_params": True}, "dist.offload_params"),
         ("logger", {"mode": "later"}, "logger.mode"),

@@ -278,6 +278,26 @@ def test_empty_corpus(tmp_path):
     assert loader.stats["empty"] == 2
 
 
+def test_one_txt_file_trains_on_its_head_and_validates_on_its_tail(tmp_path):
+    """nanoGPT's input.txt: one .txt file is one document, so none can be held out. The last
+    data.val_fraction of its text is validation, and training reads exactly the rest."""
+    text = "".join(f"Line {i}: the one file of this corpus, read twice?\n" for i in range(300))
+    (tmp_path / "input.txt").write_text(text)
+    cfg = small(files=str(tmp_path / "input.txt"), val_docs=1, shuffle=False)
+    cut = int(len(text) * 0.9)
+    head, tail = stream_of([text[:cut]]), stream_of([text[cut:]])
+    val = build_dataloader(cfg, TOK, split="val", batch_size=2)
+    assert unwindow(list(val), 32) == tail[: len(tail) - (len(tail) - 1) % 32]
+    train = build_dataloader(cfg, TOK, split="train", batch_size=2)
+    epoch = take(train, (len(head) - 1) // 64)
+    assert unwindow(epoch, 32) == head[: 64 * len(epoch) + 1]
+    assert train.stats["documents"] == 1 and train.stats["heldout"] == 0
+    assert "the last 0.1 of the text" in str(train.state_dict())
+    quarter = build_dataloader(replace(cfg, val_fraction=0.25), TOK, split="val", batch_size=2)
+    got = unwindow(list(quarter), 32)
+    assert got == stream_of([text[int(len(text) * 0.75) :]])[: len(got)] and len(got) > len(tail)
+
+
 def test_non_utf8_and_empty_documents_are_skipped_and_counted(tmp_path):
     good = "A perfectly ordinary document about the weather. " * 30
     (tmp_path / "good.txt").write_text(good)

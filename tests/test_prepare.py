@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from llmtrain.config import DataConfig
+from llmtrain.config import ConfigError, DataConfig
 from llmtrain.data import SAMPLE_DIR
 from llmtrain.prepare import load_data_config, main, prepare
 from llmtrain.shards import read_shard
@@ -51,6 +51,21 @@ def test_prepare_sample_equals_tiktoken_and_resumes(tmp_path):
         (tmp_path / s["file"]).unlink()
     prepare(cfg, tmp_path, num_proc=1, progress=False, chunk_docs=16)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.bin")} == before
+
+
+def test_one_txt_file_is_split_by_its_text(tmp_path):
+    """A corpus of one .txt file: the val shards hold its last data.val_fraction, the train
+    shards the rest; another fraction into the same out_dir is refused."""
+    text = "".join(f"Line {i} of input.txt.\n" for i in range(400))
+    (tmp_path / "input.txt").write_text(text)
+    cfg = replace(DataConfig(), files=str(tmp_path / "input.txt"), val_split=None, val_docs=1)
+    out = tmp_path / "shards"
+    manifest = prepare(cfg, out, num_proc=1, progress=False)
+    cut = int(len(text) * 0.9)
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        assert tokens(out, split, manifest) == TOK.encoding.encode_ordinary(part) + [TOK.eot_id]
+    with pytest.raises(ConfigError, match="val_fraction: 0.1 there, 0.2 now"):
+        prepare(replace(cfg, val_fraction=0.2), out, num_proc=1, progress=False)
 
 
 def test_cli_parses_out_dir_and_overrides(tmp_path, capsys):
