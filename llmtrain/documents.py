@@ -214,6 +214,24 @@ def single_text_file(cfg: DataConfig) -> str | None:
     return files[0] if len(files) == 1 and _builder(files, "data.files")[0] == "text" else None
 
 
+def validation_source(cfg: DataConfig) -> str:
+    """Where a local corpus's validation text comes from, in words; "" for other sources."""
+    if not cfg.files:
+        return ""
+    if cfg.val_files:
+        n = len(_expand(cfg.val_files, "data.val_files"))
+        return f"data.val_files ({n} file{'s' if n > 1 else ''})"
+    files = _expand(cfg.files, "data.files")
+    if single_text_file(cfg):
+        return f"the last {cfg.val_fraction:.0%} of {files[0]}"
+    if _builder(files, "data.files")[0] != "text":
+        return f"the first {cfg.val_docs} documents, held out"
+    held = files[: cfg.val_docs]  # a .txt file is one document; the stream reads them in order
+    share = sum(map(os.path.getsize, held)) / max(1, sum(map(os.path.getsize, files)))
+    words = f"the first {len(held)} of {len(files)} files, held out ({share:.0%} of the text)"
+    return words + ("; choose others with data.val_files" if share > 0.2 else "")
+
+
 def _text_part(ds: Any, cfg: DataConfig, validation: bool) -> Any:
     """The head (training) or the last ``data.val_fraction`` (validation) of each text, cut at
     the same character, as nanoGPT splits its one-file corpora."""

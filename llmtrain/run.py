@@ -28,7 +28,7 @@ from llmtrain.config import (
 from llmtrain.consolidate import load_data_state, load_state
 from llmtrain.data import build_dataloader
 from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
-from llmtrain.documents import DataError, single_text_file
+from llmtrain.documents import DataError, validation_source
 from llmtrain.integrity import safe_loading
 from llmtrain.metrics import (
     MetricsFile,
@@ -124,7 +124,7 @@ def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, dev
             f"llmtrain | run dir {run_dir}",
             f"  model      {params}",
             f"  data       {cfg.data.name}, seq_len {plan.seq_len}, tokenizer {cfg.data.tokenizer}"
-            + _one_file_validation(cfg.data),
+            + _validation_words(cfg.data),
             f"  batch      {plan.micro_batch} seq x {plan.seq_len} tok x {plan.grad_accum} accum x "
             f"{plan.world_size} proc = {plan.tokens_per_step:,} tokens/step",
             f"  horizon    {plan.max_steps:,} steps = {plan.total_tokens:,} tokens",
@@ -134,13 +134,13 @@ def startup_report(cfg: TrainConfig, plan: Plan, params: str, run_dir: Path, dev
     )
 
 
-def _one_file_validation(d: DataConfig) -> str:
-    """Where validation text comes from when it is not obvious: the tail of a one-file corpus."""
+def _validation_words(d: DataConfig) -> str:
+    """A local corpus's validation source: held-out files, a file's tail, or data.val_files."""
     try:
-        one = single_text_file(d) if d.source == "hf" else None
+        words = validation_source(d) if d.source == "hf" else ""
     except DataError:  # no file matches: the data loader says so, with its own exit code
         return ""
-    return f"; validation: the last {d.val_fraction:.0%} of {one}" if one else ""
+    return f"; validation: {words}" if words else ""
 
 
 def check_sample_length(cfg: TrainConfig, tokenizer: Tokenizer) -> None:

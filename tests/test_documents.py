@@ -20,6 +20,7 @@ from llmtrain.documents import (
     load_documents,
     read_error,
     validation_documents,
+    validation_source,
 )
 
 
@@ -112,6 +113,23 @@ def test_a_validation_file_that_data_files_also_matches_is_validation_only(tmp_p
     assert [row["text"] for row in load_documents(cfg, "validation")] == ["the text of v.txt"]
     with pytest.raises(DataError, match="every file it matches is in data.val_files"):
         load_documents(local(str(tmp_path / "v.txt"), val_files=str(tmp_path / "v.txt")), "train")
+
+
+def test_the_startup_lines_say_where_a_local_corpus_validates(tmp_path):
+    """Held-out files are whole books when a corpus is a few large .txt files: say how much."""
+    (tmp_path / "a.txt").write_text("a" * 900)
+    (tmp_path / "b.txt").write_text("b" * 100)
+    (tmp_path / "r.jsonl").write_text('{"text": "x"}\n')
+    assert validation_source(DataConfig()) == ""  # the shipped sample has its own split
+    assert validation_source(local(str(tmp_path / "b.txt"))) == f"the last 10% of {tmp_path}/b.txt"
+    assert validation_source(local(str(tmp_path / "*.txt"), val_docs=1)) == (
+        "the first 1 of 2 files, held out (90% of the text); choose others with data.val_files"
+    )
+    assert validation_source(local(str(tmp_path / "*.jsonl"), val_docs=3)) == (
+        "the first 3 documents, held out"
+    )
+    with_val = local(str(tmp_path / "a.txt"), val_files=str(tmp_path / "b.txt"))
+    assert validation_source(with_val) == "data.val_files (1 file)"
 
 
 def test_several_patterns_compose_in_hydras_quotes(tmp_path, monkeypatch):
