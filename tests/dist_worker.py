@@ -12,6 +12,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -98,9 +99,14 @@ def run(
         join=False,
         start_method="fork",
     )
+    deadline = time.monotonic() + timeout
     try:
-        while not ctx.join(timeout=timeout):
-            pass
+        while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:  # a hung rank: end them all, or they outlive the test
+                stuck = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"ranks {stuck} still running after {timeout:.0f} s")
     except mp.ProcessRaisedException:
         pass
     except mp.ProcessExitedException as e:
