@@ -120,6 +120,13 @@ class TokenLoader:
         has delivered a batch from a second reading of its documents, and so on."""
         return 1 + max((w["epoch"] for w in self._state["workers"] if w), default=0)
 
+    @property
+    def reshuffles(self) -> bool:
+        """Whether a new epoch reads in another order: data.shuffle orders the files (a
+        stream's shards), so a corpus of one file has a single order."""
+        files = self.source.ds.n_shards if self.kind == "hf" else len(self.source.files)
+        return self.cfg.shuffle and files > 1
+
     def _meaning(self) -> dict[str, Any]:
         """What a saved position means depends on; a resume must match every value. A stream
         position indexes into one batch of documents' tokens (data.tokenize_batch; their text

@@ -178,7 +178,7 @@ def log_train(
         "epoch": run.train_loader.epoch,  # rank 0's: the ranks read shares of about one size
     }
     if record["epoch"] > run.epoch:
-        again = "again, reshuffled" if run.cfg.data.shuffle else "again, in the same order"
+        again = "again, reshuffled" if run.train_loader.reshuffles else "again, in the same order"
         run.say(
             f"data: epoch {record['epoch']} by step {state.step:,}: the training data ran out "
             f"(rank 0's share) and is read {again}"

@@ -224,6 +224,7 @@ def test_a_new_epoch_is_logged_and_said_once(tmp_path, capsys):
     for epoch in range(2, epochs[-1] + 1):
         step = epochs.index(epoch) + 1
         assert said.count(f"data: epoch {epoch} by step {step}: the training data ran out") == 1
+    assert "is read again, reshuffled" in said  # three files: their order changes
     assert said.count("data: epoch") == epochs[-1] - 1
 
 
