@@ -293,6 +293,12 @@ def build_dataloader(
             cfg, split, batch_size, seed, rank if train else 0, world_size if train else 1
         )
         return TokenLoader(source, cfg, kind="shards", seed=seed, **loader_args)
+    if train and world_size > 1 and (one := single_text_file(cfg)):
+        raise DataError(
+            f"data.files={one} is one document, and {world_size} ranks split a text corpus by "
+            "documents. Token shards split by windows: llmtrain-prepare data=local "
+            f"data.files={one} out_dir=DIR, then train with data=shards data.path=DIR"
+        )
     val_ds, heldout = validation_documents(cfg)
     if train:
         ds = training_documents(cfg)

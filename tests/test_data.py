@@ -293,6 +293,8 @@ def test_one_txt_file_trains_on_its_head_and_validates_on_its_tail(tmp_path):
     assert unwindow(epoch, 32) == head[: 64 * len(epoch) + 1]
     assert train.stats["documents"] == 1 and train.stats["heldout"] == 0
     assert not train.reshuffles  # one file: every epoch reads it in the same order
+    with pytest.raises(DataError, match="one document, and 2 ranks .* llmtrain-prepare"):
+        build_dataloader(cfg, TOK, split="train", batch_size=2, rank=1, world_size=2)
     assert "the last 0.1 of the text" in str(train.state_dict())
     quarter = build_dataloader(replace(cfg, val_fraction=0.25), TOK, split="val", batch_size=2)
     got = unwindow(list(quarter), 32)
