@@ -19,8 +19,10 @@ import contextlib
 import importlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,6 +166,8 @@ def build_accelerator(
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if cfg.dist.mode in ZERO_STAGE:
             _skip_shm_comm_build()
+    if cfg.dist.mode in ZERO_STAGE and cfg.dist.offload_optimizer:
+        clear_stale_cpu_adam_lock()  # before the ranks meet: none is compiling yet
     if cfg.dist.mode in ("zero1", "zero2", "zero3", "fsdp2") and "RANK" not in os.environ:
         _world_of_one_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -198,6 +202,40 @@ def build_accelerator(
             "(launch/*.yaml) and that transformers is installed for DeepSpeed."
         )
     return accelerator
+
+
+STALE_LOCK_S = 1800  # the CPU Adam compiles in about a minute; a lock this old is abandoned
+
+
+def _cpu_adam_build_dir() -> Path | None:
+    """Where DeepSpeed JIT-compiles its CPU Adam, or None when this install has it built in
+    (``DS_BUILD_CPU_ADAM=1``)."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if installed_ops.get("cpu_adam"):
+        return None
+    return Path(_get_build_directory("cpu_adam", verbose=False))
+
+
+def clear_stale_cpu_adam_lock() -> None:
+    """A compile of DeepSpeed's CPU Adam killed midway (a timeout, scancel, an OOM kill) leaves
+    a lock file, and every later run with optimizer offload waits on it forever without a word.
+    The node's first rank removes a lock older than any compile, before the ranks meet."""
+    build = _cpu_adam_build_dir()
+    if build is None or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    lock = build / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_LOCK_S:
+            lock.unlink()
+            print(
+                f"llmtrain: removed {lock}: a compile of DeepSpeed's CPU Adam stopped "
+                f"{age / 60:.0f} min ago left it, and DeepSpeed would wait on it forever",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _skip_shm_comm_build() -> None:
@@ -330,6 +368,20 @@ def build_dist_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: 
         return build_optimizer(model, cfg.optim, device_type)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+    build = _cpu_adam_build_dir()
+    first_on_node = os.environ.get("LOCAL_RANK", "0") == "0"
+    if build is not None and first_on_node and not any(build.glob("*.so")):
+        print(
+            "llmtrain: DeepSpeed is compiling its CPU Adam for dist.offload_optimizer (about a "
+            f"minute, once per machine; cached in {build})",
+            flush=True,
+        )
+        if (build / "lock").exists():  # younger than STALE_LOCK_S, or it would be gone
+            print(
+                f"llmtrain: it waits for {build / 'lock'}: another run is compiling it, or one "
+                "was killed while compiling it; if none is running, remove that file",
+                flush=True,
+            )
     o = cfg.optim
     return DeepSpeedCPUAdam(
         model.configure_param_groups(o.weight_decay),

@@ -10,6 +10,7 @@ that move between 1 and 2 processes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,54 @@ def test_a_cpu_deepspeed_run_compiles_nothing(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 1" in out.stdout + out.stderr
     assert not ext.exists() or not any(ext.iterdir()), sorted(p.name for p in ext.rglob("*"))
+
+
+def test_a_stale_cpu_adam_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, capsys):
+    """A compile of DeepSpeed's CPU Adam killed midway leaves a lock that every later offload
+    run waits on forever. One older than any compile goes; a recent one may be a compile."""
+    import time
+
+    from llmtrain.dist import clear_stale_cpu_adam_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    clear_stale_cpu_adam_lock()
+    assert lock.exists()
+    hours_ago = time.time() - 7200
+    os.utime(lock, (hours_ago, hours_ago))
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the node's first rank decides, before ranks meet
+    clear_stale_cpu_adam_lock()
+    assert lock.exists()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    clear_stale_cpu_adam_lock()
+    assert not lock.exists()
+    assert "stopped 120 min ago left it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("LLMTRAIN_TEST_COMPILE"),
+    reason="compiles DeepSpeed's CPU Adam (about a minute); set LLMTRAIN_TEST_COMPILE=1",
+)
+def test_optimizer_offload_compiles_past_a_stale_lock_and_trains(tmp_path):
+    import subprocess
+    import sys
+
+    lock = tmp_path / "ext" / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (0, 0))
+    cmd = [sys.executable, "-m", "llmtrain.train", *FAST, "data.source=hf", "dist=zero3-offload"]
+    cmd += ["trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "DeepSpeed would wait on it forever" in out.stderr
+    assert "DeepSpeed is compiling its CPU Adam" in out.stdout
+    assert "step 2" in out.stdout and (lock.parent / "cpu_adam.so").exists()
 
 
 # --- multi-process runs ----------------------------------------------------------------------
