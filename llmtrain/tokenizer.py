@@ -82,3 +82,11 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
             f"data.tokenizer: unknown tiktoken encoding {name!r} "
             f"(known: {', '.join(tiktoken.list_encoding_names())})"
         ) from e
+    except OSError as e:  # requests' errors are OSErrors: tiktoken downloads ranks at first use
+        fill = f"python -c \"import tiktoken; tiktoken.get_encoding('{name}')\""
+        raise ConfigError(
+            f"data.tokenizer: tiktoken downloads the {name} vocabulary at first use, and that "
+            f"failed ({type(e).__name__}: {str(e)[:160]}). Offline, set TIKTOKEN_CACHE_DIR to a "
+            f"directory holding it (fill one where there is network: TIKTOKEN_CACHE_DIR=DIR "
+            f"{fill}); data.tokenizer=gpt2 ships inside llmtrain"
+        ) from e

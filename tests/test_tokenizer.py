@@ -94,3 +94,20 @@ def test_matches_tiktokens_own_gpt2_definition_without_a_cache(monkeypatch):
 def test_unknown_encoding_names_the_key():
     with pytest.raises(ValueError, match="data.tokenizer"):
         get_tokenizer("no-such-encoding")
+
+
+def test_a_vocabulary_that_cannot_be_downloaded_is_a_config_error(monkeypatch, tmp_path):
+    """tiktoken fetches every vocabulary but the shipped gpt2 at first use: offline, that was a
+    raw traceback and exit 1 (requeued by the sbatch scripts, to fail again)."""
+    import requests
+    import tiktoken.registry
+
+    def offline(url, *args, **kwargs):
+        raise requests.exceptions.ConnectionError(f"cannot reach {url}")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty: nothing cached
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    monkeypatch.setattr(requests, "get", offline)
+    with pytest.raises(ValueError, match=r"^data.tokenizer: tiktoken downloads the r50k_base") as e:
+        get_tokenizer("r50k_base")
+    assert "TIKTOKEN_CACHE_DIR" in str(e.value) and "ConnectionError" in str(e.value)
