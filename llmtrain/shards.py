@@ -38,7 +38,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) ->
     version = 1 if vocab_size <= 2**16 else 2
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, version, len(tokens))
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # two processes writing one shard each rename a whole one
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
         f.write(np.asarray(tokens, dtype=DTYPES[version]).tobytes())
