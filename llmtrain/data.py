@@ -143,11 +143,12 @@ class TokenLoader:
         if self.kind == "hf":
             keys["tokenize_batch"] = self.cfg.tokenize_batch
             keys["text_column"] = self.cfg.text_column
-            held = sorted(getattr(self.source, "heldout", ()))
-            digest = hashlib.blake2b(b"".join(held), digest_size=4).hexdigest()
-            keys["held_out"] = f"{len(held)} documents ({digest})"
             if single_text_file(self.cfg):
                 keys["held_out"] = f"the last {self.cfg.val_fraction:g} of the text"
+            else:
+                held = sorted(getattr(self.source, "heldout", ()))
+                digest = hashlib.blake2b(b"".join(held), digest_size=4).hexdigest()
+                keys["held_out"] = f"{len(held)} documents ({digest})"
         if self.cfg.shuffle:
             keys["seed"] = self.seed
         return keys

@@ -221,9 +221,9 @@ def validation_source(cfg: DataConfig) -> str:
     if cfg.val_files:
         n = len(_expand(cfg.val_files, "data.val_files"))
         return f"data.val_files ({n} file{'s' if n > 1 else ''})"
+    if one := single_text_file(cfg):
+        return f"the last {cfg.val_fraction:.0%} of {one}"
     files = _expand(cfg.files, "data.files")
-    if single_text_file(cfg):
-        return f"the last {cfg.val_fraction:.0%} of {files[0]}"
     if _builder(files, "data.files")[0] != "text":
         return f"the first {cfg.val_docs} documents, held out"
     held = files[: cfg.val_docs]  # a .txt file is one document; the stream reads them in order
