@@ -34,10 +34,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid_all = targets != IGNORE_INDEX  # (N,)
         # The mean's weight per token, 0 on ignored ones; a tensor, so no host sync.
         weight_all = valid_all / valid_all.sum().clamp(min=1)  # (N,) float32
-        grad_h = torch.empty_like(h)  # (N, C)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (Vp, C)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        # Under torch.compile nothing here is mutated: torch 2.11 routes the gradient of a
+        # returned tensor that forward changed in place to the wrong output, and training sees
+        # all-zero gradients (pytorch/pytorch#180642; seen on an H100, benchmarks/RESULTS.md).
+        # Eager reuses memory instead: each chunk's gradients go straight into place.
         pure = torch.compiler.is_compiling()
+        grad_h = [] if pure else torch.empty_like(h)  # (N, C)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (Vp, C)
+        losses = []
         for start in range(0, n_tokens, chunk):
             h_c = h[start : start + chunk]  # (n, C)
             t_c = targets[start : start + chunk].clamp(min=0).unsqueeze(1)  # (n, 1)
@@ -48,13 +52,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             chunk_loss, grad_logits = (_terms_pure if pure else _terms_in_place)(
                 logits, t_c, w_c, vocab_size
             )
-            loss += chunk_loss
+            losses.append(chunk_loss)
             grad_logits = grad_logits.to(h.dtype)
-            grad_h[start : start + chunk] = grad_logits @ weight  # (n, C)
-            grad_w += (grad_logits.t() @ h_c).float()  # (Vp, C), summed in float32
+            grad_w_c = (grad_logits.t() @ h_c).float()  # (Vp, C), summed in float32
+            if pure:
+                grad_h.append(grad_logits @ weight)
+                grad_w = grad_w + grad_w_c
+            else:
+                grad_h[start : start + chunk] = grad_logits @ weight  # (n, C)
+                grad_w += grad_w_c
+        if pure:
+            grad_h = torch.cat(grad_h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return loss
+        return torch.stack(losses).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):

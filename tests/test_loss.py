@@ -106,6 +106,41 @@ def test_compiled_loss_is_one_graph_of_pure_ops(monkeypatch):
     torch._dynamo.reset()
 
 
+def in_place_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """The nodes of ``gm`` and of its subgraphs (an autograd.Function's forward and backward
+    are traced as subgraphs) that change a tensor in place."""
+    found = []
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            name = getattr(node.target, "__name__", str(node.target))
+            operator = name in ("iadd", "isub", "imul", "itruediv", "setitem")
+            method = name.endswith("_") and not name.startswith("_")  # add_, copy_, ...
+            if node.op in ("call_method", "call_function") and (operator or method):
+                found.append(name)
+    return found
+
+
+def test_compiled_loss_mutates_nothing():
+    """The forward that torch.compile traces changes no tensor in place. torch 2.11 sends the
+    gradient of a returned tensor that the forward mutated to the wrong output: a compiled
+    gpt2-small on an H100 trained with all-zero gradients (pytorch/pytorch#180642)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    h, weight, targets = problem(dtype=torch.float32)
+    got = torch.compile(chunked_lm_loss, fullgraph=True, backend=capture)(h, weight, targets, 50, 7)
+    torch.autograd.grad(got, (h, weight))
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert in_place_ops(graphs[0]) == []
+
+
 @TINY
 def test_model_with_chunked_loss_trains_like_the_plain_head(cfg):
     """Tied (GPT-2) and untied (Llama) heads: same loss and same gradient on every parameter;
