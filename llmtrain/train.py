@@ -33,7 +33,7 @@ from llmtrain.config import (
     world_size_from_env,
 )
 from llmtrain.data import DataError, StreamError
-from llmtrain.dist import process_scope
+from llmtrain.dist import is_deepspeed, process_scope
 from llmtrain.documents import STATS
 from llmtrain.metrics import (
     Throughput,
@@ -58,18 +58,36 @@ def batches(loader, stats: Throughput):
             for_start = time.perf_counter()
 
 
-def step_flags(accelerator, grad_norm, stop: bool) -> tuple[bool, bool]:
-    """(gradient finite, stop) as every rank sees them: one tiny all-reduce and the step's one
-    host sync. A signal can reach the ranks at slightly different steps; summing the flags
-    makes all of them stop (and save) at the same step."""
+def step_flags(accelerator, grad_norm, stop: bool) -> tuple[bool, bool, bool]:
+    """(gradient finite, gradient all zero, stop) as every rank sees them: one tiny all-reduce
+    and the step's one host sync. A signal can reach the ranks at slightly different steps;
+    summing the flags makes all of them stop (and save) at the same step."""
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor; collectives want local
         grad_norm = grad_norm.full_tensor()
     norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(accelerator.device)
-    flags = torch.stack([(~torch.isfinite(norm)).float(), torch.full_like(norm, float(stop))])
+    flags = torch.stack(
+        [(~torch.isfinite(norm)).float(), (norm == 0).float(), torch.full_like(norm, float(stop))]
+    )
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, reduction="sum")
-    bad, stops = flags.tolist()
-    return bad == 0, stops > 0
+    bad, zero, stops = flags.tolist()
+    return bad == 0, zero > 0, stops > 0
+
+
+class NoGradient(RuntimeError):
+    """The first step's gradients are all zero: the loss does not reach the parameters."""
+
+
+def check_gradient_reaches(run: Run, zero: bool) -> None:
+    """Stop at the first step whose gradients are all zero rather than spend the run on a
+    model that cannot change. DeepSpeed's fp16 loss scaler may report an overflowed step so."""
+    if zero and not (run.cfg.trainer.precision == "fp16" and is_deepspeed(run.cfg)):
+        raise NoGradient(
+            f"step {run.state.step + 1}: every gradient is zero, so the optimizer cannot change "
+            "the model. Under trainer.compile on torch 2.11, a custom autograd function whose "
+            "forward changes its output in place does this (pytorch/pytorch#180642): try "
+            "trainer.compile=false, or torch 2.12 or later."
+        )
 
 
 @torch.no_grad()
@@ -242,6 +260,7 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
         return run.save(final=final)
 
     stop = False  # a preemption signal reached some rank
+    first_step = True
     while state.step < plan.max_steps:
         lr = lr_at(state.step, cfg.optim, plan.max_steps)
         set_lr(optimizer, lr)
@@ -257,7 +276,10 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
                 accelerator.backward(loss)  # divides by grad_accum
             step_loss += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-        finite, stop = step_flags(accelerator, grad_norm, preempt.requested)
+        finite, zero, stop = step_flags(accelerator, grad_norm, preempt.requested)
+        if first_step:
+            check_gradient_reaches(run, zero)
+            first_step = False
         if not finite:
             skip_step(run)  # raises ckpt.Diverged after trainer.max_bad_steps in a row
             if stop:
@@ -380,7 +402,7 @@ def _job(node: DictConfig) -> None:
         _exit(2, "data error", e)
     except ckpt.CheckpointError as e:
         _exit(2, "checkpoint error", e)
-    except ckpt.Diverged as e:  # from the same checkpoint it would diverge again: not requeued
+    except (ckpt.Diverged, NoGradient) as e:  # the same again from a checkpoint: not requeued
         _exit(2, "stopped", e)
     except ckpt.SaveError as e:
         _exit(1, "stopped", e)

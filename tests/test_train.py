@@ -486,6 +486,31 @@ def test_how_a_run_stops_decides_whether_job_scripts_requeue_it(tmp_path, monkey
     assert e.value.code == code and (tmp_path / "exit").read_text().strip() == str(code)
 
 
+def test_a_loss_that_reaches_no_parameter_stops_at_the_first_step(tmp_path, monkeypatch):
+    """All-zero gradients at step 1 (a compiled fused loss on torch 2.11 gave them: an H100 bench
+    of gpt2-small trained 15 steps without changing a weight) stop the run, exit 2, naming it."""
+    import llmtrain.model as model_mod
+    import llmtrain.train as train_mod
+
+    forward = model_mod.GPT.forward
+
+    def detached(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        return logits, loss.detach().requires_grad_()
+
+    monkeypatch.setattr(model_mod.GPT, "forward", detached)
+    with pytest.raises(train_mod.NoGradient, match="step 1: every gradient is zero"):
+        run_steps(tmp_path / "run", 3, [])
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
+    monkeypatch.setattr(train_mod, "train", lambda cfg, run_dir: (_ for _ in ()).throw(
+        train_mod.NoGradient("zero")))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["llmtrain-train", "experiment=smoke", "hydra.run.dir=r"])
+    with pytest.raises(SystemExit) as e:
+        train_mod.main()
+    assert e.value.code == 2
+
+
 def test_cli_help_lists_the_groups_a_user_picks_from(tmp_path):
     out = cli(["--help"], tmp_path, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
