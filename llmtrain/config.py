@@ -131,7 +131,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
     attention: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math
     loss_chunk: int = 0  # tokens per chunk of the fused head + cross-entropy (loss.py); 0: off
     set_to_none: bool = True  # free gradients after each step (False: zero them in place)

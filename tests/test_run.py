@@ -69,8 +69,8 @@ def test_compile_model_passes_the_mode(monkeypatch):
         ([], []),
         (["trainer.compile=true"], [{"mode": None}]),
         (
-            ["trainer.compile=true", "trainer.compile_mode=reduce-overhead"],
-            [{"mode": "reduce-overhead"}],
+            ["trainer.compile=true", "trainer.compile_mode=max-autotune-no-cudagraphs"],
+            [{"mode": "max-autotune-no-cudagraphs"}],
         ),
     ):
         calls.clear()
