@@ -184,7 +184,22 @@ def report(r: dict[str, Any]) -> str:
             f"{r['peak_mem_ratio']:.2f}x ({r['before_peak_mem_gb']:.2f} GB); losses "
             f"{r['loss_before']} vs {r['loss_after']}"
         )
+        if (gap := loss_gap(r["loss_before"], r["loss_after"])) is not None and gap > 0.01:
+            # A compiled fused loss that trained nothing once showed as 1.085x here.
+            lines.append(
+                f"  warning     the losses differ by {100 * gap:.1f}%: the change alters what is "
+                "trained (a model change), or one run does not train; the ratio compares "
+                "different work"
+            )
     return "\n".join(lines)
+
+
+def loss_gap(before: float | None, after: float | None) -> float | None:
+    """|after - before| / |before|: the mean training losses of a --versus pair, which see
+    the same batches; None where a loss is missing."""
+    if before is None or after is None or before == 0:
+        return None
+    return abs(after - before) / abs(before)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
