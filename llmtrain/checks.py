@@ -47,9 +47,9 @@ ON_SAVE_ERROR = ("stop", "continue")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # torch.compile's modes that capture CUDA graphs: their graph trees own the backward's outputs,
 # and across the micro-batches of one step the gradients are overwritten. On an H100 with
-# torch 2.11, gpt2-small at 16 micro-batches per step stopped at its second step (benchmarks/
-# RESULTS.md); pytorch/pytorch#169545 is open. The step's GPU idle time they would remove was
-# under 1% there.
+# torch 2.11, gpt2-small at 16 micro-batches per step crashed in a backward of its first steps
+# (benchmarks/RESULTS.md); pytorch/pytorch#169545 is open. The GPU idle time they would remove
+# was under 1% of that step.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 ATTENTIONS = ("auto", "flash", "efficient", "cudnn", "math")
 CPU_ATTENTIONS = ("auto", "flash", "math")  # efficient and cudnn are CUDA kernels

@@ -73,7 +73,7 @@ CASES = {
     "unknown attention kernel": (["trainer.attention=sparse"], 1, "trainer.attention", {}),
     "unknown compile mode": (["trainer.compile_mode=fast"], 1, "trainer.compile_mode", {}),
     # On an H100, 16 micro-batches per step: "accessing tensor output of CUDAGraphs that has
-    # been overwritten by a subsequent run" in the second step's backward.
+    # been overwritten by a subsequent run" in a backward of its first steps.
     "cuda graphs": (["trainer.compile_mode=reduce-overhead"], 1, "trainer.compile_mode", {}),
     "autotuned cuda graphs": (["trainer.compile_mode=max-autotune"], 1, "trainer.compile_mode", {}),
     "negative loss chunk": (["trainer.loss_chunk=-1"], 1, "trainer.loss_chunk", {}),
