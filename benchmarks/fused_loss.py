@@ -6,7 +6,9 @@
 
 The second line is gpt2-small's head at micro-batch 32 x 1024. Prints the median time per
 forward + backward, the speed relative to the plain eager head, and (on CUDA) peak memory.
-Both paths give the same loss and gradients (tests/test_loss.py checks it); this only times.
+Each timed path's gradients are first checked against the plain eager head's on the same
+device: on torch 2.11 the compiled fused loss once gave all-zero gradients (and a speed that
+skipped work), which tests on another torch could not see.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ def plain(h, weight, targets, vocab_size: int, chunk: int):
 
 def fused(h, weight, targets, vocab_size: int, chunk: int):
     return chunked_lm_loss(h, weight, targets, vocab_size, chunk)
+
+
+def gradients(fn, h, weight, targets, args, device: torch.device) -> list[torch.Tensor]:
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.bf16 else None
+    with autocast or contextlib.nullcontext():
+        loss = fn(h, weight, targets, GPT2_VOCAB, args.chunk)
+    return [g.float() for g in torch.autograd.grad(loss, (h, weight))]
+
+
+def check_gradients(got: list[torch.Tensor], want: list[torch.Tensor], name: str) -> None:
+    """Within bf16 rounding of the plain head's: a few ulps of the largest entry."""
+    for g, w, what in zip(got, want, ("h", "weight"), strict=True):
+        err = (g - w).abs().max() / w.abs().max()
+        if not err <= 0.02:
+            raise SystemExit(f"{name}: d(loss)/d({what}) is off the plain head's by {err:.3g}")
 
 
 def time_it(fn, h, weight, targets, args, device: torch.device) -> tuple[float, float | None]:
@@ -84,9 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{device}, {'bf16 autocast' if args.bf16 else 'fp32'}, torch {torch.__version__}"
     )
     base = None
+    want = gradients(plain, h, weight, targets, args, device)
     for name, fn in (("plain", plain), ("fused", fused)):
         for compiled in (False,) if args.eager_only else (False, True):
             run = torch.compile(fn) if compiled else fn
+            check_gradients(gradients(run, h, weight, targets, args, device), want, name)
             seconds, peak = time_it(run, h, weight, targets, args, device)
             base = base or seconds
             mem = f", peak {peak:.2f} GiB" if peak is not None else ""

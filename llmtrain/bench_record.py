@@ -224,8 +224,8 @@ def _row(i: int, r: dict[str, Any]) -> list[str]:
         f"{r['micro_batch']} x {r['grad_accum']}",
         "on" if r["compile"] else "off",
         r["precision"],
-        f"{r['tokens_per_s']:,.0f}",
-        f"{r['tokens_per_s_per_device']:,.0f}",
+        _struck(f"{r['tokens_per_s']:,.0f}", r),
+        _struck(f"{r['tokens_per_s_per_device']:,.0f}", r),
         "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
         f"{1e3 * r['step_time_s']:.1f} ({1e3 * r['step_time_p50_s']:.1f} / "
         f"{1e3 * r['step_time_p90_s']:.1f})",
@@ -236,8 +236,15 @@ def _row(i: int, r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _struck(cell: str, r: dict[str, Any]) -> str:
+    return f"~~{cell}~~" if r.get("invalid") else cell
+
+
 def _compared(r: dict[str, Any]) -> str:
-    """The bare loop's overhead ratio, or the speedup over the run without --versus."""
+    """Why the record does not count (``invalid``, set by hand after the fact), then the bare
+    loop's overhead ratio, or the speedup over the run without --versus."""
+    if r.get("invalid"):
+        return f"**invalid:** {r['invalid']}; " + _compared({**r, "invalid": None})
     if "versus" in r:
         return (
             f"without `{' '.join(r['versus'])}`: {r['speedup_paired']:.3f}x tokens/s, "
@@ -309,9 +316,10 @@ def _model_overrides(r: dict[str, Any]) -> list[str]:
 
 
 def _goal_match(r: dict[str, Any], model: str, seq: int, compile_: bool) -> bool:
-    """One GPU of the goal's kind, bf16, the named model unchanged."""
+    """One GPU of the goal's kind, bf16, the named model unchanged, a valid run."""
     return (
-        GOAL_DEVICE in r["device"]
+        not r.get("invalid")
+        and GOAL_DEVICE in r["device"]
         and r.get("world_size", 1) == 1
         and r["precision"] == "bf16"
         and r["model"] == model

@@ -165,6 +165,19 @@ def test_fused_loss_benchmark_runs():
     assert "plain eager" in out and "fused eager" in out and "compiled" not in out
 
 
+def test_fused_loss_benchmark_refuses_to_time_wrong_gradients():
+    """On torch 2.11 the compiled fused loss gave all-zero gradients and a speedup that was
+    skipped work; the script now stops before timing a path whose gradients are off."""
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fused_loss.py"
+    check = runpy.run_path(str(script))["check_gradients"]
+    want = [torch.randn(8, 4), torch.randn(16, 4)]
+    check([w + 1e-4 for w in want], want, "fused")  # rounding passes
+    with pytest.raises(SystemExit, match=r"fused: d\(loss\)/d\(h\) is off the plain head's by 1"):
+        check([torch.zeros(8, 4), want[1]], want, "fused")
+
+
 def test_repeats_under_a_launcher_are_refused_before_any_run(shards, monkeypatch, capsys):
     """Under a launcher the first run's end destroys the process group, and a second run in
     the same process failed ('Default process group has not been initialized'): --repeats and

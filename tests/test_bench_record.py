@@ -152,6 +152,15 @@ def test_gpu_goals_count_only_the_named_model_on_one_device():
                    dist="fsdp2", command="llmtrain-bench model=gpt2-small dist=fsdp2")  # fmt: skip
     block = render([small, real])
     assert "compile on, 1 H100 | >= 520,000 tokens/s | 466,000 (#2, fsdp2) | below" in block
+    # A run found wrong after the fact (the compiled fused loss that trained nothing) stays in
+    # the record, struck through, and counts for no goal.
+    wrong = _record(**base, tokens_per_s=530_000.0, tokens_per_s_per_device=530_000.0,
+                    command="llmtrain-bench model=gpt2-small",
+                    invalid="all-zero gradients")  # fmt: skip
+    block = render([small, real, wrong])
+    assert "| ~~530,000~~ | ~~530,000~~ |" in block
+    assert "**invalid:** all-zero gradients" in block
+    assert "compile on, 1 H100 | >= 520,000 tokens/s | 466,000 (#2, fsdp2) | below" in block
 
 
 def test_p90_is_the_nearest_rank_not_the_slowest_step():
