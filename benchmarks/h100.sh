@@ -9,15 +9,21 @@
 #   bash benchmarks/h100.sh 1    # env + gpt2-small compile off (+ bare baseline) and on  ~4 min
 #   bash benchmarks/h100.sh 2    # llama-1b seq 2048 compile off and on                  ~5 min
 #   bash benchmarks/h100.sh 3    # gpt2-small 1 process under dist=fsdp2 (and zero3)      ~3 min
-#   bash benchmarks/h100.sh 4    # compiled before/after: fused chunked loss, CUDA graphs ~7 min
+#   bash benchmarks/h100.sh 4    # compiled before/after: fused chunked loss, micro 64,
+#                                #   bare-loop ratio at micro 64                          ~6 min
 #   bash benchmarks/h100.sh 5    # eager before/after: fused AdamW, attention kernel, set_to_none,
 #                                #   pinned memory                                        ~6 min
 #   bash benchmarks/h100.sh 6    # eager before/after: workers, activation checkpointing, vocab
 #                                #   padding, tied embeddings, fused loss                 ~6 min
+# The wheels travel in .whl/ (git-ignored via .git/info/exclude, named in the call's carry);
+# each call then starts with (the 2026-11-24 session's exact preamble):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit;
+#   bash benchmarks/h100.sh 4
 # Each part copies the records it appended to $OUT/new-<part>.jsonl; back here:
 #   cat <files_at>/new-*.jsonl >> benchmarks/results.jsonl && python -m llmtrain.bench --table
 set -uo pipefail
-export PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 export TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 PART=${1:-1}
@@ -59,7 +65,8 @@ case $PART in
   fi
   ;;
 4)
-  # The head alone first (seconds): plain vs fused, eager and compiled, gpt2-small's shapes.
+  # The head alone first (seconds): plain vs fused, eager and compiled, gpt2-small's shapes; it
+  # stops if a path's gradients are off the plain head's (rows 33-35 and 56-57 were).
   python3 benchmarks/fused_loss.py --tokens 32768 --width 768 --chunk 8192 --device cuda --bf16 \
     2>&1 | tee "$OUT/fused-loss-head.log"
   # Each --versus run alternates with the run without the change, in one process; the after
@@ -69,8 +76,10 @@ case $PART in
   # The memory the fused loss frees, spent on a larger micro-batch (accum 16 -> 8).
   $B --steps 12 --warmup 3 $GPT2 trainer.compile=true trainer.loss_chunk=8192 \
     --versus trainer.micro_batch_size=64 2>&1 | tee "$OUT/gpt2-compile-losschunk-mb64.log"
-  $B --steps 12 --warmup 5 $GPT2 trainer.compile=true \
-    --versus trainer.compile_mode=reduce-overhead 2>&1 | tee "$OUT/gpt2-compile-cudagraphs.log"
+  # Data wait read 5.4-5.9% at micro-batch 64 (rows 56-57): the bare loop, on pre-loaded
+  # batches, says whether that host time costs throughput or hides behind the GPU's work.
+  $B --steps 12 --warmup 3 --baseline $GPT2 trainer.compile=true trainer.micro_batch_size=64 \
+    2>&1 | tee "$OUT/gpt2-compile-mb64-baseline.log"
   ;;
 5|6)
   # Eager, so that each switch is seen on its own, not through what inductor fuses anyway.
