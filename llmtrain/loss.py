@@ -54,13 +54,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             )
             losses.append(chunk_loss)
             grad_logits = grad_logits.to(h.dtype)
-            grad_w_c = (grad_logits.t() @ h_c).float()  # (Vp, C), summed in float32
+            # d(W) (Vp, C) is summed in float32; the chunk's product is freed at once.
             if pure:
                 grad_h.append(grad_logits @ weight)
-                grad_w = grad_w + grad_w_c
+                grad_w = grad_w + (grad_logits.t() @ h_c).float()
             else:
                 grad_h[start : start + chunk] = grad_logits @ weight  # (n, C)
-                grad_w += grad_w_c
+                grad_w += (grad_logits.t() @ h_c).float()
         if pure:
             grad_h = torch.cat(grad_h)
         ctx.save_for_backward(grad_h, grad_w)
