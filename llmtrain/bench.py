@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -51,7 +52,11 @@ def cache_dir() -> Path:
 
 
 def make_sample_shards(out: Path) -> Path:
-    """The shipped FineWeb sample as llm.c shards (train and val), read with pyarrow only."""
+    """The shipped FineWeb sample as llm.c shards (train and val), read with pyarrow only.
+
+    Shards already in ``out`` are reused only if ``out/SOURCE`` holds the digest of this
+    install's sample and tokenizer; another llmtrain's sample rewrites them.
+    """
     import pyarrow.parquet as pq
 
     from llmtrain.data import SAMPLE_DIR
@@ -59,18 +64,29 @@ def make_sample_shards(out: Path) -> Path:
     from llmtrain.tokenizer import get_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
+    parquets = sorted(SAMPLE_DIR.glob("data/*/*.parquet"))
+    digest = hashlib.sha256(b"tokenizer gpt2\n")
+    for f in parquets:
+        digest.update(f"{f.relative_to(SAMPLE_DIR).as_posix()}\n".encode() + f.read_bytes())
+    stamp, source = out / "SOURCE", f"{digest.hexdigest()}\n"
+    current = stamp.exists() and stamp.read_text() == source
     tok = get_tokenizer("gpt2")
     for split, sub in (("train", "train"), ("val", "validation")):
         path = out / f"sample_{split}_000.bin"
-        if path.exists():
+        if current and path.exists():
             continue
         texts = [
             t
-            for f in sorted(SAMPLE_DIR.glob(f"data/{sub}/*.parquet"))
+            for f in parquets
+            if f.parent.name == sub
             for t in pq.read_table(f).column("text").to_pylist()
         ]
         ids = [i for doc in tok.encode_batch(texts) for i in (*doc, tok.eot_id)]
         write_shard(path, ids, tok.vocab_size)
+    if not current:
+        tmp = out / f"SOURCE.{os.getpid()}.tmp"
+        tmp.write_text(source)
+        os.replace(tmp, stamp)
     return out
 
 

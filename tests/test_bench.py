@@ -18,6 +18,7 @@ import torch
 
 from llmtrain.bench import bench_config, main, make_sample_shards
 from llmtrain.bench_record import write_table
+from llmtrain.shards import read_shard
 from llmtrain.train import train
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,6 +137,21 @@ def test_runs_without_datasets_wandb_deepspeed(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tokens/s" in done.stdout
     assert (tmp_path / "sample-shards" / "sample_train_000.bin").exists()
+
+
+def test_sample_shards_are_remade_when_the_sample_changes(tmp_path):
+    """The cache was reused because its files existed: an llmtrain with another sample or
+    tokenizer would have benched on the old shards. A digest of both now keys it."""
+    out = make_sample_shards(tmp_path)
+    train = out / "sample_train_000.bin"
+    first = train.stat().st_mtime_ns
+    assert (out / "SOURCE").read_text().strip() and len(read_shard(train)) > 100_000
+    make_sample_shards(out)
+    assert train.stat().st_mtime_ns == first  # the same sample: reused
+    (out / "SOURCE").write_text("another sample\n")
+    train.write_bytes(b"stale")
+    make_sample_shards(out)
+    assert len(read_shard(train)) > 100_000 and (out / "SOURCE").read_text() != "another sample\n"
 
 
 def test_peak_table_covers_the_benchmark_gpus():
