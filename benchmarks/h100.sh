@@ -76,8 +76,13 @@ case $PART in
   # The memory the fused loss frees, spent on a larger micro-batch (accum 16 -> 8).
   $B --steps 12 --warmup 3 $GPT2 trainer.compile=true trainer.loss_chunk=8192 \
     --versus trainer.micro_batch_size=64 2>&1 | tee "$OUT/gpt2-compile-losschunk-mb64.log"
-  # Data wait read 5.4-5.9% at micro-batch 64 (rows 56-57): the bare loop, on pre-loaded
-  # batches, says whether that host time costs throughput or hides behind the GPU's work.
+  # Data wait read 5.4-5.9% at micro-batch 64 (rows 56-57, 16 torch CPU threads) against 0.26%
+  # in row 11 (1 thread). The batch is now built by numpy, with no torch CPU kernel (whose
+  # OpenMP threads sleep while the GPU works). This host's own batch latency first (seconds),
+  # then the bare loop, on pre-loaded batches, says whether any host time left costs throughput.
+  for threads in 0 1; do
+    python3 benchmarks/batch_latency.py --micro 64 --threads $threads 2>&1 | tee -a "$OUT/batch-latency.log"
+  done
   $B --steps 12 --warmup 3 --baseline $GPT2 trainer.compile=true trainer.micro_batch_size=64 \
     2>&1 | tee "$OUT/gpt2-compile-mb64-baseline.log"
   ;;

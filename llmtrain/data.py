@@ -255,12 +255,17 @@ class TokenLoader:
         On a CUDA machine both live in one pinned buffer, so ``.to(device, non_blocking=True)``
         is a true asynchronous copy: a strided view, or pageable memory, would make the copy
         stage through a pageable buffer and block the host.
+
+        numpy fills the buffer (widening shards' uint16 to int64 in the same pass), not
+        ``Tensor.copy_``: torch splits a copy of 32,768+ elements over its OpenMP threads, which
+        sleep while the GPU works, and waking them is paid in the loop's data wait (1 batch of
+        64 x 1024 in 20 took ~12 ms on a 2-core VM: ``benchmarks/batch_latency.py``, RESULTS.md).
         """
-        w = torch.as_tensor(windows)
-        b, t = w.shape[0], w.shape[1] - 1
+        b, t = windows.shape[0], windows.shape[1] - 1
         xy = torch.empty((2, b, t), dtype=torch.long, pin_memory=self.pin_memory)
-        xy[0].copy_(w[:, :-1])
-        xy[1].copy_(w[:, 1:])
+        out = xy.numpy()
+        out[0] = windows[:, :-1]
+        out[1] = windows[:, 1:]
         return xy[0], xy[1]
 
     def _describe(self) -> str:

@@ -122,7 +122,8 @@ class ShardWindows(IterableDataset):
             count -= count % slots
         pos = dict(pos or {"epoch": 0, "next": slot})
         stats = dict.fromkeys(STATS, 0)
-        maps = [read_shard(f) for f in self.files]
+        # Plain ndarray views of the maps: a np.memmap slice costs 4x more to make (per window).
+        maps = [np.asarray(read_shard(f)) for f in self.files]
         batch: list[np.ndarray] = []
         while True:
             order = self._order(pos["epoch"])
@@ -143,7 +144,9 @@ class ShardWindows(IterableDataset):
 
 
 def _read(maps: list[np.ndarray], order: list[int], cum: np.ndarray, start: int, n: int) -> Any:
-    """Tokens [start, start + n) of the files concatenated in ``order``, as int64."""
+    """Tokens [start, start + n) of the files concatenated in ``order``, in the shards' dtype
+    (uint16 or uint32): a view of the memory map unless the window spans two files. The batch's
+    ``np.stack`` copies it out; :class:`llmtrain.data.TokenLoader` widens it to int64 once."""
     i = int(np.searchsorted(cum, start, side="right")) - 1
     parts, off = [], start - int(cum[i])
     while n > 0:
@@ -151,4 +154,4 @@ def _read(maps: list[np.ndarray], order: list[int], cum: np.ndarray, start: int,
         parts.append(piece)
         n -= len(piece)
         i, off = i + 1, 0
-    return np.concatenate(parts).astype(np.int64)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

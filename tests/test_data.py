@@ -84,6 +84,17 @@ def test_batches_are_contiguous_so_device_copies_can_be_async(workers):
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_a_batch_is_built_without_torch_cpu_kernels():
+    # torch splits a CPU copy of 32,768+ elements over its OpenMP threads, which sleep while a
+    # GPU works: waking them made some batches take ~10 ms (benchmarks/batch_latency.py).
+    it = iter(build_dataloader(small(), TOK, split="train", batch_size=4))
+    next(it)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        next(it)
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::copy_", "aten::_to_copy", "aten::clone"}, ops
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batches_are_pinned_on_a_cuda_machine(workers):

@@ -105,6 +105,24 @@ def test_tokens_and_val(shard_dir):
     assert x[0].tolist() == list(range(32)) and y[1].tolist() == list(range(33, 65))
 
 
+@pytest.mark.parametrize("vocab", [50257, 100277])  # uint16 and uint32 shards
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_are_int64_token_ids_across_file_boundaries(tmp_path, vocab, workers):
+    # Windows leave the shards in the files' dtype; the loader widens them to int64 once.
+    stream = (np.arange(3 * 100) * 997 + 60000) % vocab  # ids past 65535 for the uint32 case
+    for i, part in enumerate(np.array_split(stream, 3)):  # 100 tokens a file: windows span two
+        write_shard(tmp_path / f"w_val_{i:06d}.bin", part, vocab)
+    cfg = cfg_for(tmp_path, seq_len=40, num_workers=workers)
+    batches = list(build_dataloader(cfg, TOK, split="val", batch_size=3))
+    assert sum(len(x) for x, _ in batches) == (300 - 41) // 40 + 1
+    for b, (x, y) in enumerate(batches):
+        assert x.dtype == y.dtype == torch.long and x.is_contiguous() and y.is_contiguous()
+        for i in range(len(x)):
+            start = 40 * (3 * b + i)
+            assert x[i].tolist() == stream[start : start + 40].tolist()
+            assert y[i].tolist() == stream[start + 1 : start + 41].tolist()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact_across_epochs(shard_dir, workers):
     cfg = cfg_for(shard_dir, num_workers=workers, stride=24)
