@@ -75,7 +75,7 @@ class DataConfig:
     tokenizer: str = "gpt2"
     seq_len: int = 256  # tokens per training window (context length used in training)
     stride: int | None = None  # step between windows; None = seq_len (no overlap)
-    shuffle: bool = True  # shard order, reshuffled every epoch
+    shuffle: bool = True  # each epoch: a stream's file order; every window of token shards
     shuffle_buffer: int = 0  # documents; >0 breaks exact resume (see data.py)
     num_workers: int = 0
     pin_memory: bool = True

@@ -67,6 +67,13 @@ NAMES = {
     "seed": "trainer.seed",
     "held_out": "held-out validation (data.val_docs / val_split / val_files / val_fraction)",
 }
+# Meanings a checkpoint from an older llmtrain lacks, and why its position cannot go on here.
+BEFORE = {
+    "order": "the data position was saved by an llmtrain whose data.shuffle ordered the shard "
+    "files only; this one also shuffles the windows inside them, so the saved position would "
+    "read other windows. Resume with trainer.resume_data=false (the model, optimizer and step "
+    "are kept; the data is read from its start, in the new order)",
+}
 
 
 class TokenLoader:
@@ -122,10 +129,9 @@ class TokenLoader:
 
     @property
     def reshuffles(self) -> bool:
-        """Whether a new epoch reads in another order: data.shuffle orders the files (a
-        stream's shards), so a corpus of one file has a single order."""
-        files = self.source.ds.n_shards if self.kind == "hf" else len(self.source.files)
-        return self.cfg.shuffle and files > 1
+        """Whether a new epoch reads in another order: data.shuffle orders a stream's files
+        (so a corpus of one file has a single order) and every window of token shards."""
+        return self.cfg.shuffle and (self.kind == "shards" or self.source.ds.n_shards > 1)
 
     def _meaning(self) -> dict[str, Any]:
         """What a saved position means depends on; a resume must match every value. A stream
@@ -151,6 +157,8 @@ class TokenLoader:
                 keys["held_out"] = f"{len(held)} documents ({digest})"
         if self.cfg.shuffle:
             keys["seed"] = self.seed
+            if self.kind == "shards":
+                keys["order"] = "windows"  # see BEFORE
         return keys
 
     def state_dict(self) -> dict[str, Any]:
@@ -170,6 +178,8 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         always = ("kind", "num_workers", "world_size", "seq_len")  # older checkpoints lack the rest
         for key, mine in self._meaning().items():
+            if key in BEFORE and key not in state and state.get("shuffle"):
+                raise DataError(BEFORE[key])
             if (key in always or key in state) and state.get(key) != mine:
                 name = NAMES.get(key, f"data.{key}")
                 raise DataError(

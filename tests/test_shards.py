@@ -123,6 +123,42 @@ def test_batches_are_int64_token_ids_across_file_boundaries(tmp_path, vocab, wor
             assert y[i].tolist() == stream[start + 1 : start + 41].tolist()
 
 
+@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 0), (1, 2)])
+def test_shuffle_visits_every_window_once_per_epoch_in_a_new_order(tmp_path, world_size, workers):
+    # One file of 100 windows: shuffling the file order alone would read it the same way every
+    # epoch (DataLoader(GPTDatasetV1, shuffle=True) draws a new order of the windows each epoch).
+    write_shard(tmp_path / "one_train.bin", np.arange(100 * 16 + 1), 50257)
+    cfg = cfg_for(tmp_path, seq_len=16, num_workers=workers)
+    epochs: list[list[int]] = [[], []]
+    for rank in range(world_size):
+        loader = build_dataloader(cfg, TOK, split="train", batch_size=5, rank=rank,
+                                  world_size=world_size, seed=3)  # fmt: skip
+        assert loader.reshuffles
+        starts = [int(x[i, 0]) // 16 for x, _ in islice(loader, 40 // world_size) for i in range(5)]
+        epochs[0] += starts[: 100 // world_size]
+        epochs[1] += starts[100 // world_size :]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(100))  # every window once, at its place in the stream
+    assert epochs[0] != sorted(epochs[0]) and epochs[1] != epochs[0]
+
+
+def test_a_position_saved_before_windows_were_shuffled_is_refused(shard_dir):
+    build = lambda: build_dataloader(cfg_for(shard_dir), TOK, split="train", batch_size=2)
+    loader = build()
+    next(iter(loader))
+    state = loader.state_dict()
+    del state["order"]  # as llmtrain wrote it when data.shuffle ordered the files only
+    with pytest.raises(DataError, match="trainer.resume_data=false"):
+        build().load_state_dict(state)
+    unshuffled = build_dataloader(cfg_for(shard_dir, shuffle=False), TOK, split="train",
+                                  batch_size=2)  # fmt: skip
+    next(iter(unshuffled))
+    state = unshuffled.state_dict()
+    assert "order" not in state  # unshuffled, both read the windows in order: it resumes
+    build_dataloader(cfg_for(shard_dir, shuffle=False), TOK, split="train",
+                     batch_size=2).load_state_dict(state)  # fmt: skip
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact_across_epochs(shard_dir, workers):
     cfg = cfg_for(shard_dir, num_workers=workers, stride=24)
