@@ -15,6 +15,8 @@
 #                                #   pinned memory                                        ~6 min
 #   bash benchmarks/h100.sh 6    # eager before/after: workers, activation checkpointing, vocab
 #                                #   padding, tied embeddings, fused loss                 ~6 min
+#   bash benchmarks/h100.sh 7    # compiled before/after: max-autotune-no-cudagraphs (its
+#                                #   autotuning is minutes; run alone)                  <=10 min
 # The wheels travel in .whl/ (git-ignored via .git/info/exclude, named in the call's carry);
 # each call then starts with (the 2026-11-24 session's exact preamble):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -99,6 +101,11 @@ case $PART in
   for change in $changes; do
     $E --versus "$change" 2>&1 | tee "$OUT/gpt2-eager-${change//[.=]/-}.log"
   done
+  ;;
+7)
+  # Inductor's autotuned matmul / Triton choices, without CUDA graphs (refused: d5df932).
+  $B --steps 12 --warmup 3 $GPT2 trainer.compile=true \
+    --versus trainer.compile_mode=max-autotune-no-cudagraphs 2>&1 | tee "$OUT/gpt2-compile-autotune.log"
   ;;
 esac
 tail -n +$((N0 + 1)) $R > "$OUT/new-$PART.jsonl" 2>/dev/null || true

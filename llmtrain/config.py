@@ -117,7 +117,7 @@ class LoggerConfig:
     project: str = "llmtrain"
     entity: str | None = None
     run_name: str | None = None
-    mode: str | None = None  # online | offline | disabled; None: offline when no API key
+    mode: str | None = None  # online | offline | disabled; None: online when W&B has a key
     tags: list[str] = field(default_factory=list)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import netrc
 import os
 import re
 import secrets
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -167,8 +169,27 @@ class NullLogger:
         pass
 
 
+def wandb_credentials() -> str | None:
+    """Where W&B would find a key to log in with, or None: $WANDB_API_KEY, an identity token
+    file, or the netrc entry for its host that ``wandb login`` writes ($NETRC, else ~/.netrc
+    or ~/_netrc; the host from $WANDB_BASE_URL, else api.wandb.ai)."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(var):
+            return f"${var}"
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    names = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for name in names:
+        try:
+            if netrc.netrc(Path(name).expanduser()).authenticators(host):
+                return name
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return None
+
+
 class WandbLogger:
-    """Weights & Biases; offline (files under the run dir) when no API key is set.
+    """Weights & Biases; offline (files under the run dir) when there is no key to log in with
+    (neither $WANDB_API_KEY nor ``wandb login``'s netrc entry).
 
     The W&B run id is kept in the run dir (``wandb_run_id``), so a resumed training run goes on
     logging to the same W&B run: one curve, not one run per restart. W&B keeps steps increasing,
@@ -185,11 +206,11 @@ class WandbLogger:
     ):
         import wandb
 
-        # logger.mode, else WANDB_MODE, else online only when an API key is there to use.
+        # logger.mode, else WANDB_MODE, else online only when there is a key to log in with.
         mode = (
             cfg.mode
             or os.environ.get("WANDB_MODE")
-            or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            or ("online" if wandb_credentials() else "offline")
         )
         init = dict(
             project=cfg.project,

@@ -155,3 +155,28 @@ def test_wandb_unreachable_online_falls_back_to_offline(tmp_path, monkeypatch, c
         build_logger(
             load_config(["logger.mode=offline", "trainer.max_steps=1"]).logger, tmp_path, {}, True
         )
+
+
+def test_wandb_logs_online_when_wandb_login_left_a_key(tmp_path, monkeypatch):
+    """`wandb login` writes the key to ~/.netrc, not the environment; a user who ran it expects
+    online logging without exporting WANDB_API_KEY."""
+    import wandb
+
+    modes = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: modes.append(kw["mode"]))
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc_file = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    cfg = load_config(["logger=wandb", "trainer.max_steps=1"]).logger
+    assert cfg.mode is None
+    build_logger(cfg, tmp_path, {}, is_main=True)  # no netrc file: offline
+    netrc_file.write_text("machine example.org login user password secret\n")
+    build_logger(cfg, tmp_path, {}, is_main=True)  # another host's entry: offline
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "a" * 40 + "\n")
+    build_logger(cfg, tmp_path, {}, is_main=True)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a W&B server of one's own
+    build_logger(cfg, tmp_path, {}, is_main=True)
+    monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
+    build_logger(cfg, tmp_path, {}, is_main=True)
+    assert modes == ["offline", "offline", "online", "offline", "online"]
