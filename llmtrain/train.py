@@ -197,6 +197,8 @@ def log_train(
     }
     if record["epoch"] > run.epoch:
         again = "again, reshuffled" if run.train_loader.reshuffles else "again, in the same order"
+        if not run.train_loader.reshuffles and run.cfg.data.shuffle:  # one file, streamed
+            again += " (llmtrain-prepare it into shards, and each epoch shuffles its windows)"
         run.say(
             f"data: epoch {record['epoch']} by step {state.step:,}: the training data ran out "
             f"(rank 0's share) and is read {again}"
