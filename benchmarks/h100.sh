@@ -17,6 +17,8 @@
 #                                #   padding, tied embeddings, fused loss                 ~6 min
 #   bash benchmarks/h100.sh 7    # compiled before/after: max-autotune-no-cudagraphs (its
 #                                #   autotuning is minutes; run alone)                  <=10 min
+#   bash benchmarks/h100.sh 8    # where the compiled step's time goes now (profile_step.py),
+#                                #   plain head and fused loss                           ~3 min
 # The wheels travel in .whl/ (git-ignored via .git/info/exclude, named in the call's carry);
 # each call then starts with (the 2026-11-24 session's exact preamble):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -106,6 +108,13 @@ case $PART in
   # Inductor's autotuned matmul / Triton choices, without CUDA graphs (refused: d5df932).
   $B --steps 12 --warmup 3 $GPT2 trainer.compile=true \
     --versus trainer.compile_mode=max-autotune-no-cudagraphs 2>&1 | tee "$OUT/gpt2-compile-autotune.log"
+  ;;
+8)
+  # RESULTS.md's profile predates the logits change (row 5): the step as it is now, and with the
+  # fused loss, is the evidence for what limits gpt2-small below 520k tokens/s.
+  P="python3 benchmarks/profile_step.py model=gpt2-small data.seq_len=1024 --micro 32 --compile"
+  $P 2>&1 | tee "$OUT/profile-gpt2-compile.log"
+  $P trainer.loss_chunk=8192 2>&1 | tee "$OUT/profile-gpt2-compile-losschunk.log"
   ;;
 esac
 tail -n +$((N0 + 1)) $R > "$OUT/new-$PART.jsonl" 2>/dev/null || true

@@ -1,15 +1,20 @@
 """Where a training step's GPU time goes: the top kernels of a few steps under torch.profiler.
 
     python benchmarks/profile_step.py model=gpt2-small data.seq_len=1024 --micro 16 --compile
+    python benchmarks/profile_step.py model=gpt2-small data.seq_len=1024 --micro 32 --compile \
+        trainer.loss_chunk=8192
 
-The step is the framework's math without its loop: forward + backward in bf16 autocast on
-random tokens, fused AdamW. Prints kernel families (matmul, attention, elementwise, ...)
-with their share of the CUDA time, then the top kernels, then the step time and MFU.
+The step is the framework's math without its loop: the model as training builds it (the
+trainer's loss_chunk, activation checkpointing, attention kernel and compile_mode apply),
+forward + backward in bf16 autocast on random tokens, clipping, the configured AdamW. Prints
+kernel families (matmul, attention, elementwise, ...) with their share of the CUDA time, then
+the top kernels, then the step time and MFU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -17,8 +22,9 @@ import torch
 
 from llmtrain.config import load_config
 from llmtrain.metrics import device_peak_tflops, flops_per_token
-from llmtrain.model import GPT
+from llmtrain.model import attention_kernel
 from llmtrain.optim import build_optimizer
+from llmtrain.run import build_model, compile_model
 
 FAMILIES = (  # first match wins; kernel names are lower-cased
     ("attention (flash)", ("flash", "fmha", "sdpa", "attention")),
@@ -50,14 +56,15 @@ def main() -> None:
         ["logger=none", "data=shards", "data.path=unused", "trainer.max_steps=1", *overrides]
     )
     torch.manual_seed(0)
-    model = GPT(cfg.model).cuda()
+    model = build_model(cfg).cuda()
     opt = build_optimizer(model, cfg.optim, "cuda")
-    step_model = torch.compile(model) if args.compile else model
+    trainer = dataclasses.replace(cfg.trainer, compile=args.compile or cfg.trainer.compile)
+    step_model = compile_model(model, trainer)
     seq = cfg.data.seq_len
     x = torch.randint(0, 50257, (args.micro, seq + 1), device="cuda")
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), attention_kernel(trainer.attention):
             _, loss = step_model(x[:, :-1], x[:, 1:], return_logits=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -76,7 +83,8 @@ def main() -> None:
     peak = device_peak_tflops(torch.cuda.get_device_name())
     mfu = flops_per_token(cfg.model, seq) * tokens / dt / (peak * 1e12) if peak else float("nan")
     print(
-        f"{cfg.model.name} micro {args.micro} x {seq}, compile {args.compile}: "
+        f"{cfg.model.name} micro {args.micro} x {seq}, compile {trainer.compile}, loss_chunk "
+        f"{trainer.loss_chunk}: "
         f"{dt * 1e3:.1f} ms/step, {tokens / dt / 1e3:.1f}k tok/s, MFU {mfu:.1%}"
     )
 
