@@ -148,6 +148,11 @@ def check_data(d: DataConfig) -> None:
         f"{d.stride} is larger than data.seq_len={d.seq_len}; tokens would be skipped",
     )
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(
+        d.shard_tokens < 2**31,
+        "data.shard_tokens",
+        f"{d.shard_tokens:,} does not fit the llm.c header's int32 token count (< 2**31)",
+    )
     _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     _require(
         d.val_split is not None or d.val_docs > 0,
@@ -285,6 +290,8 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
         "max_bad_steps",
     )
     _require(t.loss_chunk >= 0, "trainer.loss_chunk", "must be >= 0 (0 = the plain loss)")
+    # numpy's and datasets' generators take non-negative seeds (data order, shuffling).
+    _require(t.seed >= 0, "trainer.seed", f"must be >= 0, got {t.seed}")
     _require(
         t.compile_mode not in CUDA_GRAPH_MODES,
         "trainer.compile_mode",

@@ -66,6 +66,7 @@ NAMES = {
     "world_size": "world size",
     "seed": "trainer.seed",
     "held_out": "held-out validation (data.val_docs / val_split / val_files / val_fraction)",
+    "corpus": "the shards in data.path",
 }
 # Meanings a checkpoint from an older llmtrain lacks, and why its position cannot go on here.
 BEFORE = {
@@ -159,6 +160,7 @@ class TokenLoader:
             keys["seed"] = self.seed
             if self.kind == "shards":
                 keys["order"] = "windows"  # see BEFORE
+                keys["corpus"] = self.source.corpus()
         return keys
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,7 +180,8 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         always = ("kind", "num_workers", "world_size", "seq_len")  # older checkpoints lack the rest
         for key, mine in self._meaning().items():
-            if key in BEFORE and key not in state and state.get("shuffle"):
+            # Before f68bc3d a position did not record data.shuffle, which was on then too.
+            if key in BEFORE and key not in state and state.get("shuffle", True):
                 raise DataError(BEFORE[key])
             if (key in always or key in state) and state.get(key) != mine:
                 name = NAMES.get(key, f"data.{key}")
@@ -236,6 +239,15 @@ class TokenLoader:
     def _ran_out(self) -> str:
         """Why the stream ended: a training stream is endless (epochs), so for it any end is an
         error (an empty loop would spin forever); a validation pass must give one batch."""
+        readers = self.world_size * max(1, self.num_workers)
+        if self.kind == "shards" and self.train and 0 < self.source.windows < readers:
+            return (
+                f"{self._describe()}: no training window for rank {self.rank}: the shards hold "
+                f"{self.source.windows} windows of data.seq_len+1={self.cfg.seq_len + 1} tokens, "
+                f"fewer than the {readers} readers ({self.world_size} processes x "
+                f"{max(1, self.num_workers)} DataLoader workers) that each take one; use fewer "
+                "processes or data.num_workers, or a shorter data.seq_len"
+            )
         if self.train and self._state["batches"] > 0:
             what = (
                 f"the training stream of rank {self.rank} ended after "
@@ -308,6 +320,7 @@ def build_dataloader(
         source = ShardWindows(
             cfg, split, batch_size, seed, rank if train else 0, world_size if train else 1
         )
+        source.check_tokenizer(cfg.tokenizer, tokenizer.vocab_size)
         return TokenLoader(source, cfg, kind="shards", seed=seed, **loader_args)
     if train and world_size > 1 and (one := single_text_file(cfg)):
         raise DataError(

@@ -17,6 +17,9 @@ a checkpoint taken at any step can move to another world size (llmtrain/consolid
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -37,6 +40,8 @@ DTYPES = {1: np.uint16, 2: np.uint32}
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int) -> None:
     """Write ``tokens`` as one llm.c shard, atomically (a temp file renamed into place)."""
+    if len(tokens) >= 2**31:
+        raise DataError(f"{path}: {len(tokens):,} tokens; an llm.c shard holds fewer than 2**31")
     version = 1 if vocab_size <= 2**16 else 2
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, version, len(tokens))
@@ -101,8 +106,40 @@ class ShardWindows(IterableDataset):
         self.train = split == "train"
         self.rank, self.world_size = rank, world_size
         self.files = shard_files(cfg, split)
-        self.lengths = [len(read_shard(f)) for f in self.files]
+        maps = [read_shard(f) for f in self.files]
+        self.lengths = [len(m) for m in maps]
+        self.wide_ids = any(m.dtype == np.uint32 for m in maps)  # written for a vocab > 2**16
+        L, stride = cfg.seq_len + 1, cfg.stride or cfg.seq_len
+        total = sum(self.lengths)
+        self.windows = (total - L) // stride + 1 if total >= L else 0  # in an epoch
         self.resume: list[dict | None] = []
+
+    def corpus(self) -> str:
+        """The files as a resume must find them again: a shuffled epoch's order is drawn over
+        all their windows, so another file set would move every later window."""
+        pairs = zip(self.files, self.lengths, strict=True)
+        names = "\n".join(f"{Path(f).name} {n}" for f, n in pairs)
+        digest = hashlib.blake2b(names.encode(), digest_size=4).hexdigest()
+        return f"{len(self.files)} files, {sum(self.lengths):,} tokens ({digest})"
+
+    def check_tokenizer(self, name: str, vocab_size: int) -> None:
+        """Shards hold the ids of the tokenizer that wrote them: read with another, training
+        learns garbage or stops at an embedding index out of range."""
+        written = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # llm.c's have none
+            manifest = json.loads((Path(self.cfg.path) / "manifest.json").read_text())
+            written = manifest.get("source", {}).get("tokenizer")
+        if written and written != name:
+            raise DataError(
+                f"data.path={self.cfg.path!r} was written with data.tokenizer={written} "
+                f"(its manifest.json) and this run has {name}; set data.tokenizer={written}"
+            )
+        if self.wide_ids and vocab_size <= 2**16:
+            raise DataError(
+                f"data.path={self.cfg.path!r} holds 32-bit token ids (a vocabulary over 65,536) "
+                f"and data.tokenizer={name} has {vocab_size:,}; set data.tokenizer to the one "
+                "the shards were written with"
+            )
 
     def _order(self, epoch: int) -> list[int]:
         if not (self.train and self.cfg.shuffle):
@@ -127,9 +164,7 @@ class ShardWindows(IterableDataset):
 
     def _windows(self, worker: int, slot: int, slots: int, pos: dict | None) -> Iterator[tuple]:
         L, stride = self.cfg.seq_len + 1, self.cfg.stride or self.cfg.seq_len
-        total = sum(self.lengths)
-        windows = (total - L) // stride + 1 if total >= L else 0
-        count = windows  # visits per epoch
+        count = windows = self.windows  # visits per epoch
         if self.train:  # the same number for every slot; at most slots - 1 left over
             count -= count % slots
         pos = dict(pos or {"epoch": 0, "next": slot})

@@ -46,6 +46,8 @@ def test_the_world_size_is_part_of_the_batch_window():
         ("dist", {"mode": "zero2", "offload_params": True}, "dist.offload_params"),
         ("logger", {"mode": "later"}, "logger.mode"),
         ("trainer", {"temperature": -1.0}, "trainer.temperature"),
+        ("trainer", {"seed": -1}, "trainer.seed"),  # numpy's generators: "reading failed"
+        ("data", {"shard_tokens": 2**31}, "data.shard_tokens"),  # llm.c's int32 header count
     ],
 )
 def test_each_section_names_its_key(section, change, key):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -52,6 +53,13 @@ def test_large_vocab_uses_uint32_version_2(tmp_path):
     write_shard(tmp_path / "c.bin", toks, vocab_size=100277)
     assert np.fromfile(tmp_path / "c.bin", np.int32, 3).tolist() == [20240520, 2, 4]
     assert read_shard(tmp_path / "c.bin").tolist() == toks.tolist()
+
+
+def test_a_shard_past_the_int32_header_count_is_refused_before_writing(tmp_path):
+    huge = np.broadcast_to(np.uint16(1), (2**31,))  # a view: no 4 GB allocated
+    with pytest.raises(DataError, match="fewer than 2\\*\\*31"):
+        write_shard(tmp_path / "big.bin", huge, 50257)
+    assert not list(tmp_path.iterdir())
 
 
 def test_truncated_or_foreign_file_is_a_clear_error(tmp_path):
@@ -113,7 +121,10 @@ def test_batches_are_int64_token_ids_across_file_boundaries(tmp_path, vocab, wor
     for i, part in enumerate(np.array_split(stream, 3)):  # 100 tokens a file: windows span two
         write_shard(tmp_path / f"w_val_{i:06d}.bin", part, vocab)
     cfg = cfg_for(tmp_path, seq_len=40, num_workers=workers)
-    batches = list(build_dataloader(cfg, TOK, split="val", batch_size=3))
+    tok = TOK
+    if vocab > 2**16:  # ids past 65535 are read with a tokenizer that has them (no download)
+        cfg, tok = replace(cfg, tokenizer="cl100k_base"), SimpleNamespace(vocab_size=vocab)
+    batches = list(build_dataloader(cfg, tok, split="val", batch_size=3))
     assert sum(len(x) for x, _ in batches) == (300 - 41) // 40 + 1
     for b, (x, y) in enumerate(batches):
         assert x.dtype == y.dtype == torch.long and x.is_contiguous() and y.is_contiguous()
@@ -150,6 +161,9 @@ def test_a_position_saved_before_windows_were_shuffled_is_refused(shard_dir):
     del state["order"]  # as llmtrain wrote it when data.shuffle ordered the files only
     with pytest.raises(DataError, match="trainer.resume_data=false"):
         build().load_state_dict(state)
+    del state["shuffle"]  # before f68bc3d, when shuffle was on and not recorded
+    with pytest.raises(DataError, match="trainer.resume_data=false"):
+        build().load_state_dict(state)
     unshuffled = build_dataloader(cfg_for(shard_dir, shuffle=False), TOK, split="train",
                                   batch_size=2)  # fmt: skip
     next(iter(unshuffled))
@@ -157,6 +171,32 @@ def test_a_position_saved_before_windows_were_shuffled_is_refused(shard_dir):
     assert "order" not in state  # unshuffled, both read the windows in order: it resumes
     build_dataloader(cfg_for(shard_dir, shuffle=False), TOK, split="train",
                      batch_size=2).load_state_dict(state)  # fmt: skip
+
+
+def test_a_resume_on_changed_shards_is_refused_when_the_order_is_shuffled(shard_dir):
+    # The shuffled order is drawn over all windows: one more file moves every later window.
+    build = lambda **kw: build_dataloader(cfg_for(shard_dir, **kw), TOK, split="train",
+                                          batch_size=2)  # fmt: skip
+    states = {}
+    for shuffle in (True, False):
+        loader = build(shuffle=shuffle)
+        next(iter(loader))
+        states[shuffle] = loader.state_dict()
+    build().load_state_dict(states[True])  # the same files: fine
+    write_shard(shard_dir / "x_train_000007.bin", np.arange(500), 50257)
+    with pytest.raises(DataError, match=r"the shards in data.path=7 files, 6,979 tokens \("):
+        build().load_state_dict(states[True])
+    build(shuffle=False).load_state_dict(states[False])  # in order, a file added at the end
+
+
+def test_shards_of_another_tokenizer_are_refused_before_training(tmp_path):
+    for split in ("train", "val"):
+        write_shard(tmp_path / f"c_{split}_000000.bin", np.arange(0, 100_000, 7), 100_277)
+    with pytest.raises(DataError, match="32-bit token ids .* data.tokenizer=gpt2 has 50,257"):
+        build_dataloader(cfg_for(tmp_path), TOK, split="train", batch_size=2)
+    (tmp_path / "manifest.json").write_text('{"source": {"tokenizer": "cl100k_base"}}')
+    with pytest.raises(DataError, match="written with data.tokenizer=cl100k_base .* set data"):
+        build_dataloader(cfg_for(tmp_path), TOK, split="val", batch_size=2)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -213,8 +253,12 @@ def test_fewer_windows_than_ranks_is_a_clear_error_on_every_rank(tmp_path):
     for rank in range(4):
         loader = build_dataloader(cfg_for(tmp_path), TOK, split="train", batch_size=1,
                                   rank=rank, world_size=4)  # fmt: skip
-        with pytest.raises(DataError, match="no training window"):
+        with pytest.raises(DataError, match="no training window") as e:
             next(iter(loader))
+        if rank >= 2:  # 2 windows, 4 readers
+            assert "the shards hold 2 windows of data.seq_len+1=33 tokens, fewer than the 4" in (
+                str(e.value)
+            )
 
 
 def test_a_checkpoint_from_a_later_epoch_moves_to_another_world_size(shard_dir):
