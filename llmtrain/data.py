@@ -259,16 +259,20 @@ class TokenLoader:
                 f"no {'training' if self.train else 'validation'} window of "
                 f"data.seq_len+1={self.cfg.seq_len + 1} tokens"
             )
-        held_out_all = self.train and self.stats.get("heldout") and not self.stats.get("documents")
-        return (
-            f"{self._describe()}: {what} (skipped: {self.stats}); the corpus is empty or too "
-            "small"
-            + (
-                ". Every document was held out for validation: give the validation text "
-                "separately with data.val_files=PATH (a .txt file is one document)"
-                if held_out_all
-                else ""
+        none_used = not self.stats.get("documents")
+        held_out_all = self.train and self.stats.get("heldout") and none_used
+        why = "the corpus is empty or too small"
+        if none_used and self.stats.get("undecodable"):
+            why = (
+                "no document could be used: the undecodable ones are not UTF-8 text (a .txt "
+                "file is skipped when over 1 in 1,000 of its characters are not); save it as "
+                "UTF-8"
             )
+        return f"{self._describe()}: {what} (skipped: {self.stats}); {why}" + (
+            ". Every document was held out for validation: give the validation text "
+            "separately with data.val_files=PATH (a .txt file is one document)"
+            if held_out_all
+            else ""
         )
 
     def _inputs_and_targets(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,8 +73,8 @@ def _builder(files: list[str], key: str) -> tuple[str, dict[str, Any]]:
     if None in kinds or len(kinds) != 1:
         raise DataError(f"{key}: files must all be one of {', '.join(BUILDERS)} (got {files[:3]})")
     kind = kinds.pop()
-    # A .txt file is one document; bad bytes become U+FFFD, and such a document is counted as
-    # undecodable and skipped (clean_texts) instead of failing the whole run.
+    # A .txt file is one document; bad bytes become U+FFFD, and a document with many of them is
+    # counted as undecodable and skipped (clean_texts) instead of failing the whole run.
     extra = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
     return kind, extra
 
@@ -307,9 +307,16 @@ def clean_texts(
     return texts
 
 
+# In a .txt corpus U+FFFD marks bytes that were not UTF-8 (or the character itself, which valid
+# text may hold). Past 1 in 1,000 characters the file is not UTF-8 text (Latin-1, binary): it is
+# skipped. Below, it is one stray byte or name in a big file such as input.txt: it trains.
+MAX_REPLACED = 1e-3
+
+
 def _undecodable(text: str, cfg: DataConfig) -> bool:
-    """Lone surrogates; or U+FFFD in a .txt corpus, where it marks bytes that were not UTF-8."""
-    if "\ufffd" in text and cfg.files and _builder_of(cfg.files) == "text":
+    """Lone surrogates; or a .txt document whose bytes were mostly not UTF-8 (MAX_REPLACED)."""
+    replaced = text.count("\ufffd")
+    if replaced > MAX_REPLACED * len(text) and cfg.files and _builder_of(cfg.files) == "text":
         return True
     try:
         text.encode("utf-8")

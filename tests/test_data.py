@@ -325,6 +325,23 @@ def test_non_utf8_and_empty_documents_are_skipped_and_counted(tmp_path):
     assert loader.stats["undecodable"] == 1 and loader.stats["empty"] == 1
 
 
+def test_a_stray_replacement_character_does_not_drop_a_whole_text_file(tmp_path):
+    # input.txt is one document: one U+FFFD (a bad byte, or the character itself in valid
+    # UTF-8) in a big file used to skip all of it ("the corpus is empty or too small").
+    text = "To be, or not to be, that is the question. " * 400
+    (tmp_path / "input.txt").write_bytes(
+        text.encode() + b"caf\xe9 Fe\xef\xbf\xbdski " + text.encode()
+    )
+    cfg = small(files=str(tmp_path / "input.txt"))
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2)
+    take(loader, 3)
+    assert loader.stats == {"documents": 1, "empty": 0, "undecodable": 0, "heldout": 0}
+    (tmp_path / "input.txt").write_bytes("Grüße aus Köln. ".encode("latin-1") * 400)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2)
+    with pytest.raises(DataError, match="not UTF-8 text .* save it as UTF-8"):
+        take(loader, 1)
+
+
 def test_jsonl_rows_are_documents_and_empty_rows_counted(tmp_path):
     rows = ["first document here", "", "second document", None]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
