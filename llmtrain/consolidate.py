@@ -153,6 +153,14 @@ def load_state(
     universal loader puts param group 0's on every group (weight decay on biases and norms).
     """
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    # Accelerate loads the RNG file inside ``except Exception`` ("Could not load random
+    # states"): a file safe_loading refuses would be skipped without a word (and resume would
+    # quietly lose the RNG). Loading it here first lets the refusal, naming it, reach the user.
+    rng = ckpt / f"random_states_{accelerator.process_index}.pkl"
+    if rng.is_file():
+        from accelerate.utils import load  # as Accelerate reads it: numpy's RNG state allowed
+
+        load(rng)
     if saved_world == accelerator.num_processes or mode not in ("zero1", "zero2", "zero3"):
         accelerator.load_state(str(ckpt))
     else:

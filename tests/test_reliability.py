@@ -804,23 +804,26 @@ def tamper(ckpt_dir: Path, name: str, payload: object) -> None:
     (ckpt_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_tampered_checkpoint_never_runs_code(two_checkpoints, tmp_path):
+# Accelerate loads the RNG file inside `except Exception`: its refusal was swallowed, and the
+# run resumed without its RNG state and without a word.
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
+def test_tampered_checkpoint_never_runs_code(two_checkpoints, tmp_path, name):
     run_dir = tmp_path / "run"
     shutil.copytree(two_checkpoints, run_dir)
     step = run_dir / "checkpoints" / "step_0000004"
     marker = tmp_path / "pwned"
-    tamper(step, "optimizer.bin", Payload(marker))
+    tamper(step, name, Payload(marker))
     assert verify(step) is None  # the manifest cannot help here
 
     # DeepSpeed's engine loads its shards like this (weights_only=False): inside safe_loading
     # the payload is refused; outside it, it runs.
-    with safe_loading(step), pytest.raises(CheckpointError, match="optimizer.bin"):
-        torch.load(step / "optimizer.bin", weights_only=False)
+    with safe_loading(step), pytest.raises(CheckpointError, match=name):
+        torch.load(step / name, weights_only=False)
     assert not marker.exists()
-    with pytest.raises(CheckpointError, match="optimizer.bin"):
+    with pytest.raises(CheckpointError, match=name):
         train_mod.train(config(5, "trainer.resume=auto"), run_dir)
     assert not marker.exists()
-    torch.load(step / "optimizer.bin", weights_only=False)  # the control: the payload is real
+    torch.load(step / name, weights_only=False)  # the control: the payload is real
     assert marker.exists()
 
 
