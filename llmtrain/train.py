@@ -162,6 +162,16 @@ def skip_step(run: Run) -> None:
         f"({state.bad_steps} in a row)"
     )
     if state.bad_steps >= run.cfg.trainer.max_bad_steps:
+        # The skipped steps would otherwise reach metrics.jsonl only with the next log interval.
+        run.metrics_file.write(
+            {
+                "step": state.step + 1,  # the step that failed; a resume before it drops this
+                "tokens": state.tokens,
+                "skipped_steps": state.skipped_steps,
+                "bad_steps": state.bad_steps,
+                "diverged": True,
+            }
+        )
         last = ckpt.latest_checkpoint(run.ckpt_root)
         then = (
             f"The last good checkpoint is {last}; lower optim.lr or check the data, then "
@@ -392,6 +402,7 @@ def _hydra_main(node: DictConfig) -> None:
 
 
 def _job(node: DictConfig) -> None:
+    run_dir = None
     try:
         cfg = validate(to_dataclass(node), world_size=world_size_from_env())
         run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -411,8 +422,10 @@ def _job(node: DictConfig) -> None:
     except ckpt.Preempted as e:
         _exit(ckpt.EXIT_PREEMPTED, "preempted", e)
     except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
-        _exit(130, "interrupted", "stopped at once, unsaved; trainer.resume=auto resumes from "
-                                  "the last checkpoint")  # fmt: skip
+        last = ckpt.latest_checkpoint(run_dir / "checkpoints") if run_dir else None
+        _exit(130, "interrupted", "stopped at once, unsaved; " + (
+            f"trainer.resume=auto resumes from {last}" if last else "no checkpoint was written yet"
+        ))  # fmt: skip
 
 
 def main() -> None:

@@ -529,6 +529,11 @@ def test_k_bad_steps_in_a_row_stop_naming_the_last_good_checkpoint(tmp_path, mon
     with pytest.raises(ckpt.Diverged, match="3 consecutive non-finite steps") as e:
         train_mod.train(cfg, tmp_path)
     assert str(tmp_path / "checkpoints" / "step_0000002") in str(e.value)
+    # The skipped steps reach metrics.jsonl before the run stops (no log interval ended).
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {
+        "step": 3, "tokens": last["tokens"], "skipped_steps": 3, "bad_steps": 3, "diverged": True
+    }  # fmt: skip
 
 
 def test_a_run_that_diverges_before_any_checkpoint_says_to_start_again(tmp_path, monkeypatch):
