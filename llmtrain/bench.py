@@ -377,10 +377,10 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="llmtrain-bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
-    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps, not measured")
+    ap.add_argument("--steps", type=int, default=20, help="measured steps, default 20")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps, not measured; default 3")
     ap.add_argument("--baseline", action="store_true", help="also time the bare PyTorch loop")
-    ap.add_argument("--repeats", type=int, default=1, help="runs of each loop, interleaved")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each loop; default 1")
     ap.add_argument(
         "--versus",
         action="append",
@@ -389,7 +389,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also time the run with this override added (repeatable), alternating with the "
         "run without it; its record holds the paired speedup and memory ratio",
     )
-    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON-lines file to append to")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="JSON-lines file to append to (default: benchmarks/results.jsonl of this checkout)",
+    )
     ap.add_argument("--no-record", action="store_true", help="print only, append nothing")
     ap.add_argument("--note", default=None, help="free text stored in the record")
     ap.add_argument("--make-shards", type=Path, metavar="DIR", help="write sample shards, exit")

@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="tokens per sample (default: 100, or what fits in the context)",
     )
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="0 = no top-k cut")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = no cut")
+    parser.add_argument("--temperature", type=float, default=0.8, help="default 0.8; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="default 50; 0 = no cut")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, default 1 = no cut")
     parser.add_argument("--seed", type=int, default=None, help="default: a fresh random seed")
-    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--num-samples", type=int, default=1, help="default 1")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda"
