@@ -334,7 +334,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run_dir, run_receipt, metrics_file, logger, peak, state.step, epoch=train_loader.epoch,
     )  # fmt: skip
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
-    for note in plan_notes(cfg, plan):
+    for note in plan_notes(cfg, plan) + shard_notes(cfg):
         run.say(note)
     if resume_from is None and cfg.trainer.resume == "auto":
         run.say(f"  resume     auto: no checkpoint in {run_dir / 'checkpoints'}; from step 0")
@@ -351,6 +351,18 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     if peak is None:
         run.say("  mfu        n/a: no bf16 peak known for this device (see metrics.py)")
     return run
+
+
+def shard_notes(cfg: TrainConfig) -> list[str]:
+    """Shards that llmtrain-prepare has not finished writing: training reads what is there."""
+    from llmtrain.shards import unfinished_splits
+
+    if cfg.data.source != "shards" or not (open_ := unfinished_splits(cfg.data.path)):
+        return []
+    return [
+        f"  data       {cfg.data.path}: llmtrain-prepare has not finished its "
+        f"{' and '.join(open_)} split (manifest.json); training reads the shards written so far"
+    ]
 
 
 def plan_notes(cfg: TrainConfig, plan: Plan) -> list[str]:

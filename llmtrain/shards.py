@@ -70,6 +70,21 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """``manifest.json`` as llmtrain-prepare writes it into ``path``; {} when there is none
+    (llm.c's and modded-nanogpt's shards) or it is not a JSON object."""
+    with contextlib.suppress(OSError, ValueError):
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        return manifest if isinstance(manifest, dict) else {}
+    return {}
+
+
+def unfinished_splits(path: str | os.PathLike) -> list[str]:
+    """The splits llmtrain-prepare is still writing (or was stopped in) by its manifest."""
+    splits = read_manifest(path).get("splits") or {}
+    return [k for k, v in splits.items() if isinstance(v, dict) and not v.get("done", True)]
+
+
 def shard_files(cfg: DataConfig, split: str) -> list[str]:
     """The shards of a split: the ``.bin`` files in ``data.path`` whose name ends in ``train``
     (or ``val``) as a word, before an optional shard number, as llm.c and llmtrain-prepare
@@ -125,10 +140,8 @@ class ShardWindows(IterableDataset):
     def check_tokenizer(self, name: str, vocab_size: int) -> None:
         """Shards hold the ids of the tokenizer that wrote them: read with another, training
         learns garbage or stops at an embedding index out of range."""
-        written = None
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # llm.c's have none
-            manifest = json.loads((Path(self.cfg.path) / "manifest.json").read_text())
-            written = manifest.get("source", {}).get("tokenizer")
+        source = read_manifest(self.cfg.path).get("source")
+        written = source.get("tokenizer") if isinstance(source, dict) else None
         if written and written != name:
             raise DataError(
                 f"data.path={self.cfg.path!r} was written with data.tokenizer={written} "

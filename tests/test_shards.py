@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -242,6 +243,24 @@ def test_the_split_is_a_word_of_the_file_name_not_any_substring(tmp_path):
     write_shard(tmp_path / "only-train" / "x_train_000000.bin", np.arange(40), 50257)
     with pytest.raises(DataError, match="no val shards"):
         shard_files(cfg_for(tmp_path / "only-train"), "val")
+
+
+def test_a_run_on_shards_still_being_prepared_says_so(shard_dir):
+    from llmtrain.config import load_config
+    from llmtrain.run import shard_notes
+
+    cfg = load_config(
+        ["data=shards", f"data.path={shard_dir}", "data.seq_len=32", "trainer.max_steps=1"]
+    )
+    assert shard_notes(cfg) == []  # no manifest (llm.c's shards)
+    manifest = {"source": {}, "splits": {"val": {"done": True}, "train": {"done": False}}}
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert shard_notes(cfg) == [
+        f"  data       {shard_dir}: llmtrain-prepare has not finished its train split "
+        "(manifest.json); training reads the shards written so far"
+    ]
+    (shard_dir / "manifest.json").write_text("[1, 2]")  # not ours: nothing to say
+    assert shard_notes(cfg) == []
 
 
 @pytest.mark.timeout(30)
