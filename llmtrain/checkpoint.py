@@ -118,6 +118,18 @@ def candidates(ckpt_root: Path) -> list[Path]:
     return found
 
 
+def roll_back(ckpt_root: Path, target: Path) -> list[Path]:
+    """A run resuming an earlier checkpoint of its own: point ``latest`` at it, so a crash
+    before the new branch's first save resumes (resume=auto) there, and a divergence names
+    it, not the abandoned branch. Returns that branch (``prune`` removes it at that save)."""
+    if target.parent.resolve() != ckpt_root.resolve():
+        return []
+    later = [c for c in complete_checkpoints(ckpt_root) if _step(c) > _step(target)]
+    if later:
+        write_atomic(ckpt_root / "latest", target.name + "\n")
+    return later
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint: the ``latest`` pointer if valid, else the newest dir."""
     found = candidates(ckpt_root)

@@ -265,8 +265,11 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     run_dir = Path(accelerator_broadcast(accelerator, str(run_dir.resolve())))
     # Verified against its manifest; trainer.resume=auto falls back past damaged checkpoints.
     resume_from = resume.choose_resume(cfg.trainer.resume, run_dir / "checkpoints")
+    abandoned: list[Path] = []
     if resume_from is not None:
         resume.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
+        if is_main:
+            abandoned = ckpt.roll_back(run_dir / "checkpoints", resume_from)
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg)
@@ -340,6 +343,12 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run.say(f"  resume     auto: no checkpoint in {run_dir / 'checkpoints'}; from step 0")
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
+        if abandoned:
+            run.say(
+                f"  rollback   {', '.join(c.name for c in abandoned)}: the branch this run "
+                f"abandons, removed at its first checkpoint; until then `latest` names "
+                f"{resume_from.name}"
+            )
         saved = ckpt.saved_config(resume_from)
         for note in horizon_notes(cfg, plan, saved) + data_notes(cfg, saved):
             run.say(note)

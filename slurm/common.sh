@@ -43,7 +43,8 @@ export PYTHONUNBUFFERED=1
 # own hydra.run.dir, dist.timeout_s and trainer.resume win over the script's: a run dir given
 # on the command line is the one requeues continue (and sets RUN_DIR); a
 # trainer.resume=<checkpoint> (a second phase, the run of an earlier job) is used until the
-# run dir holds a checkpoint of its own, then trainer.resume=auto continues from that.
+# run dir holds a checkpoint of its own, then trainer.resume=auto continues from that. One of
+# the run dir's own checkpoints (a rollback) is used on the job's first start only.
 train_overrides() {
     local a value resume=auto run_dir_arg="hydra.run.dir=${RUN_DIR}"
     TRAIN_ARGS=(${LLMTRAIN_TIMEOUT_S:+"dist.timeout_s=${LLMTRAIN_TIMEOUT_S}"})
@@ -60,7 +61,13 @@ train_overrides() {
         esac
     done
     if compgen -G "${RUN_DIR}/checkpoints/step_*/trainer_state.json" >/dev/null; then
-        resume=auto
+        # One of this run dir's own checkpoints, named, is a rollback: the job's first start
+        # goes back to it (and points `latest` at it); a requeue continues with auto.
+        case "$(realpath -m -- "${resume}")/" in
+            "$(realpath -m -- "${RUN_DIR}")/checkpoints/"*)
+                [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]] && resume=auto ;;
+            *) resume=auto ;;
+        esac
     fi
     TRAIN_ARGS+=("trainer.resume=${resume}" "${run_dir_arg}")
 }

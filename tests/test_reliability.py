@@ -397,6 +397,29 @@ def test_after_a_rollback_auto_never_falls_back_onto_the_abandoned_branch(
     assert "falling back to " + str(root / "step_0000002") in capsys.readouterr().out
 
 
+def test_a_rollback_that_stops_before_its_first_save_resumes_there(
+    two_checkpoints, tmp_path, monkeypatch, capsys
+):
+    """A rollback to step 2 that crashed (or diverged) before its first checkpoint: `latest`
+    still named step 4, so the requeue's resume=auto went on with the abandoned branch, and
+    the divergence message called step 4 the last good checkpoint."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    root = run_dir / "checkpoints"
+
+    def crash(state, throughput):
+        raise SystemExit("killed")
+
+    overrides = [f"trainer.resume={root / 'step_0000002'}", "trainer.ckpt_every=10"]
+    with pytest.raises(SystemExit, match="killed"):
+        train_mod.train(config(6, *overrides), run_dir, step_hook=crash)
+    assert "rollback   step_0000004: the branch this run abandons" in capsys.readouterr().out
+    assert ckpt.latest_checkpoint(root) == root / "step_0000002"
+    poisoned_model(monkeypatch, set(range(1, 100)))
+    with pytest.raises(ckpt.Diverged, match="last good checkpoint is .*step_0000002;"):
+        train_mod.train(config(6, "trainer.resume=auto", "trainer.max_bad_steps=2"), run_dir)
+
+
 def test_a_rollback_logs_to_a_new_wandb_run(two_checkpoints, tmp_path, monkeypatch, capsys):
     """W&B drops every log below its run's last step. A rollback (a named step, often with a
     lower lr after a divergence) logged its steps 3..4 into the run that holds the abandoned

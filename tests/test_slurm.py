@@ -211,6 +211,23 @@ def test_the_users_run_dir_resume_and_timeout_win_and_requeues_continue(tmp_path
     assert _last(_args(log, 0), "hydra.run.dir") == f"'{mine}'"
 
 
+def test_a_rollback_to_the_run_dirs_own_checkpoint_is_kept_on_the_first_start(tmp_path):
+    """sbatch ... trainer.resume=X/checkpoints/step_2 hydra.run.dir=X, X holding step 4: the
+    script replaced the named step with auto, so the rollback silently went on from step 4."""
+    log, mine = tmp_path / "calls", tmp_path / "run"
+    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log)}
+    for step in (2, 4):
+        state = mine / "checkpoints" / f"step_000000{step}" / "trainer_state.json"
+        state.parent.mkdir(parents=True)
+        state.write_text("{}")
+    named = f"{mine}/checkpoints/step_0000002"
+    user = ["dist=fsdp2", f"trainer.resume={named}", f"hydra.run.dir={mine}"]
+    sbatch("multi-node.sbatch", user, env, _fake_bin(tmp_path, 1, 75))
+    assert _last(_args(log, 0), "trainer.resume") == named
+    sbatch("multi-node.sbatch", user, {**env, "SLURM_RESTART_COUNT": "1"}, tmp_path / "bin")
+    assert _last(_args(log, 0), "trainer.resume") == "auto"  # the requeue: the new branch
+
+
 def test_arguments_reach_every_launcher_unchanged_and_usr1_is_ignored_there(tmp_path):
     log = tmp_path / "calls"
     env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log),
