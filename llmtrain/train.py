@@ -444,28 +444,37 @@ def main() -> None:
               "process, and a launcher's process group ends with the first job; start one launch "
               "per sweep point (a shell loop over accelerate launch or sbatch), or sweep without "
               "a launcher")  # fmt: skip
-    _check_overrides(args)
+    _check_overrides(args, sweep)
     _hydra_main()
     if failed := _SWEEP["failed"]:
         _exit(max(failed), "sweep", f"{len(failed)} of the sweep's {len(_SWEEP['jobs'])} jobs "
               "stopped (each one's reason is above); the others ran to their end")  # fmt: skip
 
 
-def _check_overrides(args: list[str]) -> None:
+def _check_overrides(args: list[str], sweep: bool = False) -> None:
     """Compose the config once before Hydra does: a typo, an unknown option or a wrong type
     then exits 2 (and reaches LLMTRAIN_EXIT_FILE), which job scripts do not requeue; Hydra's
-    own report of the same error exits 1, like a crash. Hydra's flags (--help, --cfg, -m ...)
-    are left to Hydra, and of hydra.* overrides only the syntax is checked here."""
-    if any(a.startswith("-") for a in args):
+    own report of the same error exits 1, like a crash. Hydra's other flags (--help, --cfg,
+    --config-dir ...) are left to Hydra; of hydra.* overrides only the syntax is checked, and
+    hydra.searchpath (the user's own config dirs) is used. A sweep is checked with the first
+    value of each swept key."""
+    if any(a.startswith("-") and a not in SWEEP_FLAGS for a in args):
         return
-    hydras = [a for a in args if a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    for a in hydras:  # hydra.run.dir=runs/lr=3e-4 is a syntax error
+    checked = []
+    for a in (a for a in args if not a.startswith("-")):
         try:
-            OverridesParser.create().parse_overrides([a])
-        except OverrideParseException as e:
+            (o,) = OverridesParser.create().parse_overrides([a])
+        except OverrideParseException as e:  # hydra.run.dir=runs/lr=3e-4, for one
             _exit(2, "config error", f"{a}: {str(e).splitlines()[0]} (quote the value: '...')")
+        if o.key_or_group.split(".")[0].split("/")[0] == "hydra":
+            if o.key_or_group == "hydra.searchpath":
+                checked.append(a)
+            continue
+        if sweep and o.is_sweep_override():
+            a = f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+        checked.append(a)
     try:
-        load_config([a for a in args if a not in hydras])
+        load_config(checked)
     except ConfigError as e:
         _exit(2, "config error", e)
 

@@ -608,3 +608,26 @@ def test_a_sweep_under_a_launcher_is_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train_mod.main()
     assert e.value.code == 2 and "-m/--multirun" in capsys.readouterr().err
+
+
+def test_the_override_check_sees_what_hydra_will_run(tmp_path, capsys):
+    """The pre-check that makes a typo exit 2 dropped hydra.searchpath (the user's own configs:
+    'Could not find experiment/mine'), composed a hydra.mode=MULTIRUN sweep as one run ('add
+    --multirun'), and skipped -m sweeps (a typo there got Hydra's exit 1 and its '+key' advice)."""
+    from llmtrain.train import _check_overrides
+
+    mine = tmp_path / "myconf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - smoke\n")
+    _check_overrides([f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "experiment=mine"])
+    _check_overrides(["hydra.mode=MULTIRUN", "optim.lr=1e-3,3e-3", "experiment=smoke"], True)
+    _check_overrides(["-m", "optim.lr=range(1,3)", "experiment=smoke"], sweep=True)
+    for args, sweep in (
+        (["-m", "experiment=smoke", "trainer.max_step=5"], True),
+        (["optim.lr=1e-3,3e-3", "experiment=smoke"], False),  # no sweep asked for: Hydra refuses
+    ):
+        with pytest.raises(SystemExit) as e:
+            _check_overrides(args, sweep)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Did you mean trainer.max_steps?" in err and "--multirun" in err
