@@ -62,6 +62,15 @@ def is_deepspeed(cfg: TrainConfig) -> bool:
     return cfg.dist.mode in ZERO_STAGE
 
 
+def check_world_size(mode: str, world_size: int) -> None:
+    """dist=single is one process: more would each train a copy of their own."""
+    if world_size > 1 and mode == "single":
+        raise ConfigError(
+            f"dist.mode: 'single' is one process and this run has {world_size}; choose "
+            "dist=ddp, zero1, zero2, zero3 or fsdp2"
+        )
+
+
 def check_launch(cfg: TrainConfig, world_size: int) -> None:
     """Mismatches between the config, the launcher and the device, caught before any process
     group."""
@@ -85,11 +94,7 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
             "trainer.attention: flash attention on CUDA needs bf16 or fp16; set "
             "trainer.precision=bf16 (or auto), or trainer.attention=auto"
         )
-    if world_size > 1 and mode == "single":
-        raise ConfigError(
-            f"dist.mode: 'single' but the launcher started {world_size} processes; "
-            "choose dist=ddp, zero1, zero2, zero3 or fsdp2"
-        )
+    check_world_size(mode, world_size)
     env = os.environ
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")

@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights dtype")
     parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
     parser.add_argument(
-        "--max-shard-size", default="5GB", help="split larger weights into files of this size"
+        "--max-shard-size",
+        default="5GB",
+        type=lambda v: int(v) if v.isdigit() else v,  # bytes, as save_pretrained takes them
+        help="split larger weights into files of this size: 5GB, 500MB, or bytes",
     )
     args = parser.parse_args(argv)
     try:

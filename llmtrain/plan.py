@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtrain.config import ConfigError, TrainConfig, load_config
+from llmtrain.dist import check_world_size
 from llmtrain.memory import (
     DEEPSPEED_MODES,
     activation_bytes,
@@ -381,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
     try:
         cfg = _load(overrides, args.gpus)
+        check_world_size(cfg.dist.mode, args.gpus)  # what the launch would refuse
     except ConfigError as e:
         print(f"llmtrain-plan: bad config: {e}", file=sys.stderr)
         return 2

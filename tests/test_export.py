@@ -115,6 +115,9 @@ def test_large_weights_are_sharded_with_an_index(tmp_path_factory, tmp_path, fam
     main([str(run), str(out), "--max-shard-size", "8MB"])
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    in_bytes = tmp_path / "hf-bytes"  # a byte count, as save_pretrained takes one
+    main([str(run), str(in_bytes), "--max-shard-size", "8000000"])
+    assert sorted(p.name for p in in_bytes.glob("model-*.safetensors")) == shards
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == shards
     sharded = transformers.AutoModelForCausalLM.from_pretrained(out)

@@ -159,6 +159,12 @@ def test_cli_bad_config_names_the_key(capsys):
     assert "trainer.batch_tokens" in capsys.readouterr().err
 
 
+def test_cli_refuses_what_the_launch_refuses(capsys):
+    assert main(["--gpus", "2", "experiment=smoke"]) == 2  # it planned dist=single on 2 GPUs
+    assert "dist.mode: 'single' is one process and this run has 2" in capsys.readouterr().err
+    assert main(["--gpus", "2", "experiment=smoke", "dist=ddp"]) == 0
+
+
 def test_plan_reports_gib():
     p = plan(cfg_for("model=gpt2-small"), world_size=1, gpu_mem_gb=24)
     assert p.gpu_mem_bytes == 24 * GiB
