@@ -242,8 +242,18 @@ def compose_config(overrides: list[str] | None = None) -> TrainConfig:
     except (HydraException, OmegaConfBaseException) as e:
         cause = f"\n{e.__cause__}" if e.__cause__ else ""
         message = _without_append_hint(f"{e}{cause}", e.__cause__ or e)
-        raise ConfigError(_plus_group_hint(message, overrides or [])) from e
+        raise ConfigError(_more_hints(_plus_group_hint(message, overrides or []))) from e
     return to_dataclass(node)
+
+
+def _more_hints(message: str) -> str:
+    """What to write instead, for Hydra errors that only say what went wrong."""
+    if message.startswith("Could not delete from config."):  # ~key: the schema keeps every key
+        key = message.split("'")[1] if "'" in message else "KEY"
+        return f"{message}\nEvery setting stays in the config; to unset one, write {key}=null"
+    if "of type 'float' could not be converted to Integer" in message:
+        return f"{message}\nWrite a whole number without an exponent: 10_000_000_000, not 1e10"
+    return message
 
 
 def _plus_group_hint(message: str, overrides: list[str]) -> str:

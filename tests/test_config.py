@@ -247,3 +247,15 @@ def test_runs_started_in_the_same_second_get_their_own_dirs():
     a = resolved(datetime(2026, 1, 1, 12, 0, 0, 1))
     b = resolved(datetime(2026, 1, 1, 12, 0, 0, 500_000))
     assert "${" not in a and a != b
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("~trainer.max_steps", "to unset one, write trainer.max_steps=null"),  # Hydra's delete
+        ("trainer.max_tokens=1e10", "10_000_000_000, not 1e10"),  # YAML reads 1e10 as a float
+    ],
+)
+def test_hydra_errors_that_only_say_what_went_wrong_say_what_to_write(override, hint):
+    with pytest.raises(ConfigError, match=hint):
+        load_config([override])
