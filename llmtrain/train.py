@@ -393,12 +393,21 @@ def _hydra_main(node: DictConfig) -> None:
     try:
         _job(node)
     except SystemExit as e:
+        _drop_if_empty(Path(HydraConfig.get().runtime.output_dir))
         if not sweep or e.code == 130:
             raise
         _SWEEP["failed"].append(int(e.code or 0))
         wandb = sys.modules.get("wandb")  # a run stopped midway left its W&B run open
         if wandb is not None and getattr(wandb, "run", None) is not None:
             wandb.finish(exit_code=int(e.code or 0))
+
+
+def _drop_if_empty(run_dir: Path) -> None:
+    """A run refused before it wrote anything (a config, data or launch error) leaves no empty
+    run dir behind. Rank 0 only: the others run in ``.``."""
+    if int(os.environ.get("RANK", "0")) == 0 and run_dir.resolve() != Path.cwd().resolve():
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            run_dir.rmdir()
 
 
 def _job(node: DictConfig) -> None:

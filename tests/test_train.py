@@ -631,3 +631,15 @@ def test_the_override_check_sees_what_hydra_will_run(tmp_path, capsys):
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Did you mean trainer.max_steps?" in err and "--multirun" in err
+
+
+def test_a_run_refused_before_it_wrote_anything_leaves_no_run_dir(tmp_path, monkeypatch):
+    import llmtrain.train as train_mod
+
+    monkeypatch.chdir(tmp_path)
+    args = ["llmtrain-train", "experiment=smoke", "data=local", "data.files=none.txt"]
+    monkeypatch.setattr(sys, "argv", [*args, "hydra.run.dir=runs/refused"])
+    with pytest.raises(SystemExit) as e:
+        train_mod.main()
+    assert e.value.code == 2 and (tmp_path / "runs").is_dir()
+    assert not (tmp_path / "runs" / "refused").exists()  # Hydra made it; nothing went in
