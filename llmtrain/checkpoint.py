@@ -126,7 +126,7 @@ def roll_back(ckpt_root: Path, target: Path) -> list[Path]:
         return []
     later = [c for c in complete_checkpoints(ckpt_root) if _step(c) > _step(target)]
     if later:
-        write_atomic(ckpt_root / "latest", target.name + "\n")
+        write_atomic(ckpt_root / "latest", target.name)  # as save() writes it
     return later
 
 

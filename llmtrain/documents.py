@@ -314,9 +314,10 @@ MAX_REPLACED = 1e-3
 
 
 def _undecodable(text: str, cfg: DataConfig) -> bool:
-    """Lone surrogates; or a .txt document whose bytes were mostly not UTF-8 (MAX_REPLACED)."""
-    replaced = text.count("\ufffd")
-    if replaced > MAX_REPLACED * len(text) and cfg.files and _builder_of(cfg.files) == "text":
+    """Lone surrogates; or a .txt document with more U+FFFD than MAX_REPLACED allows (counted
+    only for .txt files: in other sources U+FFFD is plain text)."""
+    txt = cfg.files and _builder_of(cfg.files) == "text"
+    if txt and text.count("\ufffd") > MAX_REPLACED * len(text):
         return True
     try:
         text.encode("utf-8")
