@@ -336,6 +336,9 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
         save(final=True)
     run.metrics_file.close()
     run.logger.finish()
+    # Every rank at the same point before end_training() destroys the process group: a rank
+    # tearing it down while another still finishes can hang that one (pytorch/pytorch#75097).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     if stop:
         saved = saved or ckpt.latest_checkpoint(run.ckpt_root) or "the start (no checkpoint)"

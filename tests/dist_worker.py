@@ -8,8 +8,10 @@ torch 2.13's gloo teardown can abort a finished process otherwise (pytorch issue
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
+import signal
 import socket
 import sys
 import time
@@ -59,6 +61,8 @@ def _worker(
     )
     import torch
 
+    # A hung rank prints every thread's stack when the parent gives up on it (see run).
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     torch.set_num_threads(1)
     _reset_singletons()
     code = 0
@@ -104,6 +108,9 @@ def run(
         while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
             if time.monotonic() >= deadline:  # a hung rank: end them all, or they outlive the test
                 stuck = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+                for r in stuck:  # where it hangs, on its stderr
+                    os.kill(ctx.processes[r].pid, signal.SIGQUIT)
+                time.sleep(1)
                 for p in ctx.processes:
                     p.kill()
                 raise TimeoutError(f"ranks {stuck} still running after {timeout:.0f} s")
