@@ -26,6 +26,10 @@ RUN_DIR="${LLMTRAIN_RUN_DIR:-runs/${JOB_NAME//[^A-Za-z0-9._-]/_}-${SLURM_JOB_ID}
 
 if command -v scontrol >/dev/null 2>&1; then
     mapfile -t HOSTS < <(scontrol show hostnames "${SLURM_JOB_NODELIST}")
+elif [[ "${SLURM_JOB_NODELIST:-}" == *"["* ]]; then
+    echo "llmtrain: SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST} needs scontrol to expand it, and" \
+        "scontrol is not on PATH (in a dry run, list the hosts: gpu01,gpu02)" >&2
+    exit 2
 else
     IFS=',' read -r -a HOSTS <<< "${SLURM_JOB_NODELIST:-localhost}"
 fi
@@ -46,17 +50,18 @@ export PYTHONUNBUFFERED=1
 # run dir holds a checkpoint of its own, then trainer.resume=auto continues from that. One of
 # the run dir's own checkpoints (a rollback) is used on the job's first start only.
 train_overrides() {
-    local a value resume=auto run_dir_arg="hydra.run.dir=${RUN_DIR}"
+    local a value resume=auto
+    plain_path "${RUN_DIR}" LLMTRAIN_RUN_DIR
     TRAIN_ARGS=(${LLMTRAIN_TIMEOUT_S:+"dist.timeout_s=${LLMTRAIN_TIMEOUT_S}"})
     for a in "$@"; do
         case "${a}" in
-            hydra.run.dir=*)
-                run_dir_arg="${a}"
+            hydra.run.dir=* | +hydra.run.dir=* | ++hydra.run.dir=*)
                 value="${a#*=}"
                 [[ "${value}" =~ ^\'(.*)\'$ || "${value}" =~ ^\"(.*)\"$ ]] && value="${BASH_REMATCH[1]}"
+                plain_path "${value}" hydra.run.dir
                 RUN_DIR="${value}"
                 ;;
-            trainer.resume=*) resume="${a#*=}" ;;
+            trainer.resume=* | +trainer.resume=* | ++trainer.resume=*) resume="${a#*=}" ;;
             *) TRAIN_ARGS+=("${a}") ;;
         esac
     done
@@ -69,7 +74,26 @@ train_overrides() {
             *) resume=auto ;;
         esac
     fi
-    TRAIN_ARGS+=("trainer.resume=${resume}" "${run_dir_arg}")
+    TRAIN_ARGS+=("trainer.resume=${resume}" "hydra.run.dir=$(hydra_value "${RUN_DIR}")")
+}
+
+# $1 as one Hydra value: quoted when Hydra would parse it (= , [ ' ~ or a space in a path).
+hydra_value() {
+    if [[ "$1" =~ ^[A-Za-z0-9._/+@%:-]+$ ]]; then
+        printf '%s' "$1"
+    else
+        printf "'%s'" "${1//\'/\\\'}"
+    fi
+}
+
+# The run dir is read here too (its checkpoints, the exit file), so it must mean to this script
+# what it means to Hydra: a path, with no ${...} interpolation or backslash escape in it.
+plain_path() {
+    if [[ -z "$1" || "$1" == *'$'* || "$1" == *'\'* ]]; then
+        echo "llmtrain: $2=$1: give the run dir as a plain path, without \$ or \\" \
+            "(the script finds the run's checkpoints there)" >&2
+        exit 2
+    fi
 }
 
 # The command of node $1 (its SLURM_NODEID); the training arguments (TRAIN_ARGS) follow.
@@ -123,25 +147,52 @@ run_nodes() {
     if [[ ${rc} -ne 0 && -s "${LLMTRAIN_EXIT_FILE}" ]]; then
         rc="$(head -n 1 "${LLMTRAIN_EXIT_FILE}")"
     fi
-    # 75: preempted (USR1/TERM) or out of time, a checkpoint was saved: always requeued, a
+    # 75: preempted (USR1/TERM) or out of time with a new checkpoint: always requeued, a
     # week-long run under a 24-hour limit needs six of these. Other failures (a crashed node,
-    # a NCCL timeout) resume from the last checkpoint too, up to MAX_REQUEUES times in a row
-    # without a new checkpoint. 2 is a config, data or checkpoint error, or a run that
-    # diverged: a requeue would only fail again.
-    local failures_file="${RUN_DIR}/.failures-${SLURM_JOB_ID}" failures=0
+    # a NCCL timeout, a stop whose save failed) resume from the last checkpoint too, up to
+    # MAX_REQUEUES times in a row without a new checkpoint. 2 is a config, data or checkpoint
+    # error, or a run that diverged, and 126/127 a launcher that could not start: a requeue
+    # would only fail again.
+    local failures_file="${RUN_DIR}/.failures-${SLURM_JOB_ID}" failures=0 saved=0
     [[ -s "${failures_file}" ]] && failures="$(head -n 1 "${failures_file}")"
-    [[ "$(cat "${latest}" 2>/dev/null || true)" != "${before}" ]] && failures=0  # progress
-    if [[ ${rc} -eq 2 ]]; then
+    if [[ "$(cat "${latest}" 2>/dev/null || true)" != "${before}" ]]; then
+        saved=1
+        failures=0
+        rm -f "${failures_file}"
+    fi
+    if [[ ${rc} -eq 0 ]]; then
+        :
+    elif [[ ${rc} -eq 2 ]]; then
         echo "llmtrain: config, data or checkpoint error, or divergence (exit 2); not requeueing, fix the arguments"
-    elif [[ ${rc} -eq 75 ]]; then
+    elif [[ ${rc} -eq 126 || ${rc} -eq 127 ]]; then
+        echo "llmtrain: the launch command could not start (exit ${rc}: is accelerate on PATH" \
+            "in the job's environment?); not requeueing"
+    elif [[ ${rc} -eq 75 && ${saved} -eq 1 ]]; then
         echo "llmtrain: stopped by a signal with a checkpoint (exit 75); requeueing job ${SLURM_JOB_ID} (resume=auto)"
-        scontrol requeue "${SLURM_JOB_ID}"
-    elif [[ ${rc} -ne 0 && ${failures} -lt ${MAX_REQUEUES} ]]; then
+        requeue
+    elif [[ ${failures} -lt ${MAX_REQUEUES} ]]; then
         echo "$((failures + 1))" > "${failures_file}"
-        echo "llmtrain: training exited with ${rc}; requeueing job ${SLURM_JOB_ID} (resume=auto), failure $((failures + 1)) of ${MAX_REQUEUES}"
-        scontrol requeue "${SLURM_JOB_ID}"
-    elif [[ ${rc} -ne 0 ]]; then
+        local what="training exited with ${rc}"
+        [[ ${rc} -eq 75 ]] && what="stopped by a signal without a new checkpoint (exit 75)"
+        echo "llmtrain: ${what}; requeueing job ${SLURM_JOB_ID} (resume=auto), failure $((failures + 1)) of ${MAX_REQUEUES}"
+        requeue
+    else
         echo "llmtrain: training exited with ${rc}; not requeueing, job ${SLURM_JOB_ID} failed ${MAX_REQUEUES} times in a row without a new checkpoint (LLMTRAIN_MAX_REQUEUES)"
     fi
     return "${rc}"
+}
+
+# scontrol requeue, tried again while the controller does not answer (a busy slurmctld times
+# out now and then): a job that saved its checkpoint must not end for want of a requeue.
+requeue() {
+    local wait
+    for wait in 5 15 30 0; do
+        scontrol requeue "${SLURM_JOB_ID}" && return 0
+        if [[ ${wait} -gt 0 ]]; then
+            echo "llmtrain: scontrol requeue ${SLURM_JOB_ID} failed; trying again in ${wait} s" >&2
+            sleep "${wait}"
+        fi
+    done
+    echo "llmtrain: could not requeue job ${SLURM_JOB_ID}; submit the same command again with" \
+        "hydra.run.dir=$(hydra_value "${RUN_DIR}"): it resumes from the run's last checkpoint" >&2
 }

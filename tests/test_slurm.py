@@ -114,7 +114,10 @@ def _fake_bin(tmp_path: Path, accelerate_rc: int, worker_code: int | None = None
         "shift $(($# - 3))\nrc=0\n"
         "for n in $(seq 0 $((SLURM_NNODES - 1))); do\n"
         '  SLURM_NODEID=$n "$@" || rc=$?\ndone\nexit $rc\n',
+        # FAKE_SCONTROL_FAILS: this many requeue calls time out first, as a busy slurmctld's
         "scontrol": '#!/bin/bash\nif [ "$1" = show ]; then echo gpu07; echo gpu08; echo gpu09;\n'
+        'elif [ "$(cat "$FAKE_LOG.fails" 2>/dev/null | wc -l)" -lt "${FAKE_SCONTROL_FAILS:-0}" ];'
+        ' then echo x >> "$FAKE_LOG.fails"; echo "Socket timed out" >&2; exit 1\n'
         'else echo "$@" >> "$FAKE_LOG.scontrol"; fi\n',
         # Like torchrun: the workers' code goes to LLMTRAIN_EXIT_FILE, the launcher exits 1.
         "accelerate": '#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n'
@@ -134,7 +137,7 @@ def _fake_bin(tmp_path: Path, accelerate_rc: int, worker_code: int | None = None
 
 @pytest.mark.parametrize(
     "launcher_rc, worker_code, rc",
-    [(0, None, 0), (1, None, 1), (1, 75, 75), (1, 2, 2), (2, None, 2)],
+    [(0, None, 0), (1, None, 1), (1, 75, 75), (1, 2, 2), (2, None, 2), (127, None, 127)],
 )
 def test_real_path_one_launcher_per_node_and_requeue_on_failure(
     tmp_path, launcher_rc, worker_code, rc
@@ -151,8 +154,9 @@ def test_real_path_one_launcher_per_node_and_requeue_on_failure(
     # sbatch's --cpus-per-task reaches the step (srun has not inherited it since Slurm 22.05)
     assert "--cpus-per-task=64" in Path(f"{log}.srun").read_text()
     requeued = Path(f"{log}.scontrol")
-    assert requeued.is_file() == (rc not in (0, 2))  # 2: config error, never requeued
-    if rc not in (0, 2):
+    # 2: config error, 127: no launcher on PATH; a requeue would fail the same way
+    assert requeued.is_file() == (rc not in (0, 2, 127))
+    if requeued.is_file():
         assert requeued.read_text().strip() == "requeue 4242"
 
 
@@ -167,23 +171,46 @@ def _last(args: list[str], key: str) -> str:
 
 
 def test_preemptions_always_requeue_failures_stop_at_llmtrain_max_requeues(tmp_path):
-    """A week under a 24-hour limit is six requeues with exit 75 (checkpoint saved); they do
-    not count. Failures (exit 1) are requeued LLMTRAIN_MAX_REQUEUES times in a row; one that
-    saved a checkpoint first starts the count again."""
+    """A week under a 24-hour limit is six requeues with exit 75 and a new checkpoint; they do
+    not count. Failures (exit 1, or a 75 whose save failed) are requeued LLMTRAIN_MAX_REQUEUES
+    times in a row; an attempt that saved a checkpoint, a preemption's included, starts the
+    count again."""
     log = tmp_path / "calls"
     env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log),
            "LLMTRAIN_RUN_DIR": str(tmp_path / "run"), "LLMTRAIN_MAX_REQUEUES": "2"}  # fmt: skip
     (tmp_path / "p").mkdir(), (tmp_path / "c").mkdir()
     preempted, crashed = _fake_bin(tmp_path / "p", 1, 75), _fake_bin(tmp_path / "c", 1)
+    saves = {"FAKE_SAVES": "1"}
     requeues = Path(f"{log}.scontrol")
-    attempts = [(preempted, {})] * 7 + [(crashed, {})] * 2 + [(crashed, {"FAKE_SAVES": "1"})]
-    attempts += [(crashed, {}), (crashed, {})]
+    attempts = [(crashed, {})] + [(preempted, saves)] * 6 + [(crashed, {})] * 2
+    attempts += [(preempted, saves), (preempted, {}), (crashed, {}), (crashed, {})]
     for restart, (fake, extra) in enumerate(attempts):
         out = sbatch("multi-node.sbatch", ["dist=fsdp2"],
                      {**env, **extra, "SLURM_RESTART_COUNT": str(restart)}, fake)  # fmt: skip
-        assert out.returncode == (75 if restart < 7 else 1)
+        assert out.returncode == (75 if fake is preempted else 1)
         assert len(requeues.read_text().splitlines()) == min(restart + 1, len(attempts) - 1)
+        if restart == 10:  # preempted, but its save failed: the run made no progress
+            assert "without a new checkpoint (exit 75)" in out.stdout
+            assert "failure 1 of 2" in out.stdout
     assert "not requeueing, job 4242 failed 2 times in a row" in out.stdout + out.stderr
+
+
+def test_a_requeue_the_controller_times_out_on_is_tried_again(tmp_path):
+    log = tmp_path / "calls"
+    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log),
+           "LLMTRAIN_RUN_DIR": str(tmp_path / "run"), "FAKE_SCONTROL_FAILS": "1",
+           "FAKE_SAVES": "1"}  # fmt: skip
+    out = sbatch("multi-node.sbatch", ["dist=fsdp2"], env, _fake_bin(tmp_path, 1, 75))
+    assert out.returncode == 75
+    assert "scontrol requeue 4242 failed; trying again in 5 s" in out.stderr
+    assert Path(f"{log}.scontrol").read_text() == "requeue 4242\n"
+
+
+def test_a_bracketed_node_list_without_scontrol_is_refused(tmp_path):
+    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[01-03,07]", "LLMTRAIN_DRY_RUN": "1",
+           "PATH": "/usr/bin:/bin"}  # fmt: skip
+    out = sbatch("multi-node.sbatch", [], env)
+    assert out.returncode == 2 and "needs scontrol to expand it" in out.stderr
 
 
 def test_the_users_run_dir_resume_and_timeout_win_and_requeues_continue(tmp_path):
@@ -199,7 +226,7 @@ def test_the_users_run_dir_resume_and_timeout_win_and_requeues_continue(tmp_path
     for node in range(3):
         args = _args(log, node)
         assert _last(args, "trainer.resume") == phase1
-        assert _last(args, "hydra.run.dir") == f"'{mine}'"
+        assert _hydra(_last(args, "hydra.run.dir")) == str(mine)
         assert _last(args, "dist.timeout_s") == "7200"
     assert (mine / ".exit-4242-0").read_text() == "75\n"  # the exit file is in the user's dir
     state = mine / "checkpoints" / "step_0001100" / "trainer_state.json"
@@ -208,7 +235,49 @@ def test_the_users_run_dir_resume_and_timeout_win_and_requeues_continue(tmp_path
     out = sbatch("multi-node.sbatch", user, {**env, "SLURM_RESTART_COUNT": "1"},
                  tmp_path / "bin")  # fmt: skip
     assert _last(_args(log, 0), "trainer.resume") == "auto"
-    assert _last(_args(log, 0), "hydra.run.dir") == f"'{mine}'"
+    assert _hydra(_last(_args(log, 0), "hydra.run.dir")) == str(mine)
+
+
+def _hydra(value: str) -> str:
+    """What Hydra reads from ``value`` on the command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"hydra.run.dir={value}").value()
+
+
+@pytest.mark.parametrize("name", ["lr=3e-4,bs=1M", "it's [2]", "plain-name"])
+def test_a_run_dir_hydra_would_parse_reaches_it_as_the_path(tmp_path, name):
+    """LLMTRAIN_RUN_DIR=/scratch/lr=3e-4 went to Hydra unquoted (a parse error, exit 2), and
+    a quoted one became another directory to this script than to Hydra."""
+    log, mine = tmp_path / "calls", tmp_path / name
+    env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[07-09]", "FAKE_LOG": str(log)}
+    fake = _fake_bin(tmp_path, 1, 75)
+    out = sbatch("multi-node.sbatch", ["dist=fsdp2"], {**env, "LLMTRAIN_RUN_DIR": str(mine)}, fake)
+    assert out.returncode == 75, out.stderr
+    assert _hydra(_last(_args(log, 0), "hydra.run.dir")) == str(mine)
+    assert (mine / ".exit-4242-0").read_text() == "75\n"
+    log.unlink()
+    out = sbatch("multi-node.sbatch", ["dist=fsdp2", f'++hydra.run.dir="{mine}"',
+                                       "++trainer.resume=runs/p1/checkpoints/step_0000010"],
+                 env, fake)  # fmt: skip
+    args = _args(log, 0)
+    assert [a for a in args if "hydra.run.dir" in a] == [
+        f"hydra.run.dir={_last(args, 'hydra.run.dir')}"
+    ]
+    assert _hydra(_last(args, "hydra.run.dir")) == str(mine)
+    assert [a for a in args if "trainer.resume" in a] == [
+        "trainer.resume=runs/p1/checkpoints/step_0000010"
+    ]
+
+
+def test_a_run_dir_the_script_cannot_read_as_hydra_does_is_refused(tmp_path):
+    env = {**FAKE, "LLMTRAIN_DRY_RUN": "1"}
+    for args, extra in [
+        (["hydra.run.dir=/scratch/${oc.env:USER}/run"], {}),
+        ([], {"LLMTRAIN_RUN_DIR": "/scratch/a\\b"}),
+    ]:
+        out = sbatch("multi-node.sbatch", args, {**env, **extra})
+        assert out.returncode == 2 and "give the run dir as a plain path" in out.stderr
 
 
 def test_a_rollback_to_the_run_dirs_own_checkpoint_is_kept_on_the_first_start(tmp_path):
