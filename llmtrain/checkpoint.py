@@ -33,6 +33,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import threading
@@ -74,6 +75,16 @@ class Diverged(RuntimeError):
 
 class Preempted(Exception):
     """A preemption signal stopped the run after a checkpoint; exit with EXIT_PREEMPTED."""
+
+
+def resume_overrides(run_dir: Path) -> str:
+    """What to add to the same command to go on from ``run_dir``'s latest checkpoint, as shell
+    words. The run dir is named: by default each start makes a new dated one, where
+    ``trainer.resume=auto`` alone would find nothing and start over."""
+    value = str(run_dir)
+    if not re.fullmatch(r"[\w./+@%:-]+", value, flags=re.ASCII):  # Hydra would parse it
+        value = "'" + value.replace("'", "\\'") + "'"
+    return f"trainer.resume=auto {shlex.quote('hydra.run.dir=' + value)}"
 
 
 @dataclass

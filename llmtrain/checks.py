@@ -339,10 +339,8 @@ def _check_batch(t: TrainerConfig, d: DataConfig, ws: int) -> None:
     window = t.micro_batch_size * d.seq_len * ws
     if t.batch_tokens % window == 0:
         return
-    bigger = max(1, t.batch_tokens // window) * window
-    hint = f"try {bigger}"
-    if bigger != t.batch_tokens:  # another global batch is another recipe: say so
-        hint += f" ({bigger / t.batch_tokens:.3g}x the global batch)"
+    nearest = max(1, round(t.batch_tokens / window)) * window
+    hint = f"try {nearest} ({nearest / t.batch_tokens:.3g}x the global batch)"  # another recipe
     if t.batch_tokens % (d.seq_len * ws) == 0:  # a smaller micro-batch keeps the global batch
         rows = t.batch_tokens // (d.seq_len * ws)  # sequences per process per step
         micro = max(m for m in range(1, min(rows, t.micro_batch_size) + 1) if rows % m == 0)

@@ -132,6 +132,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
+    if run_dir.name == "metrics.jsonl" and run_dir.is_file():  # the file itself was named
+        run_dir = run_dir.parent
     records = _perplexity(read_metrics(run_dir / "metrics.jsonl"))
     loss = [("loss", "train", "train"), ("val_loss", "val", "val")]
     by_tokens = any(isinstance(r.get("tokens"), (int, float)) for r in records)
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llmtrain-plot", description="Plot loss, perplexity, lr and throughput of a run."
     )
-    parser.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
+    parser.add_argument("run_dir", type=Path, help="a run directory, or its metrics.jsonl")
     parser.add_argument(
         "--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plots.png)"
     )

@@ -340,7 +340,10 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     for note in plan_notes(cfg, plan) + shard_notes(cfg):
         run.say(note)
     if resume_from is None and cfg.trainer.resume == "auto":
-        run.say(f"  resume     auto: no checkpoint in {run_dir / 'checkpoints'}; from step 0")
+        run.say(
+            f"  resume     auto: no checkpoint in {run_dir / 'checkpoints'}; from step 0 (to go "
+            "on with an earlier run, name its dir: hydra.run.dir=...)"
+        )
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
         if abandoned:
@@ -417,10 +420,16 @@ def horizon_notes(cfg: TrainConfig, plan: Plan, saved: TrainConfig) -> list[str]
             f"{plan.max_steps:,} steps; raise trainer.max_steps (or trainer.max_tokens) to go on"
         )
     elif before != plan.max_steps and cfg.optim.schedule != "constant":
+        # The schedule is re-evaluated at the new horizon, not continued from the lr reached:
+        # extending a decayed run sends the lr back up (say by how much).
+        was = lr_at(step - 1, saved.optim, before) if step > 0 else 0.0
+        now = lr_at(step, cfg.optim, plan.max_steps)
+        jump = f" ({now / was:.3g}x)" if was > 0 else ""
         notes.append(
             f"  schedule   the {cfg.optim.schedule} lr schedule now ends at step "
-            f"{plan.max_steps:,}, not {before:,} as the checkpoint's run planned: its decay is "
-            "reshaped from here"
+            f"{plan.max_steps:,}, not {before:,} as the checkpoint's run planned: it is "
+            f"recomputed for the new horizon, and the lr goes from {was:.2e} at step {step:,} "
+            f"to {now:.2e} at step {step + 1:,}{jump}"
         )
     return notes
 

@@ -341,10 +341,14 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if stop:
-        saved = saved or ckpt.latest_checkpoint(run.ckpt_root) or "the start (no checkpoint)"
+        saved = saved or ckpt.latest_checkpoint(run.ckpt_root)
         raise ckpt.Preempted(
             f"stopped by {preempt.signal or 'a signal to another rank'} after step {state.step}; "
-            f"trainer.resume=auto resumes from {saved}"
+            + (
+                f"go on from {saved}: add {ckpt.resume_overrides(run.run_dir)} to the same command"
+                if saved
+                else "no checkpoint was written, so the same command starts over"
+            )
         )
     return state
 
@@ -436,7 +440,8 @@ def _job(node: DictConfig) -> None:
     except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
         last = ckpt.latest_checkpoint(run_dir / "checkpoints") if run_dir else None
         _exit(130, "interrupted", "stopped at once, unsaved; " + (
-            f"trainer.resume=auto resumes from {last}" if last else "no checkpoint was written yet"
+            f"go on from {last}: add {ckpt.resume_overrides(run_dir)} to the same command"
+            if last else "no checkpoint was written yet"
         ))  # fmt: skip
 
 

@@ -35,6 +35,14 @@ def test_the_world_size_is_part_of_the_batch_window():
         validate(cfg, world_size=4)
 
 
+def test_the_batch_hint_is_the_nearest_batch_that_splits():
+    """batch_tokens=1000 with 512-token windows was told 'try 512 (0.512x)', not 1024."""
+    cfg = config(batch_tokens=1000, micro_batch_size=8)
+    cfg.data.seq_len = 64
+    with pytest.raises(ConfigError, match=r"try 1024 \(1\.02x the global batch\)"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize(
     ("section", "change", "key"),
     [

@@ -49,6 +49,9 @@ def test_plot_writes_png(tmp_path, capsys):
     out = tmp_path / "plots.png"
     assert_png(out)
     assert capsys.readouterr().out.strip() == str(out)
+    out.unlink()
+    assert main([str(tmp_path / "metrics.jsonl")]) == 0  # the file itself, named
+    assert_png(out)
 
 
 def test_plot_missing_keys_and_out_flag(tmp_path):

@@ -228,6 +228,18 @@ def test_sigterm_saves_exits_75_and_resumes_and_leaks_no_credentials(tmp_path, c
     assert steps_logged(run_dir)[-2:] == [stopped + 1, stopped + 2]
 
 
+@pytest.mark.parametrize("name", ["runs/2026-11-24/05-55-29-326804", "lr=3e-4,bs 1M", "it's"])
+def test_the_resume_advice_names_the_run_dir_as_the_shell_and_hydra_read_it(tmp_path, name):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = shlex.split(ckpt.resume_overrides(tmp_path / name))
+    assert words[0] == "trainer.resume=auto"
+    (override,) = OverridesParser.create().parse_overrides(words[1:])
+    assert override.key_or_group == "hydra.run.dir" and override.value() == str(tmp_path / name)
+
+
 def test_ctrl_c_saves_like_a_preemption_and_a_second_ctrl_c_stops_at_once():
     """Ctrl-C used to kill a workstation run with a traceback and no checkpoint."""
     before = signal.getsignal(signal.SIGINT)

@@ -5,6 +5,7 @@ import torch
 from tiny import TINY
 
 from llmtrain.config import load_config
+from llmtrain.optim import lr_at
 from llmtrain.run import Plan, build_model, compile_model, startup_report
 
 FAST = [*TINY, "trainer.max_steps=1"]
@@ -93,6 +94,11 @@ def test_a_resume_says_when_it_has_nothing_to_do_or_moves_the_schedule_end():
     assert "nothing to train: the checkpoint is at step 100 and the horizon is 100" in note
     (note,) = horizon_notes(longer, resumed_at(longer, 60), saved)
     assert "cosine lr schedule now ends at step 300, not 100" in note
+    # a finished decay extended: the lr goes back up, and the note says from what to what
+    (note,) = horizon_notes(longer, resumed_at(longer, 100), saved)
+    was, now = lr_at(99, saved.optim, 100), lr_at(100, longer.optim, 300)
+    assert f"the lr goes from {was:.2e} at step 100 to {now:.2e} at step 101" in note
+    assert f"({now / was:.3g}x)" in note and now / was > 4
     flat = load_config(["experiment=smoke", "trainer.max_steps=300", "optim.schedule=constant"])
     assert horizon_notes(flat, resumed_at(flat, 60), saved) == []
 

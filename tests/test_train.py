@@ -147,8 +147,11 @@ def test_the_first_line_after_a_resume_averages_the_same_steps(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)  # the step after finishes, saves, stops
 
     part = tmp_path / "part"
-    with pytest.raises(Preempted, match="after step 2"):
+    with pytest.raises(Preempted, match="after step 2") as e:
         train(cfg, part, step_hook=preempt_at_1)
+    # the run dir is named: a default one is new and dated on every start (resume=auto alone
+    # started over in it)
+    assert f"add trainer.resume=auto hydra.run.dir={part} to the same command" in str(e.value)
     resumed = load_config([*FAST, "trainer.max_steps=6", *every, "trainer.resume=auto"])
     train(resumed, part)
     assert losses(part) == losses(tmp_path / "full")  # steps 4 and 6, bitwise
