@@ -96,6 +96,19 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
         )
     check_world_size(mode, world_size)
     env = os.environ
+    mpi_rank = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK")
+    if (
+        env.get("ACCELERATE_USE_CPU", "").lower() == "true"
+        and "MASTER_ADDR" in env
+        and "RANK" not in env
+        and not any(k in env for k in mpi_rank)
+    ):
+        # Accelerate's simple launcher (meant to run under mpirun) took --num_processes N and
+        # started one process; ddp trained alone without a word and ZeRO failed past startup.
+        raise ConfigError(
+            "launcher: `accelerate launch --cpu --num_processes N` starts one process, not N; "
+            "launch CPU processes with `accelerate launch --config_file launch/cpu.yaml`"
+        )
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         if mode not in ZERO_STAGE or (stage and int(stage) != ZERO_STAGE[mode]):
@@ -147,11 +160,20 @@ def _deepspeed_plugin(
             os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
 
 
-def _fsdp2_plugin(cfg: TrainConfig):
+def _fsdp2_plugin(cfg: TrainConfig, device: str):
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    policy = None
+    if (precision := resolve_precision(cfg.trainer.precision, device)) != "no":
+        # Accelerate's own policy also casts the model's outputs (output_dtype): the fp32 loss
+        # came back rounded to bf16, so every logged loss and val_loss was off by up to half a
+        # bf16 step (0.008 at a loss of 3). Weights gathered and gradients reduced in bf16.
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
+        mixed_precision_policy=policy,
         reshard_after_forward=cfg.dist.reshard_after_forward,
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["Block"],  # llmtrain.model.Block
@@ -184,7 +206,7 @@ def build_accelerator(
             cfg, grad_accum, world, device, load_universal
         )
     elif mode == "fsdp2":
-        plugins["fsdp_plugin"] = _fsdp2_plugin(cfg)
+        plugins["fsdp_plugin"] = _fsdp2_plugin(cfg, device)
     # cpu=True drops a DeepSpeed plugin without a word; DeepSpeed finds the CPU itself.
     cpu = device == "cpu" and mode not in ZERO_STAGE
     # Accelerate's state reads CPU mode from the environment too; set only while it is built,

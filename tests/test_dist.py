@@ -47,6 +47,16 @@ def test_launcher_mismatches_fail_before_any_process_group(monkeypatch):
     cfg.dist.mode = "single"
     with pytest.raises(ConfigError, match="dist.mode"):
         check_launch(cfg, 2)
+    # `accelerate launch --cpu --num_processes 2`: its simple launcher starts one process with
+    # the rendezvous address set and no RANK (ddp then trained alone, exit 0)
+    cfg.dist.mode = "ddp"
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ConfigError, match="starts one process, not N.*launch/cpu.yaml"):
+        check_launch(cfg, 1)
+    monkeypatch.setenv("PMI_RANK", "0")  # under mpirun, which that launcher is for
+    check_launch(cfg, 1)
 
 
 @pytest.mark.parametrize("launch", ["zero2", "zero3"])
@@ -290,6 +300,20 @@ def test_chunked_loss_under_sharded_parameters_matches_one_process(
     got = losses(tmp_path / "run")
     for step, loss in reference.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), (mode, step)
+
+
+@pytest.mark.distributed
+def test_fsdp2_in_bf16_logs_the_fp32_loss(shards, tmp_path):
+    """Accelerate's FSDP2 policy cast the model's outputs to bf16: the loss came back rounded
+    (val_loss 10.78125 against ddp's 10.7578 in bf16), every logged figure off by up to half a
+    bf16 step."""
+    args = [f"data.path={shards}", "trainer.max_steps=3", "trainer.precision=bf16"]
+    got = {}
+    for mode in ("ddp", "fsdp2"):
+        run(tmp_path, 2, tmp_path / mode, [*args, f"dist={mode}"])
+        lines = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+        got[mode] = [r for r in map(json.loads, lines) if "val_loss" in r][-1]["val_loss"]
+    assert got["fsdp2"] == pytest.approx(got["ddp"], abs=2e-3), got
 
 
 def _tiny_model():
