@@ -183,14 +183,30 @@ def run_framework(cfg: TrainConfig, warmup: int, plan, device) -> dict[str, Any]
 
     reset_peak(device)
     clock = StepClock(device, warmup, plan.max_steps)
+    before = compile_counts()
     with tempfile.TemporaryDirectory(prefix="llmtrain-bench-") as run_dir:
         train(cfg, Path(run_dir), step_hook=clock, final_save=False)
         metrics = Path(run_dir) / "metrics.jsonl"  # written by the main process only
         lines = metrics.read_text().splitlines() if metrics.exists() else []
     losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    compiled = {k: v - before[k] for k, v in compile_counts().items()}
     return {
         **clock.summary(),
         "loss": losses[-1] if losses else None,
+        "compiled": compiled,
+    }
+
+
+def compile_counts() -> dict[str, int]:
+    """Graphs dynamo compiled in this process so far, and inductor's on-disk cache hits and
+    misses: a run that compiled no graph reused code compiled in memory by an earlier run (its
+    first step is no compile time), and one with no cache miss compiled from a warm cache."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+        "cache_misses": counters["inductor"]["fxgraph_cache_miss"],
     }
 
 
@@ -248,8 +264,12 @@ def run_bare(cfg: TrainConfig, cpu_batches, warmup: int, plan, device) -> dict[s
             optimizer.zero_grad(set_to_none=cfg.trainer.set_to_none)
             clock(None, no_wait)
     loss = loss_sum.item() / (accum * total)
+    summary = clock.summary()
+    if device.type == "cuda":  # the framework holds one batch at a time, not all of them
+        held = sum(x.nbytes + y.nbytes for x, y in batches) - batches[0][0].nbytes * 2
+        summary["peak_mem_gb"] -= held / 2**30
     del model, optimizer, batches
-    return {**clock.summary(), "loss": loss}
+    return {**summary, "loss": loss}
 
 
 class _NoWait:
@@ -259,23 +279,31 @@ class _NoWait:
         self.start, self.data_wait = time.perf_counter(), 0.0
 
 
-def compile_cache_warm() -> bool:
-    """Whether inductor's on-disk cache already holds compiled code: a warm cache makes the
-    first step's compile seconds (compile_s) a fraction of a cold compile's."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    path = Path(cache_dir())
-    return path.is_dir() and any(path.iterdir())
-
-
 def command_line(argv: list[str] | None) -> str:
     if argv is not None or not sys.argv[0].endswith(".py"):
         prog = "llmtrain-bench"
     else:
         prog = "python -m llmtrain.bench"
-    if "LOCAL_RANK" in os.environ:  # under accelerate launch / torchrun
+    if "LOCAL_RANK" in os.environ:  # under accelerate launch / torchrun: its command line
+        if launcher := launcher_command():
+            return launcher
         prog = f"<launcher, WORLD_SIZE={os.environ.get('WORLD_SIZE', '1')}> {prog}"
     return " ".join([prog, shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
+
+
+def launcher_command(pid: int | None = None) -> str | None:
+    """The launcher's command line (``accelerate launch --config_file ... -m llmtrain.bench
+    ...``), read from the parent process (Linux), with the interpreter's path dropped."""
+    try:
+        words = Path(f"/proc/{pid or os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, UnicodeDecodeError):
+        return None
+    words = [w for w in words if w]
+    if not any("llmtrain" in w for w in words):
+        return None
+    if Path(words[0]).name.startswith("python"):
+        words = ["python", *words[1:]] if words[1:2] == ["-m"] else words[1:]
+    return shlex.join([Path(words[0]).name, *words[1:]])
 
 
 def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, Any]]:
@@ -295,10 +323,12 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
     plan, after_plan = Plan.from_config(cfg, world), Plan.from_config(after_cfg, world)
     device = torch.device(resolve_device(cfg.trainer.device))
     precision = resolve_precision(cfg.trainer.precision, device.type)
-    if args.baseline and (world > 1 or precision == "fp16"):
+    if args.baseline and (world > 1 or precision == "fp16" or cfg.dist.mode != "single"):
+        # ZeRO keeps bf16 weights (and zero3-offload steps with DeepSpeed's CPU Adam): the
+        # bare loop would time other work, and the ratio would read as overhead.
         raise ConfigError(
-            "--baseline: the bare loop is one process in fp32 or bf16; run it with one process "
-            "and trainer.precision=bf16 or fp32"
+            "--baseline: the bare loop is one process of dist=single in fp32 or bf16; run it "
+            "with one process, dist=single and trainer.precision=bf16 or fp32"
         )
     # Under a launcher each run's end (Accelerate's end_training) destroys the process group
     # the launcher made, and a second run in the process cannot start another.
@@ -308,7 +338,6 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
             f"under a launcher each process times one run: use --repeats 1 and no --versus "
             f"(asked for {timed} runs), and launch again for each further run"
         )
-    cache_warm = compile_cache_warm() if cfg.trainer.compile or after_cfg.trainer.compile else None
     cpu_batches, same_batches = (
         sample_batches(cfg, plan, plan.max_steps) if args.baseline else ([], False)
     )
@@ -328,7 +357,6 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
         device=device,
         precision=precision,
         args=args,
-        compile_cache_warm=cache_warm,
     )
     record = build_record(cfg, plan, runs["framework"], **common)
     if args.baseline:

@@ -232,3 +232,51 @@ def test_record_pins_code_versions_and_model_shape(shards):
     assert r["config"]["model"]["n_embd"] == 32 and r["n_params"] > 0
     assert len(r["source_sha"]) == 12 and r["python"] and r["accelerate"]
     assert "compile_cache_warm" in r
+
+
+def test_baseline_is_refused_where_the_bare_loop_would_time_other_work(shards, capsys):
+    """Under ZeRO the framework keeps bf16 weights (zero3-offload steps with DeepSpeed's CPU
+    Adam) and the bare loop does not: the 1.18x it recorded was not overhead."""
+    with pytest.raises(SystemExit) as e:
+        main(["--steps", "2", "--warmup", "1", "--baseline", "--no-record", *TINY,
+              f"data.path={shards}", "dist=zero1"])  # fmt: skip
+    assert e.value.code == 2 and "dist=single" in capsys.readouterr().err
+
+
+def test_compile_fields_say_when_a_run_compiled_nothing_or_from_a_warm_cache(shards):
+    """A --versus run after a compiled one reuses its code: its 'compile_s' was the noise
+    between two steady steps (-0.5 s); a cache directory with anything in it read as warm."""
+    import argparse
+
+    from llmtrain.bench_record import build_record
+    from llmtrain.run import Plan
+
+    cfg = bench_config([*TINY, f"data.path={shards}", "trainer.compile=true"], steps=2, warmup=1)
+    args = argparse.Namespace(warmup=1, steps=2, note=None)
+    base = dict(step_time_s=0.1, step_time_p50_s=0.1, times=[0.1, 0.1], first_step_s=0.2,
+                data_wait_frac=0.0, peak_mem_gb=1.0)  # fmt: skip
+
+    def record(graphs, hits, misses):
+        run = {**base, "compiled": dict(graphs=graphs, cache_hits=hits, cache_misses=misses)}
+        return build_record(cfg, Plan.from_config(cfg, 1), [run], command="x",
+                            device=torch.device("cpu"), precision="no", args=args)  # fmt: skip
+
+    reused = record(0, 0, 0)
+    assert reused["compile_s"] is None and reused["compile_cache_warm"] is None
+    cold, warm = record(3, 0, 3), record(3, 3, 0)
+    assert cold["compile_s"] == warm["compile_s"] == pytest.approx(0.1)
+    assert cold["compile_cache_warm"] is False and warm["compile_cache_warm"] is True
+
+
+def test_a_launched_run_records_the_launchers_command(tmp_path):
+    from llmtrain.bench import launcher_command
+
+    fake = tmp_path / "accelerate"  # stands in for the launcher, as its parent process
+    fake.write_text("import time\ntime.sleep(30)\n")
+    words = ["launch", "--config_file", "launch/cpu.yaml", "-m", "llmtrain.bench", "--steps", "2"]
+    proc = subprocess.Popen([sys.executable, str(fake), *words])
+    try:
+        assert launcher_command(proc.pid) == "accelerate " + " ".join(words)
+    finally:
+        proc.kill()
+        proc.wait()
