@@ -319,7 +319,9 @@ class MetricsFile:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            # inf and NaN are not JSON (json.dumps writes Infinity, which strict readers refuse)
+            record = {k: None if _nonfinite(v) else v for k, v in record.items()}
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
 
     def close(self) -> None:
@@ -335,8 +337,29 @@ def _step(line: str) -> int | None:
         return None
 
 
+def _nonfinite(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
 def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
+    """exp(loss); inf past float64's range (a loss above ~709.78)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def fixed_or_sci(x: float, fixed: str, lo: float, hi: float) -> str:
+    """``x`` in the ``fixed`` format (e.g. ``.4f``) for lo <= |x| < hi (and 0), else as
+    ``.3e``: a grad norm of 4e-4 printed as 0.000 read like the all-zero gradient that stops
+    a run, and a ppl of 3.5e19 took twenty digits."""
+    if x == 0 or (math.isfinite(x) and lo <= abs(x) < hi):
+        return format(x, fixed)
+    return format(x, ".3e")
+
+
+def format_ppl(ppl: float) -> str:
+    return fixed_or_sci(ppl, "9.2f", 1.0, 1e6).rjust(9)
 
 
 def format_eta(seconds: float) -> str:
@@ -347,9 +370,12 @@ def format_eta(seconds: float) -> str:
 
 def console_line(r: dict[str, Any], max_steps: int, eta_s: float) -> str:
     mfu_s = f"{100 * r['mfu']:4.1f}%" if r.get("mfu") is not None else "  n/a"
+    tok_s = r["tokens_per_s"]
+    speed = f"{tok_s / 1e3:8.1f}k" if tok_s >= 1e3 else f"{tok_s:8.1f} "
     return (
-        f"step {r['step']:>6}/{max_steps} | loss {r['loss']:.4f} | ppl {r['ppl']:9.2f} "
-        f"| lr {r['lr']:.2e} | grad {r['grad_norm']:.3f} | {r['tokens_per_s'] / 1e3:8.1f}k tok/s "
+        f"step {r['step']:>6}/{max_steps} | loss {fixed_or_sci(r['loss'], '.4f', 1e-3, 1e4)} "
+        f"| ppl {format_ppl(r['ppl'])} | lr {r['lr']:.2e} "
+        f"| grad {fixed_or_sci(r['grad_norm'], '.3f', 1e-2, 1e5)} | {speed} tok/s "
         f"| mfu {mfu_s} | mem {r['peak_mem_gb']:5.2f} GB | wait {100 * r['data_wait']:4.1f}% "
         f"| eta {format_eta(eta_s)}"
     )

@@ -38,7 +38,9 @@ from llmtrain.documents import STATS
 from llmtrain.metrics import (
     Throughput,
     console_line,
+    fixed_or_sci,
     flops_per_token,
+    format_ppl,
     mfu,
     peak_memory_gb,
     perplexity,
@@ -163,15 +165,15 @@ def skip_step(run: Run) -> None:
     )
     if state.bad_steps >= run.cfg.trainer.max_bad_steps:
         # The skipped steps would otherwise reach metrics.jsonl only with the next log interval.
-        run.metrics_file.write(
-            {
-                "step": state.step + 1,  # the step that failed; a resume before it drops this
-                "tokens": state.tokens,
-                "skipped_steps": state.skipped_steps,
-                "bad_steps": state.bad_steps,
-                "diverged": True,
-            }
-        )
+        record = {
+            "step": state.step + 1,  # the step that failed; a resume before it drops this
+            "tokens": state.tokens,
+            "skipped_steps": state.skipped_steps,
+            "bad_steps": state.bad_steps,
+            "diverged": True,
+        }
+        run.metrics_file.write(record)
+        run.logger.log(record, step=record["step"])
         last = ckpt.latest_checkpoint(run.ckpt_root)
         then = (
             f"The last good checkpoint is {last}; lower optim.lr or check the data, then "
@@ -237,7 +239,8 @@ def log_eval(run: Run) -> None:
         {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": val_ppl}
         | {"docs_used": docs["documents"]}
         | {f"docs_{k}": docs[k] for k in ("empty", "undecodable", "heldout")},
-        f"eval step {state.step}: val_loss {val_loss:.4f} | val_ppl {val_ppl:.2f}",
+        f"eval step {state.step}: val_loss {fixed_or_sci(val_loss, '.4f', 1e-3, 1e4)} | "
+        f"val_ppl {format_ppl(val_ppl).strip()}",
     )
     if docs["empty"] + docs["undecodable"]:
         run.say(
@@ -273,6 +276,7 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
 
     stop = False  # a preemption signal reached some rank
     first_step = True
+    last_good = (lr_at(max(0, state.step - 1), cfg.optim, plan.max_steps), float("nan"))
     while state.step < plan.max_steps:
         lr = lr_at(state.step, cfg.optim, plan.max_steps)
         set_lr(optimizer, lr)
@@ -293,12 +297,17 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
             check_gradient_reaches(run, zero)
             first_step = False
         if not finite:
+            if state.bad_steps + 1 >= t.max_bad_steps and interval_steps:
+                # This skip stops the run: the steps its log interval trained (the blow-up
+                # to debug) are logged first.
+                log_train(run, loss_sum, interval_steps, *last_good, throughput)
             skip_step(run)  # raises ckpt.Diverged after trainer.max_bad_steps in a row
             if stop:
                 break
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=t.set_to_none)
+        last_good = (lr, grad_norm)
         state.bad_steps = 0
         state.step += 1
         state.tokens += plan.tokens_per_step

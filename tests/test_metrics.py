@@ -57,6 +57,7 @@ def test_mfu_against_peak_table():
 def test_perplexity_is_exp_loss():
     assert perplexity(2.0) == pytest.approx(math.exp(2.0))
     assert perplexity(1e4) == float("inf")
+    assert perplexity(50.0) == pytest.approx(math.exp(50.0))  # finite: it was inf from 50
 
 
 def test_metrics_file_jsonl(tmp_path):
@@ -109,7 +110,25 @@ def test_console_line_is_readable():
     }
     line = console_line(r, 100, 65)
     assert "step     10/100" in line and "loss 3.2100" in line and "mfu   n/a" in line
-    assert "eta 0:01:05" in line
+    assert "eta 0:01:05" in line and "grad 0.500" in line and "   12.3k tok/s" in line
+    # Tiny and huge values keep their digits: a grad of 4e-4 printed 0.000 (the all-zero
+    # gradient that stops a run), a loss of 45 a ppl twenty digits long, 12 tok/s '0.0k'.
+    tiny = console_line(r | {"loss": 3e-6, "ppl": 1.000003, "grad_norm": 4e-4,
+                             "tokens_per_s": 12.3}, 100, 65)  # fmt: skip
+    assert "loss 3.000e-06" in tiny and "grad 4.000e-04" in tiny and "    12.3  tok/s" in tiny
+    huge = console_line(r | {"loss": 45.0, "ppl": perplexity(45.0), "grad_norm": 1e8}, 100, 65)
+    assert "loss 45.0000" in huge and "ppl 3.493e+19" in huge and "grad 1.000e+08" in huge
+
+
+def test_metrics_file_holds_strict_json(tmp_path):
+    """A ppl past float range (or a NaN) was written as Infinity, which strict JSON readers
+    refuse; it is null now."""
+    f = MetricsFile(tmp_path / "metrics.jsonl")
+    f.write({"step": 1, "loss": 800.0, "ppl": perplexity(800.0), "grad_norm": float("nan")})
+    f.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line) == {"step": 1, "loss": 800.0, "ppl": None, "grad_norm": None}
+    assert "Infinity" not in line and "NaN" not in line
 
 
 def test_wandb_run_name_defaults_to_the_run_dir(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import shutil
@@ -31,6 +32,8 @@ from llmtrain import resume
 from llmtrain.config import DataConfig, load_config
 from llmtrain.data import DataError, build_dataloader
 from llmtrain.integrity import CheckpointError, check_pickle, safe_loading, verify
+from llmtrain.metrics import NullLogger
+from llmtrain.optim import lr_at
 from llmtrain.shards import read_shard, write_shard
 from llmtrain.tokenizer import get_tokenizer
 
@@ -569,6 +572,22 @@ def test_k_bad_steps_in_a_row_stop_naming_the_last_good_checkpoint(tmp_path, mon
     assert last == {
         "step": 3, "tokens": last["tokens"], "skipped_steps": 3, "bad_steps": 3, "diverged": True
     }  # fmt: skip
+
+
+def test_a_run_that_diverges_logs_the_steps_its_last_interval_trained(tmp_path, monkeypatch):
+    """With log_every=10, steps 1-2 trained and then the run stopped at step 5: nothing but
+    the divergence record was written, and W&B got nothing; the blow-up is what one debugs."""
+    poisoned_model(monkeypatch, set(range(3, 100)))
+    logged = []
+    monkeypatch.setattr(NullLogger, "log", lambda self, record, step: logged.append(record))
+    cfg = config(10, "trainer.max_bad_steps=3", "trainer.log_every=10")
+    with pytest.raises(ckpt.Diverged):
+        train_mod.train(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3] and records[1]["diverged"] is True
+    assert math.isfinite(records[0]["loss"]) and math.isfinite(records[0]["grad_norm"])
+    assert records[0]["lr"] == pytest.approx(lr_at(1, cfg.optim, 10))
+    assert [r["step"] for r in logged] == [2, 3]  # the logger (W&B) too
 
 
 def test_a_run_that_diverges_before_any_checkpoint_says_to_start_again(tmp_path, monkeypatch):
