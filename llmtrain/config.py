@@ -119,6 +119,7 @@ class LoggerConfig:
     run_name: str | None = None
     mode: str | None = None  # online | offline | disabled; None: online when W&B has a key
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # W&B run group: a sweep's jobs, a second phase beside its first
 
 
 @dataclass

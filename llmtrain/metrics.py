@@ -222,6 +222,7 @@ class WandbLogger:
             dir=str(run_dir),
             config=config,
             tags=list(cfg.tags),
+            group=cfg.group,
         )
         try:
             self.run = wandb.init(**init, mode=mode)

@@ -146,6 +146,17 @@ def test_wandb_run_name_defaults_to_the_run_dir(tmp_path, monkeypatch):
     assert names == ["2026-11-23/20-30-53", "gpt-42", "2026-11-23/20-30-53-000001/1", "mine"]
 
 
+def test_wandb_run_group_comes_from_the_config(tmp_path, monkeypatch):
+    import wandb
+
+    groups = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: groups.append(kw["group"]))
+    overrides = ["logger=wandb", "logger.mode=offline", "trainer.max_steps=1", "logger.group=lr"]
+    build_logger(load_config(overrides).logger, tmp_path, {}, is_main=True)
+    build_logger(load_config(overrides[:-1]).logger, tmp_path, {}, is_main=True)
+    assert groups == ["lr", None]
+
+
 def test_wandb_unreachable_online_falls_back_to_offline(tmp_path, monkeypatch, capsys):
     """A node without internet (or W&B down) trains and logs offline instead of crashing at
     wandb.init, which the sbatch scripts would requeue into the same failure."""
