@@ -446,7 +446,7 @@ def sample_next(
 ) -> torch.Tensor:
     """logits (B, vocab) -> next ids (B, 1). Greedy at temperature 0; otherwise sample from the
     top_k most likely and/or the smallest set holding top_p of the mass (Holtzman et al. 2020)."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that float32 holds 0
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float()
     # the best logit becomes 0 and the others <= 0 before dividing: a tiny temperature then
