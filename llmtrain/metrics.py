@@ -359,6 +359,10 @@ def fixed_or_sci(x: float, fixed: str, lo: float, hi: float) -> str:
     return format(x, ".3e")
 
 
+def format_loss(loss: float) -> str:
+    return fixed_or_sci(loss, ".4f", 1e-3, 1e4)
+
+
 def format_ppl(ppl: float) -> str:
     return fixed_or_sci(ppl, "9.2f", 1.0, 1e6).rjust(9)
 
@@ -374,7 +378,7 @@ def console_line(r: dict[str, Any], max_steps: int, eta_s: float) -> str:
     tok_s = r["tokens_per_s"]
     speed = f"{tok_s / 1e3:8.1f}k" if tok_s >= 1e3 else f"{tok_s:8.1f} "
     return (
-        f"step {r['step']:>6}/{max_steps} | loss {fixed_or_sci(r['loss'], '.4f', 1e-3, 1e4)} "
+        f"step {r['step']:>6}/{max_steps} | loss {format_loss(r['loss'])} "
         f"| ppl {format_ppl(r['ppl'])} | lr {r['lr']:.2e} "
         f"| grad {fixed_or_sci(r['grad_norm'], '.3f', 1e-2, 1e5)} | {speed} tok/s "
         f"| mfu {mfu_s} | mem {r['peak_mem_gb']:5.2f} GB | wait {100 * r['data_wait']:4.1f}% "

@@ -38,8 +38,8 @@ from llmtrain.documents import STATS
 from llmtrain.metrics import (
     Throughput,
     console_line,
-    fixed_or_sci,
     flops_per_token,
+    format_loss,
     format_ppl,
     mfu,
     peak_memory_gb,
@@ -239,7 +239,7 @@ def log_eval(run: Run) -> None:
         {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": val_ppl}
         | {"docs_used": docs["documents"]}
         | {f"docs_{k}": docs[k] for k in ("empty", "undecodable", "heldout")},
-        f"eval step {state.step}: val_loss {fixed_or_sci(val_loss, '.4f', 1e-3, 1e4)} | "
+        f"eval step {state.step}: val_loss {format_loss(val_loss)} | "
         f"val_ppl {format_ppl(val_ppl).strip()}",
     )
     if docs["empty"] + docs["undecodable"]:
