@@ -240,6 +240,10 @@ class WandbLogger:
             )
             wandb.teardown()  # the failed run still holds its id in W&B's service process
             self.run = wandb.init(**init, mode="offline")
+        # The runs table and a sweep's comparison show the best validation loss, not the last
+        # (which, past the best, is overfitting or a late spike).
+        for key in ("val_loss", "val_ppl"):
+            self.run.define_metric(key, summary="min,last")
 
     @staticmethod
     def default_name(run_dir: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -420,10 +421,13 @@ def _hydra_main(node: DictConfig) -> None:
 
 def _drop_if_empty(run_dir: Path) -> None:
     """A run refused before it wrote anything (a config, data or launch error) leaves no empty
-    run dir behind. Rank 0 only: the others run in ``.``."""
+    run dir behind, nor an empty dated dir (runs/<date>/) above Hydra's default one. Rank 0
+    only: the others run in ``.``."""
     if int(os.environ.get("RANK", "0")) == 0 and run_dir.resolve() != Path.cwd().resolve():
         with contextlib.suppress(OSError):  # not empty, or already gone
             run_dir.rmdir()
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+                run_dir.parent.rmdir()
 
 
 def _job(node: DictConfig) -> None:

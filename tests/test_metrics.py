@@ -131,11 +131,37 @@ def test_metrics_file_holds_strict_json(tmp_path):
     assert "Infinity" not in line and "NaN" not in line
 
 
+class FakeRun:
+    """What wandb.init returns, as far as WandbLogger uses it."""
+
+    def __init__(self):
+        self.metrics = {}
+
+    def define_metric(self, name, summary=None):
+        self.metrics[name] = summary
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def test_wandb_summarises_validation_loss_by_its_best(tmp_path, monkeypatch):
+    import wandb
+
+    run = FakeRun()
+    monkeypatch.setattr(wandb, "init", lambda **kw: run)
+    cfg = load_config(["logger=wandb", "logger.mode=offline", "trainer.max_steps=1"]).logger
+    build_logger(cfg, tmp_path, {}, is_main=True)
+    assert run.metrics == {"val_loss": "min,last", "val_ppl": "min,last"}
+
+
 def test_wandb_run_name_defaults_to_the_run_dir(tmp_path, monkeypatch):
     import wandb
 
     names = []
-    monkeypatch.setattr(wandb, "init", lambda **kw: names.append(kw["name"]))
+    monkeypatch.setattr(wandb, "init", lambda **kw: names.append(kw["name"]) or FakeRun())
     cfg = load_config(["logger=wandb", "logger.mode=offline", "trainer.max_steps=1"]).logger
     sweep_job = tmp_path / "multirun" / "2026-11-23" / "20-30-53-000001" / "1"
     for run_dir in (tmp_path / "runs" / "2026-11-23" / "20-30-53", tmp_path / "runs" / "gpt-42",
@@ -150,7 +176,7 @@ def test_wandb_run_group_comes_from_the_config(tmp_path, monkeypatch):
     import wandb
 
     groups = []
-    monkeypatch.setattr(wandb, "init", lambda **kw: groups.append(kw["group"]))
+    monkeypatch.setattr(wandb, "init", lambda **kw: groups.append(kw["group"]) or FakeRun())
     overrides = ["logger=wandb", "logger.mode=offline", "trainer.max_steps=1", "logger.group=lr"]
     build_logger(load_config(overrides).logger, tmp_path, {}, is_main=True)
     build_logger(load_config(overrides[:-1]).logger, tmp_path, {}, is_main=True)
@@ -162,19 +188,19 @@ def test_wandb_unreachable_online_falls_back_to_offline(tmp_path, monkeypatch, c
     wandb.init, which the sbatch scripts would requeue into the same failure."""
     import wandb
 
-    calls = []
+    calls, offline_run = [], FakeRun()
 
     def init(**kw):
         calls.append(kw["mode"])
         if kw["mode"] == "online":
             raise wandb.errors.CommError("Failed to get resume status: context deadline exceeded")
-        return "offline run"
+        return offline_run
 
     monkeypatch.setattr(wandb, "init", init)
     monkeypatch.setattr(wandb, "teardown", lambda: calls.append("teardown"))
     cfg = load_config(["logger=wandb", "logger.mode=online", "trainer.max_steps=1"]).logger
     logger = build_logger(cfg, tmp_path, {}, is_main=True)
-    assert calls == ["online", "teardown", "offline"] and logger.run == "offline run"
+    assert calls == ["online", "teardown", "offline"] and logger.run is offline_run
     err = capsys.readouterr().err
     assert "W&B online failed (Failed to get resume status" in err
     assert f"wandb sync {tmp_path}/wandb/offline-run-*" in err
@@ -193,7 +219,7 @@ def test_wandb_logs_online_when_wandb_login_left_a_key(tmp_path, monkeypatch):
     import wandb
 
     modes = []
-    monkeypatch.setattr(wandb, "init", lambda **kw: modes.append(kw["mode"]))
+    monkeypatch.setattr(wandb, "init", lambda **kw: modes.append(kw["mode"]) or FakeRun())
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     netrc_file = tmp_path / "netrc"

@@ -646,3 +646,8 @@ def test_a_run_refused_before_it_wrote_anything_leaves_no_run_dir(tmp_path, monk
         train_mod.main()
     assert e.value.code == 2 and (tmp_path / "runs").is_dir()
     assert not (tmp_path / "runs" / "refused").exists()  # Hydra made it; nothing went in
+    # Hydra's default dir, runs/<date>/<time>: the dated dir above it goes too.
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as e:
+        train_mod.main()
+    assert e.value.code == 2 and list((tmp_path / "runs").iterdir()) == []
