@@ -309,7 +309,7 @@ def launcher_command(pid: int | None = None) -> str | None:
 def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, Any]]:
     """Run the loops, alternating; one record, or two with ``--versus`` (before, after)."""
     from llmtrain.dist import resolve_device, resolve_precision
-    from llmtrain.run import Plan
+    from llmtrain.startup import Plan
 
     if min(args.warmup, args.steps, args.repeats) < 1:
         raise ConfigError("--warmup, --steps and --repeats must each be at least 1")

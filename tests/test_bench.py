@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,7 +222,7 @@ def test_record_pins_code_versions_and_model_shape(shards):
     import argparse
 
     from llmtrain.bench_record import build_record
-    from llmtrain.run import Plan
+    from llmtrain.startup import Plan
 
     cfg = bench_config([*TINY, f"data.path={shards}"], steps=2, warmup=1)
     run = dict(step_time_s=0.1, step_time_p50_s=0.1, times=[0.1, 0.1], first_step_s=0.2,
@@ -249,7 +250,7 @@ def test_compile_fields_say_when_a_run_compiled_nothing_or_from_a_warm_cache(sha
     import argparse
 
     from llmtrain.bench_record import build_record
-    from llmtrain.run import Plan
+    from llmtrain.startup import Plan
 
     cfg = bench_config([*TINY, f"data.path={shards}", "trainer.compile=true"], steps=2, warmup=1)
     args = argparse.Namespace(warmup=1, steps=2, note=None)
@@ -275,6 +276,11 @@ def test_a_launched_run_records_the_launchers_command(tmp_path):
     fake.write_text("import time\ntime.sleep(30)\n")
     words = ["launch", "--config_file", "launch/cpu.yaml", "-m", "llmtrain.bench", "--steps", "2"]
     proc = subprocess.Popen([sys.executable, str(fake), *words])
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    for _ in range(100):  # a process just started shows an empty command line for a moment
+        if cmdline.read_bytes():
+            break
+        time.sleep(0.05)
     try:
         assert launcher_command(proc.pid) == "accelerate " + " ".join(words)
     finally:

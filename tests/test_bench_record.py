@@ -170,7 +170,7 @@ def test_p90_is_the_nearest_rank_not_the_slowest_step():
 
     from llmtrain.bench_record import build_record
     from llmtrain.config import load_config
-    from llmtrain.run import Plan
+    from llmtrain.startup import Plan
 
     cfg = load_config(["experiment=smoke", "trainer.max_steps=10"])
     times = [0.1 * i for i in range(1, 11)]  # 0.1 .. 1.0 s: p90 is 0.9, not the slowest 1.0

@@ -13,7 +13,7 @@ from llmtrain.config import (
     load_config,
 )
 from llmtrain.plan import plan
-from llmtrain.run import Plan
+from llmtrain.startup import Plan
 
 BASE = ["trainer.max_steps=1"]
 

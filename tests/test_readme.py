@@ -91,7 +91,7 @@ SAMPLE_TOKENS = {"sample-10BT": 10e9, "sample-100BT": 100e9, "sample-350BT": 350
 @pytest.mark.parametrize("command", list(RUNS))
 def test_no_command_trains_past_the_end_of_its_corpus(command):
     """A Llama-3B command trained 60B tokens on sample-10BT: six epochs, said nowhere."""
-    from llmtrain.run import Plan
+    from llmtrain.startup import Plan
 
     overrides, world = RUNS[command]
     cfg = load_config([o for o in overrides if not o.startswith("hydra.")], world_size=world)

@@ -247,7 +247,7 @@ def test_the_split_is_a_word_of_the_file_name_not_any_substring(tmp_path):
 
 def test_a_run_on_shards_still_being_prepared_says_so(shard_dir):
     from llmtrain.config import load_config
-    from llmtrain.run import shard_notes
+    from llmtrain.startup import shard_notes
 
     cfg = load_config(
         ["data=shards", f"data.path={shard_dir}", "data.seq_len=32", "trainer.max_steps=1"]

@@ -1,0 +1,125 @@
+"""What the training loop reports: each log interval's record (loss, perplexity, tokens/s,
+MFU, data wait), and at each eval the validation loss and perplexity and a generated sample."""
+
+from __future__ import annotations
+
+import time
+from itertools import islice
+
+import torch
+
+from llmtrain.config import TrainConfig
+from llmtrain.documents import STATS
+from llmtrain.metrics import (
+    Throughput,
+    console_line,
+    flops_per_token,
+    format_loss,
+    format_ppl,
+    mfu,
+    peak_memory_gb,
+    perplexity,
+)
+from llmtrain.run import Run
+
+
+@torch.no_grad()
+def evaluate(model, accelerator, val_loader, n_batches: int) -> float:
+    """Mean validation loss per token over the first ``n_batches`` batches and every rank (a
+    pass's last batch may be smaller: it counts for its tokens, not as a whole batch)."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)  # (loss x tokens, tokens)
+    for x, y in islice(val_loader, n_batches):
+        _, loss = model(x.to(accelerator.device), y.to(accelerator.device), return_logits=False)
+        total[0] += loss.float() * y.numel()
+        total[1] += y.numel()
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    if total[1] == 0:
+        raise RuntimeError("data.val_split: the validation split produced no batches")
+    return (total[0] / total[1]).item()
+
+
+def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> str:
+    """The prompt and a few generated tokens, so a user sees the model learn; its own RNG,
+    never training's, and no dropout (which would also draw from training's RNG). An empty
+    prompt starts from end-of-text, as llmtrain-sample does."""
+    t = cfg.trainer
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    prompt = torch.tensor([tokenizer.encode_prompt(t.sample_prompt)], device=accelerator.device)
+    model.eval()
+    try:
+        out = accelerator.unwrap_model(model).generate(
+            prompt, t.sample_tokens, temperature=t.temperature, top_k=t.top_k, generator=generator
+        )
+    finally:
+        model.train()
+    return t.sample_prompt + tokenizer.decode(out[0, prompt.size(1) :].tolist())
+
+
+def log_train(
+    run: Run, loss_sum: torch.Tensor, steps: int, lr: float, grad_norm, throughput: Throughput
+) -> None:
+    """The log interval's mean training loss (averaged over ranks: the interval's one extra
+    host sync), perplexity, throughput and MFU."""
+    plan, state = run.plan, run.state
+    loss = run.accelerator.reduce(loss_sum, reduction="mean").item() / steps
+    tok_s, wait = throughput.read()
+    fpt = flops_per_token(run.cfg.model, plan.seq_len)
+    record = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "loss": loss,
+        "ppl": perplexity(loss),
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": tok_s,
+        "mfu": mfu(tok_s / plan.world_size, fpt, run.peak_tflops),
+        "peak_mem_gb": peak_memory_gb(run.accelerator.device),
+        "data_wait": wait,
+        "skipped_steps": state.skipped_steps,
+        "epoch": run.train_loader.epoch,  # rank 0's: the ranks read shares of about one size
+    }
+    if record["epoch"] > run.epoch:
+        again = "again, reshuffled" if run.train_loader.reshuffles else "again, in the same order"
+        if not run.train_loader.reshuffles and run.cfg.data.shuffle:  # one file, streamed
+            again += " (llmtrain-prepare it into shards, and each epoch shuffles its windows)"
+        run.say(
+            f"data: epoch {record['epoch']} by step {state.step:,}: the training data ran out "
+            f"(rank 0's share) and is read {again}"
+        )
+        run.epoch = record["epoch"]
+    steps_done = max(1, state.step - run.start_step)
+    eta = (time.perf_counter() - run.started) / steps_done * (plan.max_steps - state.step)
+    run.log(record, console_line(record, plan.max_steps, eta))
+
+
+def document_counts(run: Run) -> dict[str, int]:
+    """Training documents read so far by every rank: used, and skipped as empty, undecodable
+    or held out for validation (all 0 for data=shards, which holds tokens)."""
+    stats = run.train_loader.stats
+    counts = torch.tensor([stats[k] for k in STATS], device=run.accelerator.device)
+    return dict(zip(STATS, run.accelerator.reduce(counts, reduction="sum").tolist(), strict=True))
+
+
+def log_eval(run: Run) -> None:
+    """Validation loss and perplexity, then a generated sample when trainer.sample_every says."""
+    t, state = run.cfg.trainer, run.state
+    val_loss = evaluate(run.model, run.accelerator, run.val_loader, t.eval_batches)
+    val_ppl = perplexity(val_loss)
+    docs = document_counts(run)
+    run.log(
+        {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": val_ppl}
+        | {"docs_used": docs["documents"]}
+        | {f"docs_{k}": docs[k] for k in ("empty", "undecodable", "heldout")},
+        f"eval step {state.step}: val_loss {format_loss(val_loss)} | "
+        f"val_ppl {format_ppl(val_ppl).strip()}",
+    )
+    if docs["empty"] + docs["undecodable"]:
+        run.say(
+            f"data: training documents skipped so far: {docs['empty']:,} empty, "
+            f"{docs['undecodable']:,} undecodable ({docs['documents']:,} used)"
+        )
+    if t.sample_every and (state.step % t.sample_every == 0 or state.step == run.plan.max_steps):
+        text = sample_text(run.model, run.accelerator, run.tokenizer, run.cfg, t.seed)
+        run.say(f"sample: {text!r}")

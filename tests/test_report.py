@@ -1,0 +1,59 @@
+"""What the loop reports: validation loss, and a generated sample."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from llmtrain.config import load_config
+
+
+def test_validation_loss_is_per_token_and_reads_only_the_batches_it_uses():
+    """A finite pass ends with a smaller batch: its loss counts for its tokens. Batches past
+    trainer.eval_batches are not even fetched."""
+    from types import SimpleNamespace
+
+    from llmtrain.report import evaluate
+
+    class MeanOfTargets(torch.nn.Module):  # the "loss" of a batch: the mean of its targets
+        def forward(self, x, y, return_logits=True):
+            return None, y.float().mean()
+
+    fetched = []
+
+    def val_loader():
+        for rows, value in ((4, 1.0), (1, 6.0), (4, 100.0)):
+            fetched.append(rows)
+            y = torch.full((rows, 8), value)
+            yield y.long(), y.long()
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t)
+    loss = evaluate(MeanOfTargets(), accelerator, val_loader(), n_batches=2)
+    assert loss == pytest.approx((4 * 1.0 + 1 * 6.0) / 5)  # a mean of batch means: 3.5
+    assert fetched == [4, 1]
+
+
+def test_sampling_and_evaluation_leave_training_randomness_alone():
+    """With dropout, samples were drawn in train mode (dropout on, from training's RNG), and
+    every DataLoader pass with workers drew a seed from the global RNG: sample_every,
+    eval_every and a resume then changed the training losses."""
+    from types import SimpleNamespace
+
+    from llmtrain.config import ModelConfig
+    from llmtrain.data import build_dataloader
+    from llmtrain.model import GPT
+    from llmtrain.report import sample_text
+    from llmtrain.tokenizer import get_tokenizer
+
+    cfg = load_config(["experiment=smoke", "model.dropout=0.1"])
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, context_length=64, dropout=0.1))
+    accelerator = SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m)
+    tokenizer = get_tokenizer("gpt2")
+    val = build_dataloader(
+        dataclasses.replace(cfg.data, num_workers=1, pin_memory=False), tokenizer, split="val",
+        batch_size=2,
+    )  # fmt: skip
+    before = torch.get_rng_state()
+    sample_text(model, accelerator, tokenizer, cfg, seed=1)
+    next(iter(val))
+    assert torch.equal(torch.get_rng_state(), before) and model.training
