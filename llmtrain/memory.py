@@ -146,15 +146,21 @@ def loss_bytes(m: ModelConfig, tokens: int, dt: StepDtypes, chunk: int = 0) -> i
 
     Plain (``trainer.loss_chunk=0``): in backward, the fp32 log-softmax the loss saved, the
     gradient nll_loss hands back and log-softmax's own gradient are three (tokens, V) fp32
-    tensors alive at once: 12 bytes x tokens x V, the largest moment of the whole step.
+    tensors alive at once: 12 bytes x tokens x V. Then the head's backward, the larger moment
+    when the micro-batch has few tokens for the model's width: the logits' gradient (tokens, Vp)
+    with the weight gradient (Vp, C); under autocast the weight gradient made in bf16 and its
+    fp32 cast for the .grad it adds into (the head's bf16 copy is freed by then).
     Fused (``llmtrain/loss.py``): the gradients it computes in forward, d(h) (tokens, C) and
     d(W) (Vp, C) in fp32, one chunk's fp32 logits and their gradient in the compute dtype,
     and, while one chunk's weight gradient is added, the (Vp, C) product and its fp32 cast.
     """
-    if chunk <= 0:
-        return 12 * tokens * m.vocab_size
     vp, c = padded_vocab(m), m.n_embd
     narrow = dt.act if dt.act < 4 else 0  # a cast to the compute dtype is a copy only below fp32
+    if chunk <= 0:
+        # autocast: the bf16 weight gradient and its fp32 cast (the head's copy freed by then);
+        # else the logits' gradient and the weight gradient, both in the weights' dtype
+        head_backward = 4 * vp * c if dt.weight_copies else (tokens + c) * vp * dt.act
+        return max(12 * tokens * m.vocab_size, head_backward)
     chunk = min(chunk, tokens)
     return (
         tokens * c * dt.act
@@ -163,13 +169,27 @@ def loss_bytes(m: ModelConfig, tokens: int, dt: StepDtypes, chunk: int = 0) -> i
     )
 
 
-def weight_copy_bytes(m: ModelConfig, dt: StepDtypes, checkpointing: bool) -> int:
-    """Autocast's bf16 copies of the matmul weights (single / ddp), each kept until its layer's
-    backward; under activation checkpointing only the recomputed block's and the head's."""
+def weight_copy_bytes(
+    m: ModelConfig, dt: StepDtypes, checkpointing: bool, batch: int, seq: int
+) -> int:
+    """Autocast's bf16 copies of the matmul weights (single / ddp), on top of activations and
+    loss at the step's peak.
+
+    Without checkpointing each block saves its copies for backward: all of them are held when
+    backward starts. With checkpointing the blocks save none, but autocast caches every cast
+    until the forward ends, so two moments compete: the end of the forward, all copies with
+    only the blocks' inputs (one block's activations fewer than :func:`activation_bytes`
+    counts), and the backward, the head's copy and the recomputed block's.
+    """
     if not dt.weight_copies:
         return 0
     block = sum(v for k, v in layer_params(m).items() if not k.startswith("ln_"))
-    return 2 * (padded_vocab(m) * m.n_embd + (1 if checkpointing else m.n_layer) * block)
+    head = padded_vocab(m) * m.n_embd
+    every = 2 * (head + m.n_layer * block)
+    if not checkpointing:
+        return every
+    forward_end = every - activation_bytes_per_layer(m, batch, seq, dt)
+    return max(forward_end, 2 * (head + block))
 
 
 def activation_bytes(

@@ -78,6 +78,7 @@ class MemoryPlan:
     step_time_s: float
     run_time_s: float | None
     gpu_mem_bytes: float
+    reshard_after_forward: bool = True
 
     @property
     def states_bytes(self) -> float:
@@ -109,7 +110,7 @@ class MemoryPlan:
                 )
             if self.micro_batch > 1:
                 out.append(
-                    f"trainer.micro_batch_size={max(1, self.micro_batch // 2)} "
+                    f"trainer.micro_batch_size={self.smaller_micro_batch} "
                     "(activations scale with the micro-batch; accumulation keeps "
                     "batch_tokens)"
                 )
@@ -124,8 +125,15 @@ class MemoryPlan:
         elif self.mode == "zero3" and not self.offload_params:
             out.append("dist.offload_params=true (parameters to CPU)")
         if not out and self.micro_batch > 1:
-            out.append(f"trainer.micro_batch_size={max(1, self.micro_batch // 2)}")
+            out.append(f"trainer.micro_batch_size={self.smaller_micro_batch}")
         return out
+
+    @property
+    def smaller_micro_batch(self) -> int:
+        """The largest micro-batch up to half this one that divides the sequences each process
+        trains per step (so trainer.batch_tokens stays as it is)."""
+        rows = self.micro_batch * self.grad_accum
+        return max(m for m in range(1, max(1, self.micro_batch // 2) + 1) if rows % m == 0)
 
 
 def plan(
@@ -138,9 +146,10 @@ def plan(
 ) -> MemoryPlan:
     """The memory and time plan for ``cfg`` on ``world_size`` GPUs of ``gpu_mem_gb`` GiB."""
     m, t, d = cfg.model, cfg.trainer, cfg.dist
-    gpn = gpus_per_node or min(world_size, 8)
-    # precision "auto" trains in bf16 on a GPU, which is what this plans for.
-    precision = "fp32" if t.precision == "fp32" else "bf16"
+    gpn = gpus_per_node if gpus_per_node is not None else min(world_size, 8)
+    # precision "auto" trains in bf16 on a GPU, which is what this plans for; fp16 keeps the
+    # same bytes.
+    precision = t.precision if t.precision in ("fp32", "fp16") else "bf16"
     dt = step_dtypes(d.mode, precision)
     total, body, largest = param_counts(m)
     gpu, cpu = shard_states(
@@ -149,6 +158,9 @@ def plan(
     gather = 0.0
     if d.mode in ("zero3", "fsdp2"):
         gather = 2 * dt.act * largest  # params + grads, in the compute dtype
+        if d.mode == "fsdp2" and not d.reshard_after_forward:
+            # every block stays gathered from its forward to its backward
+            gather = dt.act * (total + largest)
     b, s = t.micro_batch_size, cfg.data.seq_len
     act_off = activation_bytes(m, b, s, dt, checkpointing=False)
     act_on = activation_bytes(m, b, s, dt, checkpointing=True)
@@ -185,7 +197,7 @@ def plan(
         activation_bytes_ckpt=act_on,
         loss_bytes=loss_bytes(m, b * s, dt, t.loss_chunk),
         loss_chunk=t.loss_chunk,
-        weight_copy_bytes=weight_copy_bytes(m, dt, t.activation_checkpointing),
+        weight_copy_bytes=weight_copy_bytes(m, dt, t.activation_checkpointing, b, s),
         compiled=t.compile,
         flops_per_token=fpt,
         flops_per_step=fpt * t.batch_tokens,
@@ -194,6 +206,7 @@ def plan(
         step_time_s=step_time,
         run_time_s=step_time * steps if steps else None,
         gpu_mem_bytes=gpu_mem_gb * GiB,
+        reshard_after_forward=d.reshard_after_forward,
     )
 
 
@@ -258,7 +271,12 @@ def format_plan(p: MemoryPlan) -> str:
         f"  grads         {_gib(p.grads_bytes)}   {dtype['grads']}{cpu['grads']}",
         f"  optimizer     {_gib(p.optim_bytes)}   {bpp['optim']} ({optim_note}){cpu['optim']}",
     ]
-    if p.gather_bytes:
+    if p.gather_bytes and not p.reshard_after_forward and p.mode == "fsdp2":
+        lines.append(
+            f"  gathered      {_gib(p.gather_bytes)}   every block's params, forward to backward "
+            "(dist.reshard_after_forward=false)"
+        )
+    elif p.gather_bytes:
         lines.append(
             f"  gathered layer{_gib(p.gather_bytes)}   params + grads of the largest "
             f"layer ({_count(p.largest_layer_params)})"
@@ -275,13 +293,14 @@ def format_plan(p: MemoryPlan) -> str:
     ]
     if p.weight_copy_bytes:
         lines.append(
-            f"  bf16 weights  {_gib(p.weight_copy_bytes)}   autocast's copies, kept for backward"
+            f"  bf16 weights  {_gib(p.weight_copy_bytes)}   autocast's copies, "
+            + ("held until the forward ends" if p.activation_checkpointing else "kept for backward")
         )
     lines.append(f"  total         {_gib(p.total_bytes)}")
     if p.cpu_bytes_per_node:
         lines.append(
             f"  CPU per node  {_gib(p.cpu_bytes_per_node)}   offloaded states of "
-            f"{p.gpus_per_node} GPU(s) (DeepSpeed asks 1.5x for buffers)"
+            f"{p.gpus_per_node} GPU(s); have 1.5x this (DeepSpeed's margin for buffers)"
         )
     share = 100 * p.headroom_bytes / p.gpu_mem_bytes
     if p.fits:
@@ -327,7 +346,8 @@ def _load(overrides: list[str], world_size: int) -> TrainConfig:
     except ConfigError as e:
         if not str(e).startswith("trainer.max_steps: set trainer.max_steps"):
             raise
-    cfg = load_config([*overrides, "trainer.max_steps=1"], world_size=world_size)
+    # A horizon long enough for any warmup and decay, dropped again after the checks.
+    cfg = load_config([*overrides, f"trainer.max_steps={2**62}"], world_size=world_size)
     cfg.trainer.max_steps = None
     return cfg
 
@@ -373,8 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=gpt2-small")
     args = parser.parse_intermixed_args(argv)  # README: `llmtrain-plan ... --gpu-mem 24 key=v`
-    if args.gpus < 1 or not 0 < args.mfu <= 1 or args.gpu_mem <= 0 or args.peak_tflops <= 0:
-        parser.error("--gpus must be >= 1, --mfu in (0, 1], --gpu-mem and --peak-tflops > 0")
+    if args.gpus < 1 or not 0 < args.mfu <= 1:
+        parser.error("--gpus must be >= 1, --mfu in (0, 1]")
+    if not all(math.isfinite(v) and v > 0 for v in (args.gpu_mem, args.peak_tflops)):
+        parser.error("--gpu-mem and --peak-tflops must be numbers > 0")
+    if args.gpus_per_node is not None and not 1 <= args.gpus_per_node <= args.gpus:
+        parser.error(f"--gpus-per-node must be between 1 and --gpus ({args.gpus})")
     overrides = list(args.overrides)
     if args.config_dir:
         if not Path(args.config_dir).is_dir():

@@ -198,3 +198,44 @@ def test_cli_reads_a_users_config_dir_as_training_does(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["experiment=mine", "--config-dir", str(tmp_path / "nope")])
     assert e.value.code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_cli_plans_a_wsd_schedule_without_a_horizon(capsys):
+    """Planned with a 1-step horizon, WSD's warmup and decay 'exceeded' it: a bad config."""
+    assert main(["model=llama-1b", "optim=adamw-wsd"]) == 0
+    assert "no horizon" in capsys.readouterr().out
+
+
+def test_the_micro_batch_hint_divides_the_batch(capsys):
+    """9 sequences per step: half of 9 is 4, which the same tool then refused."""
+    argv = ["--gpu-mem", "24", "model=gpt2-xl", "data.seq_len=1024", "trainer.max_steps=10",
+            "trainer.batch_tokens=9216", "trainer.micro_batch_size=9"]  # fmt: skip
+    assert main(argv) == 3
+    assert "trainer.micro_batch_size=3 " in capsys.readouterr().out
+    assert main([*argv[:-1], "trainer.micro_batch_size=3", "--gpu-mem", "80"]) == 0
+
+
+def test_fsdp2_without_resharding_keeps_every_block_gathered():
+    args = ["model=llama-8b", "dist=fsdp2", "data.seq_len=4096", "trainer.micro_batch_size=1",
+            "trainer.batch_tokens=1048576"]  # fmt: skip
+    resharded = plan(cfg_for(*args, world_size=8), world_size=8)
+    kept = plan(cfg_for(*args, "dist.reshard_after_forward=false", world_size=8), world_size=8)
+    extra = kept.gather_bytes - resharded.gather_bytes
+    assert extra == pytest.approx(2 * kept.n_params, rel=0.05)  # bf16 copies of every block
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--gpus-per-node", "0"], ["--gpus-per-node", "-4"], ["--gpus-per-node", "16"],
+     ["--gpu-mem", "nan"], ["--gpu-mem", "inf"], ["--peak-tflops", "inf"], ["--mfu", "nan"]],
+)  # fmt: skip
+def test_cli_refuses_meaningless_flags(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--gpus", "2", *flags, "dist=zero3-offload", "model=gpt2-small"])
+    assert e.value.code == 2 and "llmtrain-plan: error" in capsys.readouterr().err
+
+
+def test_an_fp16_run_is_planned_as_fp16(capsys):
+    assert main(["model=gpt2-small", "trainer.precision=fp16", "trainer.max_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "dist single (replicated), fp16" in out and "bf16" not in out.splitlines()[0]
