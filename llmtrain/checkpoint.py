@@ -46,9 +46,11 @@ import torch
 
 from llmtrain.config import TrainConfig, config_from_dict, config_to_yaml
 from llmtrain.integrity import (
+    MANIFEST,
     CheckpointError,
     assign,
     broadcast,
+    check_files,
     digest,
     fsync_dir,
     gather,
@@ -384,16 +386,28 @@ def preemption_signals() -> Iterator[Preemption]:
 
 
 def saved_config(ckpt: Path) -> TrainConfig:
+    """The checkpoint's config.yaml, checked against the manifest first: a damaged one is a
+    CheckpointError naming it, as a damaged weight file is."""
     import yaml
 
-    return config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    path = ckpt / "config.yaml"
+    listed = read_manifest(ckpt) if (ckpt / MANIFEST).is_file() else {}
+    if path.name in listed and (problem := check_files(ckpt, {path.name: listed[path.name]})):
+        raise CheckpointError(problem)
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValueError) as e:  # ConfigError is a ValueError
+        raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, a ``checkpoints/`` root or a run directory -> one complete checkpoint."""
+    """A step directory, a ``checkpoints/`` root (or its ``latest``) or a run directory -> one
+    complete checkpoint."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if path.name == "latest" and path.is_file():  # the pointer: what it names, as resume does
+        path = path.parent
     if not path.is_dir():
         raise NotADirectoryError(f"{path}: not a directory; give a step_XXXXXXX or run directory")
     if (path / TRAINER_STATE).is_file():

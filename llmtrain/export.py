@@ -28,12 +28,14 @@ import argparse
 import base64
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -86,10 +88,25 @@ def _converted(tokenizer: Tokenizer) -> Any:
         ranks = Path(tmp) / "ranks.tiktoken"  # tiktoken's file format: base64(bytes) rank
         lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in enc._mergeable_ranks.items())
         ranks.write_text("".join(lines))
-        # the private fields are what transformers' own convert_tiktoken_to_fast reads
-        return TikTokenConverter(
-            vocab_file=str(ranks), pattern=enc._pat_str, extra_special_tokens=enc._special_tokens
-        ).converted()
+        # tiktoken.load, which reads the file, also copies it into tiktoken's cache dir under a
+        # name of its path: a new temporary path each time, a new copy each export. "" turns
+        # that cache off, for the read of a file that is gone a moment later.
+        # The converter gives the special tokens the ids after the ranks, in order; where an
+        # encoding leaves ids unused (cl100k_base: 100256, 100261-100275) a reserved
+        # placeholder takes each, so every special keeps its id.
+        by_id = {i: t for t, i in enc._special_tokens.items()}
+        first = len(enc._mergeable_ranks)
+        added = [by_id.get(i, f"<|reserved_{i}|>") for i in range(first, enc.n_vocab)]
+        # In the tokenizers library's regex (Oniguruma) "{1,3}+" is not possessive but "one
+        # or more of {1,3}": cl100k_base's \p{N}{1,3}+ split 1234567890 as 123|456|78|90.
+        # Greedy is the same here (nothing follows in its branch to backtrack for).
+        pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", enc._pat_str)
+        # The private fields are what transformers' own convert_tiktoken_to_fast reads.
+        converter = TikTokenConverter(
+            vocab_file=str(ranks), pattern=pattern, extra_special_tokens=added
+        )
+        with mock.patch.dict(os.environ, TIKTOKEN_CACHE_DIR=""):
+            return converter.converted()
 
 
 def hf_tokenizer(tokenizer: Tokenizer, context_length: int) -> Any:
@@ -107,11 +124,10 @@ def hf_tokenizer(tokenizer: Tokenizer, context_length: int) -> Any:
         clean_up_tokenization_spaces=False,  # decode must give back the text unchanged
     )
     wrong = {t: i for t, i in specials.items() if fast.convert_tokens_to_ids(t) != i}
-    if wrong:  # the converter appends specials after the ranks; gappy ids cannot be represented
+    if wrong:  # never seen since the reserved placeholders; a new encoding's layout may be
         raise ConfigError(
             f"data.tokenizer={tokenizer.name}: special tokens {sorted(wrong)} would get other ids "
-            "in the transformers tokenizer; export supports encodings whose special ids follow "
-            "their ranks (gpt2, r50k_base, p50k_base)"
+            "in the transformers tokenizer, so the export could not be loaded as trained"
         )
     return fast
 

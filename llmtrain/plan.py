@@ -28,6 +28,7 @@ from llmtrain.memory import (
     weight_copy_bytes,
 )
 from llmtrain.metrics import PEAK_BF16_TFLOPS, flops_per_token, format_eta, padded_vocab
+from llmtrain.tokenizer import check_vocab, get_tokenizer
 
 GiB = 2**30
 H100_SXM_BF16_TFLOPS = dict(PEAK_BF16_TFLOPS)["H100"]  # the default device
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _load(overrides, args.gpus)
         check_world_size(cfg.dist.mode, args.gpus)  # what the launch would refuse
+        check_vocab(get_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size)  # and training
     except ConfigError as e:
         print(f"llmtrain-plan: bad config: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ from llmtrain.startup import (
     shard_notes,
     startup_report,
 )
-from llmtrain.tokenizer import Tokenizer, get_tokenizer
+from llmtrain.tokenizer import Tokenizer, check_vocab, get_tokenizer
 
 
 class _QuietAccelerate(logging.Filter):
@@ -179,12 +179,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     plan = Plan.from_config(cfg, world)
     # Checked before any process group starts: a failing rank 0 then costs seconds, not a hang.
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size != cfg.model.vocab_size:  # ids past the tokenizer's have no text
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size}, but the {cfg.data.tokenizer} tokenizer "
-            f"has {tokenizer.vocab_size} tokens; set model.vocab_size={tokenizer.vocab_size} (the "
-            f"embedding is padded to a multiple of model.vocab_pad_multiple for speed)"
-        )
+    check_vocab(tokenizer, cfg.model.vocab_size)
     check_sample_length(cfg, tokenizer)
     if int(os.environ.get("RANK", "0")) == 0:  # other ranks learn the run dir by broadcast
         resume.preflight_resume(cfg, run_dir)

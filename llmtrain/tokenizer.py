@@ -7,12 +7,13 @@ default needs no network. Any other name goes through ``tiktoken.get_encoding`` 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import tiktoken
-import tiktoken.load
 
 from llmtrain.checks import ConfigError
 
@@ -65,7 +66,12 @@ class Tokenizer:
 
 @cache
 def _gpt2_encoding() -> tiktoken.Encoding:
-    ranks = tiktoken.load.load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_SHA256)
+    # Read here, not by tiktoken.load, which copies every file it reads into its cache dir (a
+    # read-only TIKTOKEN_CACHE_DIR then fails): the ranks are tiktoken's format, base64 + rank.
+    data = GPT2_RANKS.read_bytes()
+    if hashlib.sha256(data).hexdigest() != GPT2_SHA256:
+        raise ConfigError(f"{GPT2_RANKS}: not GPT-2's ranks (sha256 differs); reinstall llmtrain")
+    ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in data.splitlines())}
     return tiktoken.Encoding(
         name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256}
     )
@@ -90,3 +96,14 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
             f"directory holding it (fill one where there is network: TIKTOKEN_CACHE_DIR=DIR "
             f"{fill}); data.tokenizer=gpt2 ships inside llmtrain"
         ) from e
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """model.vocab_size is the tokenizer's: a larger one has ids with no text, a smaller one
+    no embedding for some ids."""
+    if tokenizer.vocab_size != vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {vocab_size}, but the {tokenizer.name} tokenizer has "
+            f"{tokenizer.vocab_size} tokens; set model.vocab_size={tokenizer.vocab_size} (the "
+            f"embedding is padded to a multiple of model.vocab_pad_multiple for speed)"
+        )

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtrain.checkpoint import resolve_checkpoint
 from llmtrain.config import load_config
-from llmtrain.export import export, main
+from llmtrain.export import export, hf_tokenizer, main
 from llmtrain.sample import load_gpt
 from llmtrain.tokenizer import get_tokenizer
 
@@ -158,6 +159,32 @@ def test_tokenizer_ids_equal_tiktoken(tmp_path_factory):
         assert tok.decode(ids) == text
 
 
+def test_converting_the_tokenizer_leaves_nothing_in_tiktoken_s_cache(tmp_path, monkeypatch):
+    """tiktoken.load cached each export's temporary ranks file under a name of its path: a new
+    copy of the vocabulary in the cache dir at every export."""
+    from llmtrain.export import _converted
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    _converted.__wrapped__(get_tokenizer("gpt2"))
+    assert list(tmp_path.iterdir()) == [] and os.environ["TIKTOKEN_CACHE_DIR"] == str(tmp_path)
+
+
+def test_cl100k_base_exports_with_its_special_ids(monkeypatch):
+    """cl100k_base leaves ids unused between its special tokens: the transformers tokenizer
+    gave <|endoftext|> the id after the ranks (100256, not 100257), so export refused."""
+    cache = Path(__file__).resolve().parents[2] / "shared" / "tiktoken-cache"
+    if not cache.is_dir():
+        pytest.skip(f"no tiktoken cache at {cache}")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    tok = get_tokenizer("cl100k_base")
+    fast = hf_tokenizer(tok, 1024)
+    assert len(fast) == tok.vocab_size == 100277 and fast.eos_token_id == tok.eot_id == 100257
+    for text in [*TEXTS, "<|fim_prefix|>def f(<|fim_suffix|>):<|fim_middle|><|endofprompt|>"]:
+        ids = fast(text)["input_ids"]
+        assert ids == tok.encoding.encode(text, allowed_special="all"), text[:60]
+        assert fast.decode(ids) == text
+
+
 def test_bf16_export_through_the_cli(tmp_path_factory, tmp_path):
     run = smoke_run(tmp_path_factory, "llama")
     out = tmp_path / "hf"
@@ -212,6 +239,19 @@ def test_bad_checkpoints_fail_naming_the_path(tmp_path_factory, tmp_path, capsys
     (no_weights / "model.safetensors").unlink()
     assert f"{no_weights}: no model.safetensors" in run_main([str(no_weights), out], capsys)
     assert not Path(out).exists()
+
+    # the `latest` pointer names the checkpoint it points at
+    assert resolve_checkpoint(src.parent / "latest") == resolve_checkpoint(src.parent)
+
+    # a damaged config.yaml is named as a damaged weight file is, not a YAML traceback
+    cut = tmp_path / "c" / "step_0000002"
+    shutil.copytree(src, cut)
+    text = (cut / "config.yaml").read_text()
+    (cut / "config.yaml").write_text(text[: len(text) // 2])
+    assert f"{cut}/config.yaml has" in run_main([str(cut), out], capsys)
+    (cut / "manifest.json").unlink()  # unverifiable: still a message, not a traceback
+    (cut / "config.yaml").write_text("model: [unclosed\n")
+    assert f"{cut}/config.yaml: " in run_main([str(cut), out], capsys)
 
 
 def test_refuses_to_overwrite_unless_forced(tmp_path_factory, tmp_path, capsys):

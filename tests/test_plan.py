@@ -239,3 +239,10 @@ def test_an_fp16_run_is_planned_as_fp16(capsys):
     assert main(["model=gpt2-small", "trainer.precision=fp16", "trainer.max_steps=1"]) == 0
     out = capsys.readouterr().out
     assert "dist single (replicated), fp16" in out and "bf16" not in out.splitlines()[0]
+
+
+def test_cli_refuses_a_vocab_that_is_not_the_tokenizer_s(capsys):
+    """llmtrain-train refused it; llmtrain-plan planned a 50,257-token embedding for cl100k."""
+    argv = ["experiment=smoke", "model.vocab_size=1000"]
+    assert main(argv) == 2
+    assert "set model.vocab_size=50257" in capsys.readouterr().err

@@ -30,6 +30,18 @@ def test_gpt2_ships_with_the_package():
     assert GPT2_RANKS.is_file()
 
 
+def test_gpt2_needs_no_writable_tiktoken_cache(tmp_path, monkeypatch):
+    """tiktoken.load copies a file it reads into TIKTOKEN_CACHE_DIR; one that cannot be written
+    (read-only, shared between users) made the shipped gpt2 ranks fail to load."""
+    from llmtrain.tokenizer import _gpt2_encoding
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(not_a_dir))
+    _gpt2_encoding.cache_clear()
+    assert get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
+
+
 def test_hello_world_without_network(monkeypatch):
     # An empty cache dir: any attempt to download would fail instead of hitting the cache.
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nonexistent-llmtrain-test")
