@@ -157,6 +157,11 @@ def export(
     ckpt = resolve_checkpoint(ckpt)
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise FileExistsError(f"{out}: holds the checkpoint {ckpt}; choose another OUT")
+    if ckpt.resolve().parent in out.resolve().parents:  # inside checkpoints/, which rotates
+        raise FileExistsError(
+            f"{out}: inside {ckpt.parent}, where a resumed run's trainer.keep_last deletes old "
+            "steps with all they hold; choose another OUT (the run dir itself is fine)"
+        )
     if occupied and not (out / "config.json").is_file():  # a mistyped OUT: a run dir...
         raise FileExistsError(
             f"{out}: not an earlier export (no config.json); --force replaces only an export: "

@@ -240,6 +240,11 @@ def test_bad_checkpoints_fail_naming_the_path(tmp_path_factory, tmp_path, capsys
     assert f"{no_weights}: no model.safetensors" in run_main([str(no_weights), out], capsys)
     assert not Path(out).exists()
 
+    # an export inside checkpoints/ would go with the step that keep_last deletes
+    inside = src / "hf"
+    assert "trainer.keep_last deletes" in run_main([str(src), str(inside)], capsys)
+    assert not inside.exists()
+
     # the `latest` pointer names the checkpoint it points at
     assert resolve_checkpoint(src.parent / "latest") == resolve_checkpoint(src.parent)
 
