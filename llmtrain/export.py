@@ -225,6 +225,15 @@ def export(
     return ckpt
 
 
+def shard_size(value: str) -> int | str:
+    """--max-shard-size: bytes, or a number and unit as save_pretrained takes it (5GB, 500MB)."""
+    if value.isdigit():
+        return int(value)
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", value, flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"{value!r}: give bytes, or a size such as 5GB or 500MB")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="llmtrain-export",
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-shard-size",
         default="5GB",
-        type=lambda v: int(v) if v.isdigit() else v,  # bytes, as save_pretrained takes them
+        type=shard_size,
         help="split larger weights into files of this size: 5GB, 500MB, or bytes",
     )
     args = parser.parse_args(argv)

@@ -357,3 +357,12 @@ def test_force_through_a_symlink_replaces_its_target(tmp_path_factory, tmp_path,
     assert not (real / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "hf"]  # no hf.tmp left
     assert sorted(p.name for p in real.parent.iterdir()) == ["hf"]
+
+
+def test_max_shard_size_is_checked_when_given(capsys):
+    from llmtrain.export import shard_size
+
+    assert shard_size("1000") == 1000 and shard_size("500MB") == "500MB"
+    with pytest.raises(SystemExit) as e:
+        main(["run", "out", "--max-shard-size", "5GiB"])
+    assert e.value.code == 2 and "give bytes, or a size such as 5GB" in capsys.readouterr().err
