@@ -21,8 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from llmtrain.config import ModelConfig
 from llmtrain.loss import chunked_lm_loss
-from llmtrain.model import padded_size
+from llmtrain.model import padded_vocab
 
 GPT2_VOCAB = 50257
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(args.tokens, args.width, generator=g).to(device).requires_grad_()
-    weight = (0.02 * torch.randn(padded_size(GPT2_VOCAB, 64), args.width, generator=g)).to(device)
+    rows = padded_vocab(ModelConfig(vocab_size=GPT2_VOCAB))
+    weight = (0.02 * torch.randn(rows, args.width, generator=g)).to(device)
     weight.requires_grad_()
     targets = torch.randint(0, GPT2_VOCAB, (args.tokens,), generator=g).to(device)
 

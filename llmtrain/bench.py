@@ -36,7 +36,16 @@ from typing import Any
 import torch
 
 from llmtrain.bench_record import build_record, paired_interval, paired_ratio, report
-from llmtrain.config import CONF_DIR, PACKAGE_DIR, ConfigError, TrainConfig, load_config, validate
+from llmtrain.config import (
+    CONF_DIR,
+    PACKAGE_DIR,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    rank_from_env,
+    validate,
+    world_size_from_env,
+)
 from llmtrain.data import DataError
 
 # The record lives in the repo's benchmarks/; installed from a wheel, under the current dir.
@@ -111,7 +120,7 @@ def bench_config(overrides: list[str], steps: int, warmup: int) -> TrainConfig:
         resume="none",
     )
     cfg.logger = dataclasses.replace(cfg.logger, name="none")
-    return validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return validate(cfg, world_size=world_size_from_env())
 
 
 class StepClock:
@@ -319,7 +328,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, 
         if args.versus
         else cfg
     )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     plan, after_plan = Plan.from_config(cfg, world), Plan.from_config(after_cfg, world)
     device = torch.device(resolve_device(cfg.trainer.device))
     precision = resolve_precision(cfg.trainer.precision, device.type)
@@ -444,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as e:
         print(f"llmtrain-bench: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if rank_from_env() != 0:
         return
     for record in records:
         print(report(record), flush=True)

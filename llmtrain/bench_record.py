@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llmtrain.config import TrainConfig
+from llmtrain.config import TrainConfig, world_size_from_env
 
 BEGIN = "<!-- llmtrain-bench:begin -->"
 END = "<!-- llmtrain-bench:end -->"
@@ -53,7 +52,7 @@ COLUMNS = (
     "MFU",
     "step ms (p50 / p90)",
     "data wait",
-    "peak GB",
+    "peak GiB",
     "compile s",
     "compared with",
 )
@@ -82,7 +81,7 @@ def build_record(
         source_sha,
     )
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak_tflops = device_peak_tflops(name if device.type == "cuda" else None)
     fpt = flops_per_token(cfg.model, plan.seq_len)

@@ -6,9 +6,9 @@ Layout of ``RUN_DIR/checkpoints/``::
     step_0000060/            one complete checkpoint
         model.safetensors     (or DeepSpeed / FSDP shards: whatever accelerator.save_state writes)
         optimizer.bin, scheduler.bin, random_states_<rank>.pkl   (Accelerate)
-        trainer_state.json    step, tokens seen, world size
+        trainer_state.json    the loop's counters (TrainerState): step, tokens, world size...
         data_state_<rank>.pt  each rank's data-pipeline position
-        config.yaml           the resolved config, for load_model and resume checks
+        config.yaml           the resolved config: the model's shape, resume checks
         receipt.json          package version, git sha, torch version
         manifest.json         size and sha256 of every file above (llmtrain/integrity.py)
     latest                   a text file naming the newest complete checkpoint
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from llmtrain.config import TrainConfig, config_from_dict, config_to_yaml
+from llmtrain.config import TrainConfig, config_from_dict, config_to_yaml, rank_from_env
 from llmtrain.integrity import (
     MANIFEST,
     CheckpointError,
@@ -87,6 +87,11 @@ def resume_overrides(run_dir: Path) -> str:
     if not re.fullmatch(r"[\w./+@%:-]+", value, flags=re.ASCII):  # Hydra would parse it
         value = "'" + value.replace("'", "\\'") + "'"
     return f"trainer.resume=auto {shlex.quote('hydra.run.dir=' + value)}"
+
+
+def go_on_from(saved: Path, run_dir: Path) -> str:
+    """How to go on from checkpoint ``saved`` of the run in ``run_dir``, as a user reads it."""
+    return f"go on from {saved}: add {resume_overrides(run_dir)} to the same command"
 
 
 @dataclass
@@ -199,12 +204,19 @@ def _free_space_problem(ckpt_root: Path) -> str | None:
     return _describe(err, ckpt_root)
 
 
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The part of parameter ``p`` this rank stores: its ZeRO-3 partition (``p`` itself is an
+    empty placeholder then), its FSDP2 DTensor shard, or ``p`` whole."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def nonfinite_parameter(model: torch.nn.Module) -> str | None:
     """The name of the first parameter with a NaN or inf in this rank's part, or None."""
     names, flags = [], []
     for name, p in model.named_parameters():
-        t = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: this rank's partition
-        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2: this rank's shard
+        t = local_shard(p)
         if t.numel():
             names.append(name)
             flags.append(torch.isfinite(t.detach()).all())
@@ -364,7 +376,7 @@ class Preemption:
         self.signal = signal.Signals(signum).name
         if signum == signal.SIGINT:  # Ctrl-C saves; a second Ctrl-C stops at once, unsaved
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            if os.environ.get("RANK", "0") == "0":
+            if rank_from_env() == 0:
                 os.write(2, b"\nllmtrain: Ctrl-C: stopping after this step with a checkpoint; "
                          b"Ctrl-C again quits without saving\n")  # fmt: skip
 
@@ -431,20 +443,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_trainer_state(ckpt: Path) -> TrainerState:
     return TrainerState(**json.loads((ckpt / TRAINER_STATE).read_text()))
-
-
-def load_model(path: str | Path, device: str = "cpu"):
-    """A checkpoint (or a run dir / checkpoints root) -> ``(GPT, TrainConfig)`` in fp32 on CPU."""
-    from llmtrain.consolidate import full_state_dict
-    from llmtrain.model import GPT
-
-    ckpt = resolve_checkpoint(path)
-    cfg = saved_config(ckpt)
-    model = GPT(cfg.model)
-    # Any dist mode (ZeRO and FSDP2 shards are gathered on CPU), checked against the manifest.
-    state = full_state_dict(ckpt)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied_ok = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
-    if set(missing) - tied_ok or unexpected:
-        raise RuntimeError(f"{ckpt}: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval(), cfg

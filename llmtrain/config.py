@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llmtrain.checks import ConfigError, validate
@@ -31,6 +31,8 @@ CONF_DIR = next(
     ),
     PACKAGE_DIR.parent / "conf",
 )
+# The date level of Hydra's default run dirs, runs/<date>/<time> (conf/train.yaml).
+DATED_DIR = r"\d{4}-\d{2}-\d{2}"
 
 
 @dataclass
@@ -188,6 +190,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_from_env() -> int:
+    """This process's rank as the launcher set it (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def to_dataclass(node: Any) -> TrainConfig:
     """A composed DictConfig -> a plain TrainConfig object (``validate`` checks the values)."""
     _no_unknown_keys(node, TrainConfig, "")
@@ -297,7 +304,6 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 __all__ = [
-    "MISSING",
     "CONF_DIR",
     "PACKAGE_DIR",
     "ConfigError",

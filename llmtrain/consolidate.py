@@ -36,6 +36,9 @@ from typing import Any
 import torch
 
 from llmtrain.config import ConfigError
+from llmtrain.ds_config import ZERO_STAGE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # what --dtype names
 
 DS_TAG = "pytorch_model"  # the DeepSpeed tag accelerator.save_state uses
 FSDP_MODEL = "pytorch_model_fsdp_0"
@@ -113,8 +116,7 @@ def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32")
     state = full_state_dict(ckpt)
     if saved_config(ckpt).model.tie_embeddings:  # GPT.load_state_dict re-ties the head
         state.pop("lm_head.weight", None)  # FSDP2's shards load it as a second tensor
-    cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    tensors = {name: t.to(cast).contiguous() for name, t in state.items()}
+    tensors = {name: t.to(DTYPES[dtype]).contiguous() for name, t in state.items()}
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "dtype": dtype})
     # safetensors creates the file 0600; give it the mode the checkpoint's files have
@@ -161,7 +163,7 @@ def load_state(
         from accelerate.utils import load  # as Accelerate reads it: numpy's RNG state allowed
 
         load(rng)
-    if saved_world == accelerator.num_processes or mode not in ("zero1", "zero2", "zero3"):
+    if saved_world == accelerator.num_processes or mode not in ZERO_STAGE:
         accelerator.load_state(str(ckpt))
     else:
         _load_universal(accelerator, model, ckpt, scratch)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint", help="a step_XXXXXXX dir, or a run or checkpoints/ dir (its newest)"
     )
     parser.add_argument("--out", help="output file (default: CHECKPOINT/consolidated.safetensors)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     from llmtrain.integrity import CheckpointError
 
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
 from llmtrain.checks import CPU_ATTENTIONS
-from llmtrain.config import ConfigError, TrainConfig
+from llmtrain.config import ConfigError, TrainConfig, world_size_from_env
 from llmtrain.ds_config import ZERO_STAGE, deepspeed_config
 
 EXPECTED_TYPE = {
@@ -130,14 +130,10 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
         )
 
 
-def _deepspeed_plugin(
-    cfg: TrainConfig, grad_accum: int, world_size: int, device: str, load_universal: bool
-):
+def _deepspeed_plugin(cfg: TrainConfig, grad_accum: int, world_size: int, device: str):
     from accelerate.utils import DeepSpeedPlugin
 
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ds = deepspeed_config(cfg, grad_accum, world_size, device, load_universal)
+    ds = deepspeed_config(cfg, grad_accum, world_size, device)
     zero = ds["zero_optimization"]
     # Every plugin field is given, so the launcher's ACCELERATE_DEEPSPEED_* env never wins.
     # A DEEPSPEED accelerate config (launch/zero*.yaml) also lists its fields (zero_stage,
@@ -183,11 +179,7 @@ def _fsdp2_plugin(cfg: TrainConfig, device: str):
     )
 
 
-def build_accelerator(
-    cfg: TrainConfig, grad_accum: int, load_universal: bool = False
-) -> Accelerator:
-    """``load_universal``: the resume checkpoint is a DeepSpeed universal checkpoint (it was
-    written under another world size, see :mod:`llmtrain.consolidate`)."""
+def build_accelerator(cfg: TrainConfig, grad_accum: int) -> Accelerator:
     device = resolve_device(cfg.trainer.device)
     if device == "cpu":  # DeepSpeed, imported by Accelerate along the way, warns otherwise
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -195,16 +187,14 @@ def build_accelerator(
             _skip_shm_comm_build()
     if cfg.dist.mode in ZERO_STAGE and cfg.dist.offload_optimizer:
         clear_stale_cpu_adam_lock()  # before the ranks meet: none is compiling yet
-    if cfg.dist.mode in ("zero1", "zero2", "zero3", "fsdp2") and "RANK" not in os.environ:
+    if (cfg.dist.mode in ZERO_STAGE or cfg.dist.mode == "fsdp2") and "RANK" not in os.environ:
         _world_of_one_env()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     backend = cfg.dist.backend or ("nccl" if device == "cuda" else "gloo")
     mode = cfg.dist.mode
     plugins: dict[str, Any] = {}
     if mode in ZERO_STAGE:
-        plugins["deepspeed_plugin"] = _deepspeed_plugin(
-            cfg, grad_accum, world, device, load_universal
-        )
+        plugins["deepspeed_plugin"] = _deepspeed_plugin(cfg, grad_accum, world, device)
     elif mode == "fsdp2":
         plugins["fsdp_plugin"] = _fsdp2_plugin(cfg, device)
     # cpu=True drops a DeepSpeed plugin without a word; DeepSpeed finds the CPU itself.
@@ -417,16 +407,3 @@ def build_dist_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: 
         eps=o.eps,
         adamw_mode=True,
     )
-
-
-def local_numel(model: torch.nn.Module) -> int:
-    """Parameter elements this rank stores (ZeRO-3 partitions, FSDP2 DTensor shards)."""
-    total = 0
-    for p in model.parameters():
-        if hasattr(p, "ds_tensor"):  # ZeRO-3: p is an empty placeholder, the shard is here
-            total += p.ds_tensor.numel()
-        elif hasattr(p, "to_local"):  # FSDP2 DTensor
-            total += p.to_local().numel()
-        else:
-            total += p.numel()
-    return total

@@ -57,7 +57,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def deepspeed_config(
-    cfg: TrainConfig, grad_accum: int, world_size: int, device: str, load_universal: bool = False
+    cfg: TrainConfig, grad_accum: int, world_size: int, device: str
 ) -> dict[str, Any]:
     """The DeepSpeed JSON for ``cfg``; ``dist.deepspeed_config`` (a user file) may add tuning
     keys (bucket sizes, prefetch) but every key Hydra owns must agree or the run is refused."""
@@ -88,7 +88,6 @@ def deepspeed_config(
         # The optimizer is llmtrain's torch AdamW (or DeepSpeedCPUAdam when offloading).
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }

@@ -41,13 +41,12 @@ import torch
 
 from llmtrain.checkpoint import resolve_checkpoint, saved_config
 from llmtrain.config import ConfigError, TrainConfig
-from llmtrain.consolidate import full_state_dict
+from llmtrain.consolidate import DTYPES, full_state_dict
 from llmtrain.hf import hf_config, hf_family, to_hf_state_dict
 from llmtrain.integrity import CheckpointError
 from llmtrain.model import GPT
 from llmtrain.tokenizer import Tokenizer, get_tokenizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
@@ -56,8 +55,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainCon
     """(fp32 state dict, saved config, checkpoint dir) for a checkpoint of any dist mode."""
     ckpt = resolve_checkpoint(path)
     cfg = saved_config(ckpt)
-    # fp32 whatever was stored (``python -m llmtrain.consolidate --dtype bf16`` writes bf16)
-    state = {k: v.float() for k, v in full_state_dict(ckpt).items()}
+    state = full_state_dict(ckpt)  # fp32, whatever the run trained in
     if cfg.model.tie_embeddings:  # safetensors stores a shared tensor once, under either name
         tied = state.get("transformer.wte.weight", state.get("lm_head.weight"))
         if tied is not None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from llmtrain.config import ConfigError, ModelConfig
-from llmtrain.model import padded_size
+from llmtrain.model import padded_vocab
 
 StateDict = dict[str, torch.Tensor]
 
@@ -183,7 +183,7 @@ def from_hf_state_dict(hf_sd: StateDict, cfg: ModelConfig) -> StateDict:
     family = hf_family(cfg)
     blocks, wte, ln_f = _prefixes(cfg)
     V = cfg.vocab_size
-    padded = padded_size(V, cfg.vocab_pad_multiple)
+    padded = padded_vocab(cfg)
 
     def pad(w: torch.Tensor) -> torch.Tensor:  # (V, C) -> (padded, C)
         if w.size(0) != V:

@@ -30,10 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmtrain.config import ModelConfig
-from llmtrain.metrics import padded_vocab
-
-DEEPSPEED_MODES = ("zero1", "zero2", "zero3")
-
+from llmtrain.ds_config import ZERO_STAGE
+from llmtrain.model import padded_vocab
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -100,7 +98,7 @@ def step_dtypes(mode: str, precision: str) -> StepDtypes:
     on top; the DeepSpeed modes: the module itself is cast to bf16 and no autocast runs."""
     if precision == "fp32":
         return FP32
-    if mode in DEEPSPEED_MODES:
+    if mode in ZERO_STAGE:
         return BF16_MODEL
     return BF16_WEIGHTS if mode == "fsdp2" else AUTOCAST
 
@@ -215,7 +213,7 @@ def activation_bytes(
 
 def state_bytes_per_param(mode: str, precision: str) -> dict[str, int]:
     """Bytes per parameter before sharding: params, grads, optimizer (see the module doc)."""
-    if precision == "fp32" or mode not in DEEPSPEED_MODES:
+    if precision == "fp32" or mode not in ZERO_STAGE:
         return {"params": 4, "grads": 4, "optim": 8}
     return {"params": 2, "grads": 2, "optim": 16}
 

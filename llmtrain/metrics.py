@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 
 import torch
 
-from llmtrain.config import LoggerConfig, ModelConfig
+from llmtrain.config import DATED_DIR, LoggerConfig, ModelConfig
 from llmtrain.integrity import write_atomic
+from llmtrain.model import padded_vocab
 
 # Dense bf16 tensor-core peak, TFLOP/s, from each vendor datasheet (no sparsity). A key matches
 # when each of its words is a whole word of torch.cuda.get_device_name() ("L4" is not "L40");
@@ -55,11 +56,6 @@ def device_peak_tflops(device_name: str | None) -> float | None:
         if set(key.lower().split()) <= words:
             return tflops
     return None
-
-
-def padded_vocab(cfg: ModelConfig) -> int:
-    m = cfg.vocab_pad_multiple
-    return (cfg.vocab_size + m - 1) // m * m
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -153,8 +149,6 @@ def package_version(name: str) -> str | None:
 
 def receipt() -> dict[str, str]:
     """What produced a run: saved beside every checkpoint and sent to the logger."""
-    import torch
-
     pkg = package_version("llmtrain") or "unknown"
     return {"llmtrain": pkg, "git_sha": git_sha(), "torch": torch.__version__}
 
@@ -251,7 +245,7 @@ class WandbLogger:
         gives "<date>/<time>", a sweep's multirun/<date>/<time>/<job> "<date>/<time>/<job>"
         (the time or the job number alone would not say which run)."""
         parts = run_dir.parts
-        dated = [i for i, p in enumerate(parts) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", p)]
+        dated = [i for i, p in enumerate(parts) if re.fullmatch(DATED_DIR, p)]
         return "/".join(parts[dated[-1] :]) if dated else run_dir.name
 
     @classmethod
@@ -385,6 +379,6 @@ def console_line(r: dict[str, Any], max_steps: int, eta_s: float) -> str:
         f"step {r['step']:>6}/{max_steps} | loss {format_loss(r['loss'])} "
         f"| ppl {format_ppl(r['ppl'])} | lr {r['lr']:.2e} "
         f"| grad {fixed_or_sci(r['grad_norm'], '.3f', 1e-2, 1e5)} | {speed} tok/s "
-        f"| mfu {mfu_s} | mem {r['peak_mem_gb']:5.2f} GB | wait {100 * r['data_wait']:4.1f}% "
+        f"| mfu {mfu_s} | mem {r['peak_mem_gb']:5.2f} GiB | wait {100 * r['data_wait']:4.1f}% "
         f"| eta {format_eta(eta_s)}"
     )

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from llmtrain.config import ModelConfig
-from llmtrain.loss import chunked_lm_loss
+from llmtrain.loss import IGNORE_INDEX, chunked_lm_loss
 
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ATTENTION_KERNELS = {
@@ -50,9 +50,9 @@ def attention_kernel(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel([ATTENTION_KERNELS[name]])
 
 
-def padded_size(n: int, multiple: int) -> int:
-    """``n`` rounded up to a multiple (a vocabulary of 50304 runs faster than 50257)."""
-    return math.ceil(n / multiple) * multiple
+def padded_vocab(cfg: ModelConfig) -> int:
+    """model.vocab_size rounded up to model.vocab_pad_multiple (50304 runs faster than 50257)."""
+    return math.ceil(cfg.vocab_size / cfg.vocab_pad_multiple) * cfg.vocab_pad_multiple
 
 
 def human(n: float) -> str:
@@ -238,7 +238,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
-        self.padded_vocab_size = padded_size(cfg.vocab_size, cfg.vocab_pad_multiple)
+        self.padded_vocab_size = padded_vocab(cfg)
         self.head_dim = cfg.n_embd // cfg.n_head
         self.activation_checkpointing = False
 
@@ -338,7 +338,9 @@ class GPT(nn.Module):
         if targets is not None:
             true_logits = logits[..., : self.vocab_size].float()
             loss = F.cross_entropy(
-                true_logits.reshape(-1, self.vocab_size), targets.reshape(-1), ignore_index=-100
+                true_logits.reshape(-1, self.vocab_size),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
             )
         return (logits.float() if return_logits else None), loss
 

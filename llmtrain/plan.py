@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmtrain.config import ConfigError, TrainConfig, load_config
+from llmtrain.config import ConfigError, TrainConfig, load_config, world_size_from_env
 from llmtrain.dist import check_world_size
+from llmtrain.ds_config import ZERO_STAGE
 from llmtrain.memory import (
-    DEEPSPEED_MODES,
     activation_bytes,
     loss_bytes,
     param_counts,
@@ -27,7 +26,8 @@ from llmtrain.memory import (
     step_dtypes,
     weight_copy_bytes,
 )
-from llmtrain.metrics import PEAK_BF16_TFLOPS, flops_per_token, format_eta, padded_vocab
+from llmtrain.metrics import PEAK_BF16_TFLOPS, flops_per_token, format_eta
+from llmtrain.model import padded_vocab
 from llmtrain.tokenizer import check_vocab, get_tokenizer
 
 GiB = 2**30
@@ -121,7 +121,7 @@ class MemoryPlan:
             out.append(
                 "more GPUs with dist=zero3/fsdp2, or dist=zero2 with dist.offload_optimizer=true"
             )
-        if self.mode in DEEPSPEED_MODES and not self.offload_optimizer:
+        if self.mode in ZERO_STAGE and not self.offload_optimizer:
             out.append("dist.offload_optimizer=true (optimizer state to CPU)")
         elif self.mode == "zero3" and not self.offload_params:
             out.append("dist.offload_params=true (parameters to CPU)")
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gpus",
         type=int,
-        default=int(os.environ.get("WORLD_SIZE", "1")),
+        default=world_size_from_env(),
         help="world size: GPUs in the whole run (default: $WORLD_SIZE or 1)",
     )
     parser.add_argument(

@@ -89,7 +89,7 @@ def log_train(
             f"(rank 0's share) and is read {again}"
         )
         run.epoch = record["epoch"]
-    steps_done = max(1, state.step - run.start_step)
+    steps_done = max(1, state.step - plan.start_step)  # by this process: the ETA's pace
     eta = (time.perf_counter() - run.started) / steps_done * (plan.max_steps - state.step)
     run.log(record, console_line(record, plan.max_steps, eta))
 

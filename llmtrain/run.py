@@ -4,7 +4,6 @@ records the loop writes (``Run``); the plan and the startup report are in startu
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from llmtrain.config import (
     TrainerConfig,
     config_to_dict,
     config_to_yaml,
+    rank_from_env,
     world_size_from_env,
 )
 from llmtrain.consolidate import load_data_state, load_state
@@ -43,7 +43,7 @@ from llmtrain.tokenizer import Tokenizer, check_vocab, get_tokenizer
 class _QuietAccelerate(logging.Filter):
     """Accelerate logs every file a save writes at INFO (under FSDP2 at the scratch ``.tmp``
     path, which is renamed a moment later), and warns that the tied lm_head was dropped from
-    model.safetensors (load_model re-ties it); the checkpoint line says enough."""
+    model.safetensors (loading re-ties it); the checkpoint line says enough."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.WARNING or (
@@ -125,7 +125,6 @@ class Run:
     metrics_file: MetricsFile
     logger: Any
     peak_tflops: float | None  # the device's dense bf16 peak, None where unknown (no MFU)
-    start_step: int  # the step this process started (or resumed) at: the ETA's baseline
     started: float = field(default_factory=time.perf_counter)
     epoch: int = 1  # the pass over the training data last reported (rank 0's)
 
@@ -142,11 +141,12 @@ class Run:
         if self.is_main:
             print(text, flush=True)
 
-    def log(self, record: dict[str, Any], line: str) -> None:
-        """One record to metrics.jsonl and the logger, and its console line."""
+    def log(self, record: dict[str, Any], line: str | None = None) -> None:
+        """One record to metrics.jsonl and the logger, and its console line if any."""
         self.metrics_file.write(record)
         self.logger.log(record, step=record["step"])
-        self.say(line)
+        if line is not None:
+            self.say(line)
 
     def save(self, final: bool = False) -> Path | None:
         """A failed write stops the run unless trainer.on_save_error=continue (never the last
@@ -181,18 +181,19 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     check_vocab(tokenizer, cfg.model.vocab_size)
     check_sample_length(cfg, tokenizer)
-    if int(os.environ.get("RANK", "0")) == 0:  # other ranks learn the run dir by broadcast
+    if rank_from_env() == 0:  # other ranks learn the run dir by broadcast
         resume.preflight_resume(cfg, run_dir)
     accelerator = build_accelerator(cfg, plan.grad_accum)
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     run_dir = Path(accelerator_broadcast(accelerator, str(run_dir.resolve())))
+    ckpt_root = run_dir / "checkpoints"  # Run.ckpt_root
     # Verified against its manifest; trainer.resume=auto falls back past damaged checkpoints.
-    resume_from = resume.choose_resume(cfg.trainer.resume, run_dir / "checkpoints")
+    resume_from = resume.choose_resume(cfg.trainer.resume, ckpt_root)
     abandoned: list[Path] = []
     if resume_from is not None:
         resume.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
         if is_main:
-            abandoned = ckpt.roll_back(run_dir / "checkpoints", resume_from)
+            abandoned = ckpt.roll_back(ckpt_root, resume_from)
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg)
@@ -257,14 +258,14 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     )
     run = Run(
         cfg, plan, accelerator, model, optimizer, tokenizer, train_loader, val_loader, state,
-        run_dir, run_receipt, metrics_file, logger, peak, state.step, epoch=train_loader.epoch,
+        run_dir, run_receipt, metrics_file, logger, peak, epoch=train_loader.epoch,
     )  # fmt: skip
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
     for note in plan_notes(cfg, plan) + shard_notes(cfg):
         run.say(note)
     if resume_from is None and cfg.trainer.resume == "auto":
         run.say(
-            f"  resume     auto: no checkpoint in {run_dir / 'checkpoints'}; from step 0 (to go "
+            f"  resume     auto: no checkpoint in {run.ckpt_root}; from step 0 (to go "
             "on with an earlier run, name its dir: hydra.run.dir=...)"
         )
     if resume_from is not None:

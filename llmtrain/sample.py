@@ -27,10 +27,11 @@ import torch
 
 from llmtrain.checkpoint import load_trainer_state
 from llmtrain.config import TrainConfig
+from llmtrain.consolidate import DTYPES
 from llmtrain.export import load_checkpoint
 from llmtrain.integrity import CheckpointError
 from llmtrain.model import GPT
-from llmtrain.tokenizer import Tokenizer, get_tokenizer
+from llmtrain.tokenizer import get_tokenizer
 
 
 def load_gpt(path: str | Path, device: str = "cpu") -> tuple[GPT, TrainConfig, Path]:
@@ -39,11 +40,6 @@ def load_gpt(path: str | Path, device: str = "cpu") -> tuple[GPT, TrainConfig, P
     model = GPT(cfg.model)
     model.load_state_dict(state)  # load_checkpoint checked names and shapes; tied heads are both
     return model.to(device).eval(), cfg, ckpt
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Prompt ids as the exported transformers tokenizer gives them; empty -> [end-of-text]."""
-    return tokenizer.encode_prompt(prompt)
 
 
 @torch.no_grad()
@@ -117,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, cfg, ckpt = load_gpt(args.checkpoint, device)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
-        prompt = encode_prompt(tokenizer, args.prompt)
+        prompt = tokenizer.encode_prompt(args.prompt)
         room = cfg.model.context_length - len(prompt)
         if room < 1:  # nothing could be generated; a longer prompt would fail in the model
             parser.error(
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=seed,
             num_samples=args.num_samples,
             stop_id=tokenizer.eot_id,
-            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+            dtype=DTYPES[dtype],
         )
     except (OSError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
         sys.exit(f"llmtrain-sample: error: {e}")
@@ -165,4 +161,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["encode_prompt", "load_gpt", "sample"]
+__all__ = ["load_gpt", "sample"]

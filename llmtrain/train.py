@@ -25,9 +25,11 @@ from omegaconf import DictConfig
 from llmtrain import checkpoint as ckpt
 from llmtrain.config import (
     CONF_DIR,
+    DATED_DIR,
     ConfigError,
     TrainConfig,
     load_config,
+    rank_from_env,
     to_dataclass,
     validate,
     world_size_from_env,
@@ -129,8 +131,7 @@ def skip_step(run: Run) -> None:
             "bad_steps": state.bad_steps,
             "diverged": True,
         }
-        run.metrics_file.write(record)
-        run.logger.log(record, step=record["step"])
+        run.log(record)
         last = ckpt.latest_checkpoint(run.ckpt_root)
         then = (
             f"The last good checkpoint is {last}; lower optim.lr or check the data, then "
@@ -240,13 +241,10 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     accelerator.end_training()
     if stop:
         saved = saved or ckpt.latest_checkpoint(run.ckpt_root)
+        then = "no checkpoint was written, so the same command starts over"
         raise ckpt.Preempted(
             f"stopped by {preempt.signal or 'a signal to another rank'} after step {state.step}; "
-            + (
-                f"go on from {saved}: add {ckpt.resume_overrides(run.run_dir)} to the same command"
-                if saved
-                else "no checkpoint was written, so the same command starts over"
-            )
+            + (ckpt.go_on_from(saved, run.run_dir) if saved else then)
         )
     return state
 
@@ -260,7 +258,7 @@ def _exit(code: int, what: str, error: Exception | str) -> None:
     """Print why, record the code for a job script, and exit. A launcher (torchrun, accelerate
     launch) reports its own status rather than its workers', so with ``LLMTRAIN_EXIT_FILE`` set
     (the sbatch scripts set it) the code also goes to that file: 75 requeues, 2 does not."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = rank_from_env()
     if rank == 0 or isinstance(error, ONE_RANK_ERRORS):
         where = f" (rank {rank})" if rank else ""
         print(f"llmtrain{where}: {what}: {error}", file=sys.stderr, flush=True)
@@ -311,10 +309,10 @@ def _drop_if_empty(run_dir: Path) -> None:
     """A run refused before it wrote anything (a config, data or launch error) leaves no empty
     run dir behind, nor an empty dated dir (runs/<date>/) above Hydra's default one. Rank 0
     only: the others run in ``.``."""
-    if int(os.environ.get("RANK", "0")) == 0 and run_dir.resolve() != Path.cwd().resolve():
+    if rank_from_env() == 0 and run_dir.resolve() != Path.cwd().resolve():
         with contextlib.suppress(OSError):  # not empty, or already gone
             run_dir.rmdir()
-            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+            if re.fullmatch(DATED_DIR, run_dir.parent.name):
                 run_dir.parent.rmdir()
 
 
@@ -341,17 +339,14 @@ def _job(node: DictConfig) -> None:
     except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
         last = ckpt.latest_checkpoint(run_dir / "checkpoints") if run_dir else None
         _exit(130, "interrupted", "stopped at once, unsaved; " + (
-            f"go on from {last}: add {ckpt.resume_overrides(run_dir)} to the same command"
-            if last else "no checkpoint was written yet"
+            ckpt.go_on_from(last, run_dir) if last else "no checkpoint was written yet"
         ))  # fmt: skip
 
 
 def main() -> None:
     """Console entry. Ranks other than 0 must not create their own run dir: they start in
     ``.`` (which exists, so Hydra creates nothing) and receive rank 0's dir by broadcast."""
-    if int(os.environ.get("RANK", "0")) > 0 and not any(
-        a.startswith("hydra.run.dir=") for a in sys.argv[1:]
-    ):
+    if rank_from_env() > 0 and not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
         sys.argv.append("hydra.run.dir=.")
     args = sys.argv[1:]
     for record in _SWEEP.values():

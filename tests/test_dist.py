@@ -80,7 +80,7 @@ def test_zero_launch_configs_are_accepted_by_the_plugin(monkeypatch, launch):
     monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", ",".join(fields))
     cfg = load_config(FAST + [f"dist={launch}", "data.path=x"], world_size=2)
     check_launch(cfg, 2)
-    assert _deepspeed_plugin(cfg, 1, 2, "cpu", False).zero_stage == stage
+    assert _deepspeed_plugin(cfg, 1, 2, "cpu").zero_stage == stage
     assert os.environ["ACCELERATE_CONFIG_DS_FIELDS"] == ",".join(fields)  # left as it was
 
 
@@ -193,7 +193,7 @@ def _train(run_dir: str, overrides: list[str]) -> dict:
     """Runs in each worker: train, then report what this rank stored and saw."""
     import llmtrain.run as run_mod
     import llmtrain.train as train_mod
-    from llmtrain.dist import local_numel
+    from llmtrain.checkpoint import local_shard
 
     seen = {}
     build = run_mod.build_accelerator
@@ -224,7 +224,7 @@ def _train(run_dir: str, overrides: list[str]) -> dict:
         "type": str(acc.distributed_type),
         "model": type(model).__name__,
         "bucket_view": getattr(model, "gradient_as_bucket_view", None),  # DDP's, else None
-        "params": local_numel(model),
+        "params": sum(local_shard(p).numel() for p in model.parameters()),
         "opt": opt_numel,
     }
 
@@ -371,8 +371,8 @@ def test_fsdp2_checkpoint_reshards_to_more_processes(shards, reference, tmp_path
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["zero3", "fsdp2"])
 def test_consolidated_export_matches_training(mode, shards, tmp_path):
-    from llmtrain.checkpoint import load_model
     from llmtrain.consolidate import export, full_state_dict
+    from llmtrain.sample import load_gpt
 
     args = [f"data.path={shards}", f"dist={mode}", "trainer.max_steps=2"]
     run(tmp_path, 2, tmp_path / "r", args)
@@ -392,7 +392,7 @@ def test_consolidated_export_matches_training(mode, shards, tmp_path):
     for name, t in exported.items():
         assert t.dtype == torch.bfloat16
         torch.testing.assert_close(t.float(), ddp[name], rtol=1e-2, atol=1e-2, msg=name)
-    model, _ = load_model(ckpt)  # straight from the shards, fp32
+    model, _, _ = load_gpt(ckpt)  # straight from the shards, fp32
     weights = model.state_dict()
     for name, t in sharded.items():  # the tied lm_head may be listed under one name only
         torch.testing.assert_close(weights[name], t, msg=name)

@@ -34,6 +34,7 @@ from llmtrain.data import DataError, build_dataloader
 from llmtrain.integrity import CheckpointError, check_pickle, safe_loading, verify
 from llmtrain.metrics import NullLogger
 from llmtrain.optim import lr_at
+from llmtrain.sample import load_gpt
 from llmtrain.shards import read_shard, write_shard
 from llmtrain.tokenizer import get_tokenizer
 
@@ -513,11 +514,11 @@ def test_compiled_checkpoints_load_under_the_model_s_own_names(two_checkpoints, 
     from llmtrain import consolidate
 
     step = two_checkpoints / "checkpoints" / "step_0000004"
-    plain, _ = ckpt.load_model(step)
+    plain, _, _ = load_gpt(step)
     load = consolidate._load_full
     monkeypatch.setattr(consolidate, "_load_full", lambda ckpt, kind: {
         f"_orig_mod.{k}": v for k, v in load(ckpt, kind).items()})  # fmt: skip
-    model, _ = ckpt.load_model(step)
+    model, _, _ = load_gpt(step)
     for name, value in plain.state_dict().items():  # the trained weights, under their names
         assert torch.equal(model.state_dict()[name], value), name
 
@@ -560,7 +561,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys, dist):
     assert capsys.readouterr().out.count("non-finite gradient norm, step skipped") == 2
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-2])
     assert last["step"] == 5 and last["skipped_steps"] == 2
-    model, _ = ckpt.load_model(tmp_path)
+    model, _, _ = load_gpt(tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

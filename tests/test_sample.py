@@ -16,7 +16,7 @@ import torch
 from test_export import exported, smoke_run
 
 from llmtrain.export import export
-from llmtrain.sample import encode_prompt, load_gpt, main, sample
+from llmtrain.sample import load_gpt, main, sample
 from llmtrain.tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -80,7 +80,7 @@ def test_greedy_equals_hf_generate(tmp_path_factory, family, weights):
     ours = load_gpt(run)[0]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    prompt = encode_prompt(TOK, PROMPT)
+    prompt = TOK.encode_prompt(PROMPT)
     assert tok(PROMPT)["input_ids"] == prompt
     ids = torch.tensor([prompt])
     with torch.no_grad():  # the exported generation config: eos = pad = end-of-text
@@ -97,7 +97,7 @@ def test_greedy_equals_hf_generate(tmp_path_factory, family, weights):
 
 
 def test_seed_controls_sampling(model):
-    prompt = encode_prompt(TOK, PROMPT)
+    prompt = TOK.encode_prompt(PROMPT)
     draw = lambda seed, n=1, **kw: sample(model, prompt, 8, seed=seed, num_samples=n, **kw)
     assert draw(1, temperature=1.0) == draw(1, temperature=1.0)
     assert draw(1, temperature=1.0) != draw(2, temperature=1.0)
@@ -111,7 +111,7 @@ def test_seed_controls_sampling(model):
 def test_top_k_and_top_p_restrict_every_token(model):
     """Teacher-force each sample back through the model: every drawn token lies in the top-k
     (resp. the top-p nucleus) of the distribution it was drawn from."""
-    prompt = encode_prompt(TOK, PROMPT)
+    prompt = TOK.encode_prompt(PROMPT)
     n = len(prompt)
     for kw in ({"top_k": 5}, {"top_p": 0.2}):
         rows = sample(model, prompt, 8, temperature=1.0, seed=0, num_samples=3, **kw)
@@ -130,15 +130,15 @@ def test_top_k_and_top_p_restrict_every_token(model):
 
 
 def test_generation_stops_at_the_stop_id(model):
-    prompt = encode_prompt(TOK, PROMPT)
+    prompt = TOK.encode_prompt(PROMPT)
     greedy = sample(model, prompt, 20, temperature=0)[0]
     stop = greedy[5]
     got = sample(model, prompt, 20, temperature=0, stop_id=stop)[0]
     assert got == greedy[: greedy.index(stop) + 1]
     out = model.generate(torch.tensor([prompt]), 20, temperature=0, stop_id=stop)
     assert out.shape[1] == len(prompt) + len(got)  # generation ended there, not just the text
-    assert encode_prompt(TOK, "") == [EOT]  # unconditional samples start a fresh document
-    assert encode_prompt(TOK, "a<|endoftext|>") == [64, EOT]
+    assert TOK.encode_prompt("") == [EOT]  # unconditional samples start a fresh document
+    assert TOK.encode_prompt("a<|endoftext|>") == [64, EOT]
 
 
 def test_cli_prints_samples(tmp_path_factory, model):
@@ -154,7 +154,7 @@ def test_cli_prints_samples(tmp_path_factory, model):
     )
     assert proc.returncode == 0, proc.stderr
     assert "step_0000002 (step 2" in proc.stderr and "greedy" in proc.stderr
-    ids = sample(model, encode_prompt(TOK, PROMPT), 12, temperature=0, stop_id=EOT)[0]
+    ids = sample(model, TOK.encode_prompt(PROMPT), 12, temperature=0, stop_id=EOT)[0]
     text = PROMPT + TOK.decode([i for i in ids if i != EOT])
     assert proc.stdout.splitlines()[:2] == ["=== sample 1/2 ===", text.splitlines()[0]]
     assert proc.stdout.count("=== sample") == 2
@@ -189,7 +189,7 @@ def cli(script: str, module: str) -> list[str]:
 
 
 def test_tiny_temperature_is_greedy(model):
-    prompt = encode_prompt(TOK, PROMPT)
+    prompt = TOK.encode_prompt(PROMPT)
     greedy = sample(model, prompt, 8, temperature=0)
     assert sample(model, prompt, 8, temperature=1e-40, seed=3) == greedy
     # below float32's range the division made 0/0 = NaN probabilities (a RuntimeError)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from tiny import TINY
 
-from llmtrain.checkpoint import Preempted, latest_checkpoint, load_model
+from llmtrain.checkpoint import Preempted, latest_checkpoint
 from llmtrain.config import ConfigError, load_config
 from llmtrain.data import DataError
+from llmtrain.sample import load_gpt
 from llmtrain.train import train
 
 FAST = [
@@ -70,7 +71,7 @@ def test_smoke_run_learns_evaluates_checkpoints(tmp_path):
     assert latest_checkpoint(ckpts).name == "step_0000040"
     assert (ckpts / "latest").read_text() == "step_0000040"
     assert (tmp_path / "config.yaml").is_file()
-    model, saved = load_model(tmp_path)
+    model, saved, _ = load_gpt(tmp_path)
     assert saved.model == cfg.model and not model.training
 
 
@@ -295,8 +296,8 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
     """The final checkpoints agree. One AdamW step moves a weight by about lr = 3e-3; fp32
     summation order may flip the direction of a handful of near-zero gradients' updates by
     ~1e-6, nothing near lr."""
-    model_a, _ = load_model(run_a)
-    model_b, _ = load_model(run_b)
+    model_a, _, _ = load_gpt(run_a)
+    model_b, _, _ = load_gpt(run_b)
     for (name, pa), pb in zip(
         model_a.state_dict().items(), model_b.state_dict().values(), strict=True
     ):
