@@ -9,6 +9,7 @@ drops (and counts) empty, undecodable and held-out documents.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -69,9 +70,12 @@ def _expand(pattern: str, key: str) -> list[str]:
 
 
 def _builder(files: list[str], key: str) -> tuple[str, dict[str, Any]]:
-    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
-        raise DataError(f"{key}: files must all be one of {', '.join(BUILDERS)} (got {files[:3]})")
+    if unknown := [f for f in files if Path(f).suffix.lower() not in BUILDERS]:
+        raise DataError(f"{key}: {unknown[0]}: not one of {', '.join(BUILDERS)}")
+    kinds = {BUILDERS[Path(f).suffix.lower()] for f in files}
+    if len(kinds) != 1:
+        suffixes = sorted({Path(f).suffix.lower() for f in files})
+        raise DataError(f"{key}: the files must all be one type; they mix {', '.join(suffixes)}")
     kind = kinds.pop()
     # A .txt file is one document; bad bytes become U+FFFD, and a document with many of them is
     # counted as undecodable and skipped (clean_texts) instead of failing the whole run.
@@ -122,7 +126,8 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
                     "give training files besides the validation ones"
                 )
             data_files = {"train": train, "validation": val}
-        path, kwargs = _builder(list(chain(*data_files.values())), "data.files")
+        key = "data.files and data.val_files" if cfg.val_files else "data.files"
+        path, kwargs = _builder(list(chain(*data_files.values())), key)
         kwargs["data_files"] = data_files
         if path != "text":  # an empty .txt is an empty document (skipped and counted)
             for f in chain(*data_files.values()):
@@ -186,6 +191,19 @@ def _unreadable(f: str) -> str | None:
     except Exception as e:  # noqa: BLE001 -- the reason is the message
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def matched_files(cfg: DataConfig) -> str | None:
+    """What data.files and data.val_files match, as a resume must find it again: the count and
+    a digest of each file's real path and size (None for a dataset on the Hub or a path)."""
+    if not cfg.files:
+        return None
+    files = _expand(cfg.files, "data.files") + (
+        _expand(cfg.val_files, "data.val_files") if cfg.val_files else []
+    )
+    listing = "\n".join(f"{os.path.realpath(f)} {os.path.getsize(f)}" for f in files)
+    digest = hashlib.blake2b(listing.encode(), digest_size=6).hexdigest()
+    return f"{len(files)} files ({digest})"
 
 
 def read_error(cfg: DataConfig, e: BaseException) -> DataError:
@@ -297,7 +315,7 @@ def clean_texts(
             stats["undecodable" if text is not None else "empty"] += 1
         elif not text.strip():
             stats["empty"] += 1
-        elif not text.isascii() and _undecodable(text, cfg):
+        elif (not text.isascii() or "\x00" in text) and _undecodable(text, cfg):
             stats["undecodable"] += 1
         elif heldout and _digest(text) in heldout:
             stats["heldout"] += 1
@@ -308,16 +326,17 @@ def clean_texts(
 
 
 # In a .txt corpus U+FFFD marks bytes that were not UTF-8 (or the character itself, which valid
-# text may hold). Past 1 in 1,000 characters the file is not UTF-8 text (Latin-1, binary): it is
-# skipped. Below, it is one stray byte or name in a big file such as input.txt: it trains.
+# text may hold), and NUL is in binary files and UTF-16 text, never in UTF-8 text. Past 1 in
+# 1,000 characters the file is not UTF-8 text (Latin-1, UTF-16, binary): it is skipped. Below,
+# it is one stray byte or name in a big file such as input.txt: it trains.
 MAX_REPLACED = 1e-3
 
 
 def _undecodable(text: str, cfg: DataConfig) -> bool:
-    """Lone surrogates; or a .txt document with more U+FFFD than MAX_REPLACED allows (counted
-    only for .txt files: in other sources U+FFFD is plain text)."""
-    txt = cfg.files and _builder_of(cfg.files) == "text"
-    if txt and text.count("\ufffd") > MAX_REPLACED * len(text):
+    """Lone surrogates; or a .txt document with more U+FFFD and NUL than MAX_REPLACED allows
+    (counted only for .txt files: in other sources U+FFFD is plain text)."""
+    bad = text.count("\ufffd") + text.count("\x00")
+    if bad > MAX_REPLACED * len(text) and cfg.files and _is_text(cfg.files):
         return True
     try:
         text.encode("utf-8")
@@ -326,5 +345,10 @@ def _undecodable(text: str, cfg: DataConfig) -> bool:
     return False
 
 
-def _builder_of(files: str) -> str | None:
-    return BUILDERS.get(Path(files.split(",")[0].strip()).suffix.lower())
+@functools.lru_cache(maxsize=8)
+def _is_text(files: str) -> bool:
+    """data.files matches .txt files (by what it matches: 'corpus/[a-e]*' names no suffix)."""
+    try:
+        return _builder(_expand(files, "data.files"), "data.files")[0] == "text"
+    except DataError:  # load_documents has said so already
+        return False

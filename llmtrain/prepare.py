@@ -31,10 +31,14 @@ from llmtrain.documents import (
     STATS,
     DataError,
     clean_texts,
+    is_transient,
+    matched_files,
+    read_error,
     single_text_file,
     training_documents,
     validation_documents,
 )
+from llmtrain.integrity import write_atomic
 from llmtrain.shards import write_shard
 from llmtrain.tokenizer import get_tokenizer
 
@@ -57,7 +61,15 @@ def _encode(chunk: tuple[int, list[str], dict]) -> tuple[int, np.ndarray, dict]:
 def _chunks(ds: Any, cfg: DataConfig, heldout: frozenset, size: int) -> Any:
     """(rows read, usable texts, their skip counts) per ``size`` rows, in source order."""
     it = iter(ds)
-    while rows := list(islice(it, size)):
+    while True:
+        try:
+            rows = list(islice(it, size))
+        except Exception as e:  # noqa: BLE001 -- a corrupt file is named (exit 2), as in training
+            if is_transient(e):
+                raise
+            raise read_error(cfg, e) from e
+        if not rows:
+            return
         stats = dict.fromkeys(STATS, 0)
         yield len(rows), clean_texts(rows, cfg, heldout, stats), stats
 
@@ -93,6 +105,8 @@ def prepare(
     }
     if single_text_file(cfg):  # its split point decides which text is validation
         source["val_fraction"] = cfg.val_fraction
+    if matched := matched_files(cfg):  # a resume skips the rows done: in the same files only
+        source["matched"] = matched
     manifest_path = out / "manifest.json"
     manifest: dict[str, Any] = {
         "format": "llm.c .bin (magic 20240520)",
@@ -100,7 +114,13 @@ def prepare(
         "splits": {},
     }
     if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+        try:
+            old = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(
+                f"{manifest_path} is unreadable ({e}); to start over, remove {out} or use "
+                "another out_dir"
+            ) from None
         if (was := old.get("source") or {}) != source:
             diffs = [
                 f"{k}: {was.get(k)!r} there, {source.get(k)!r} now"
@@ -114,8 +134,8 @@ def prepare(
         manifest = old
     tok = get_tokenizer(cfg.tokenizer)
 
-    def save() -> None:
-        manifest_path.write_text(json.dumps(manifest, indent=1))
+    def save() -> None:  # a kill mid-write leaves the previous manifest, never half of one
+        write_atomic(manifest_path, json.dumps(manifest, indent=1))
 
     val_ds, heldout = validation_documents(cfg)
     splits = {
@@ -167,6 +187,16 @@ def prepare(
             entry["done"], entry["rows"], entry["stats"] = True, rows_done, dict(stats)
             save()
             bar.close()
+    train = manifest["splits"]["train"]
+    if not sum(s["tokens"] for s in train["shards"]):
+        stats = train["stats"]
+        why = (
+            "every document was held out for validation: give the validation text separately "
+            "with data.val_files=PATH"
+            if stats["heldout"] and not stats["documents"]
+            else "the corpus is empty or too small"
+        )
+        raise DataError(f"{out}: no training tokens (skipped: {stats}); {why}")
     return manifest
 
 
@@ -197,6 +227,8 @@ def _parse(argv: list[str]) -> tuple[list[str], str, int | None]:
                 num_proc = int(value)
             except ValueError:
                 raise ConfigError(f"num_proc: {value!r} is not a whole number") from None
+            if num_proc < 1:
+                raise ConfigError(f"num_proc: {num_proc}; give 1 or more tokenizer processes")
         elif close := difflib.get_close_matches(key.lstrip("+"), OWN_ARGS, n=1, cutoff=0.7):
             raise ConfigError(f"{key}: not an argument; did you mean {close[0]}=...?")
         else:

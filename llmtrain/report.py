@@ -96,7 +96,10 @@ def log_train(
 
 def document_counts(run: Run) -> dict[str, int]:
     """Training documents read so far by every rank: used, and skipped as empty, undecodable
-    or held out for validation (all 0 for data=shards, which holds tokens)."""
+    or held out for validation. Empty for data=shards, which holds tokens (llmtrain-prepare
+    counted its documents, in the shards' manifest.json)."""
+    if run.cfg.data.source == "shards":
+        return {}
     stats = run.train_loader.stats
     counts = torch.tensor([stats[k] for k in STATS], device=run.accelerator.device)
     return dict(zip(STATS, run.accelerator.reduce(counts, reduction="sum").tolist(), strict=True))
@@ -110,12 +113,12 @@ def log_eval(run: Run) -> None:
     docs = document_counts(run)
     run.log(
         {"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": val_ppl}
-        | {"docs_used": docs["documents"]}
-        | {f"docs_{k}": docs[k] for k in ("empty", "undecodable", "heldout")},
+        | ({"docs_used": docs["documents"]} if docs else {})
+        | {f"docs_{k}": docs[k] for k in ("empty", "undecodable", "heldout") if docs},
         f"eval step {state.step}: val_loss {format_loss(val_loss)} | "
         f"val_ppl {format_ppl(val_ppl).strip()}",
     )
-    if docs["empty"] + docs["undecodable"]:
+    if docs and docs["empty"] + docs["undecodable"]:
         run.say(
             f"data: training documents skipped so far: {docs['empty']:,} empty, "
             f"{docs['undecodable']:,} undecodable ({docs['documents']:,} used)"

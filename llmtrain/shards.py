@@ -147,6 +147,12 @@ class ShardWindows(IterableDataset):
                 f"data.path={self.cfg.path!r} was written with data.tokenizer={written} "
                 f"(its manifest.json) and this run has {name}; set data.tokenizer={written}"
             )
+        if not self.wide_ids and vocab_size > 2**16:
+            raise DataError(
+                f"data.path={self.cfg.path!r} holds 16-bit token ids (a vocabulary of at most "
+                f"65,536, such as gpt2's) and data.tokenizer={name} has {vocab_size:,}; set "
+                "data.tokenizer to the one the shards were written with"
+            )
         if self.wide_ids and vocab_size <= 2**16:
             raise DataError(
                 f"data.path={self.cfg.path!r} holds 32-bit token ids (a vocabulary over 65,536) "

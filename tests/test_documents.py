@@ -45,8 +45,28 @@ def test_every_local_format_streams_its_documents(tmp_path, suffix):
 def test_mixed_formats_are_refused_by_key(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
-    with pytest.raises(DataError, match="data.files: files must all be one of"):
+    (tmp_path / "c.csv").write_text("text\nz\n")
+    with pytest.raises(DataError, match="data.files: the files must all be one type; they mix "):
         load_documents(local(f"{tmp_path}/a.txt,{tmp_path}/b.jsonl"), "train")
+    # both types are allowed; the one rule is one type across training and validation files
+    with pytest.raises(DataError, match="data.files and data.val_files: .* mix .jsonl, .txt"):
+        load_documents(local(f"{tmp_path}/b.jsonl", val_files=f"{tmp_path}/a.txt"), "train")
+    with pytest.raises(DataError, match=r"c.csv: not one of \.txt"):
+        load_documents(local(f"{tmp_path}/c.csv"), "train")
+
+
+def test_a_txt_corpus_that_is_not_utf8_is_skipped_however_it_is_matched(tmp_path):
+    """Only the pattern's suffix was read: 'corpus/[a-c]*' (no suffix) turned the check off,
+    and a UTF-16 file (NUL between the letters, valid UTF-8 bytes) trained as garbage."""
+    (tmp_path / "a.txt").write_text("plain English text. " * 50)
+    (tmp_path / "b.txt").write_bytes("café naïve, déjà vu. ".encode("latin-1") * 50)
+    (tmp_path / "c.txt").write_bytes("Notes from the meeting. ".encode("utf-16") * 50)
+    for pattern in (f"{tmp_path}/*.txt", f"{tmp_path}/[a-c]*"):
+        cfg = local(pattern)
+        rows = list(load_documents(cfg, "train"))
+        stats = dict.fromkeys(documents.STATS, 0)
+        assert len(clean_texts(rows, cfg, frozenset(), stats)) == 1, pattern
+        assert stats["undecodable"] == 2, pattern
 
 
 def test_read_error_names_the_broken_file_and_line(tmp_path):

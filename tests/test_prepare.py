@@ -11,6 +11,7 @@ import pytest
 
 from llmtrain.config import ConfigError, DataConfig
 from llmtrain.data import SAMPLE_DIR
+from llmtrain.documents import DataError
 from llmtrain.prepare import load_data_config, main, prepare
 from llmtrain.shards import read_shard
 from llmtrain.tokenizer import get_tokenizer
@@ -91,6 +92,7 @@ def test_cli_parses_out_dir_and_overrides(tmp_path, capsys):
         (["data=sample", "data.tokenizer=gpt5"], "config error: data.tokenizer: unknown"),
         (["data=sample", "num_procs=8"], "num_procs: not an argument; did you mean num_proc=...?"),
         (["data=sample", "num_proc=eight"], "num_proc: 'eight' is not a whole number"),
+        (["data=sample", "num_proc=-1"], "num_proc: -1; give 1 or more"),
         (
             ["data=sample", "OTHER SOURCE"],
             "{out}/manifest.json was written from other settings "
@@ -110,3 +112,40 @@ def test_cli_errors_are_a_message_and_exit_2(tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as e:
         main([*args, f"out_dir={tmp_path}", "num_proc=1"])
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_resume_over_other_files_is_refused(tmp_path):
+    """Prepare resumes by skipping the documents it has done; with a file added to the
+    corpus, one document was written twice and the new file's never, without a word."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i:04d}.txt").write_text(f"Document {i}. " * 40)
+    cfg = replace(DataConfig(), source="hf", path=None, config_name=None,
+                  files=str(corpus / "*.txt"), val_docs=1, shard_tokens=50)  # fmt: skip
+    out = tmp_path / "out"
+    prepare(cfg, out, num_proc=1, progress=False, chunk_docs=1)
+    prepare(cfg, out, num_proc=1, progress=False, chunk_docs=1)  # the same files: nothing to do
+    (corpus / "0002b.txt").write_text("A document added later. " * 40)
+    with pytest.raises(ConfigError, match="matched: '6 files .*' there, '7 files .*' now"):
+        prepare(cfg, out, num_proc=1, progress=False, chunk_docs=1)
+
+
+def test_prepare_names_a_bad_file_and_refuses_a_corpus_without_training_text(tmp_path):
+    jsonl = tmp_path / "late.jsonl"
+    jsonl.write_bytes(b'{"text": "fine"}\n' * 50 + b'{"text": "caf\xe9"}\n')
+    cfg = replace(DataConfig(), source="hf", path=None, config_name=None, files=str(jsonl),
+                  val_docs=1)  # fmt: skip
+    with pytest.raises(DataError, match="late.jsonl: .*fix or remove the file"):
+        prepare(cfg, tmp_path / "a", num_proc=1, progress=False, chunk_docs=8)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("Some text. " * 20)
+    held = replace(cfg, files=f"{tmp_path}/a.txt,{tmp_path}/b.txt", val_docs=2)
+    with pytest.raises(DataError, match="no training tokens .* every document was held out"):
+        prepare(held, tmp_path / "b", num_proc=1, progress=False)
+
+
+def test_a_damaged_manifest_is_a_message(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"source": {"path": "sam')
+    with pytest.raises(DataError, match="manifest.json is unreadable .* remove"):
+        prepare(DataConfig(), tmp_path, num_proc=1, progress=False)

@@ -57,3 +57,13 @@ def test_sampling_and_evaluation_leave_training_randomness_alone():
     sample_text(model, accelerator, tokenizer, cfg, seed=1)
     next(iter(val))
     assert torch.equal(torch.get_rng_state(), before) and model.training
+
+
+def test_shards_report_no_document_counts():
+    """Shards hold tokens: the loader counts no documents, and docs_used was a constant 0."""
+    from types import SimpleNamespace
+
+    from llmtrain.report import document_counts
+
+    run = SimpleNamespace(cfg=load_config(["experiment=smoke", "data=shards", "data.path=x"]))
+    assert document_counts(run) == {}

@@ -198,6 +198,15 @@ def test_shards_of_another_tokenizer_are_refused_before_training(tmp_path):
     (tmp_path / "manifest.json").write_text('{"source": {"tokenizer": "cl100k_base"}}')
     with pytest.raises(DataError, match="written with data.tokenizer=cl100k_base .* set data"):
         build_dataloader(cfg_for(tmp_path), TOK, split="val", batch_size=2)
+    # llm.c's gpt2 shards (16-bit ids, no manifest) read with a 100,277-token tokenizer
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    for split in ("train", "val"):
+        write_shard(narrow / f"g_{split}_000000.bin", np.arange(0, 50_000, 7), 50_257)
+    wide = SimpleNamespace(vocab_size=100_277, eot_id=100_257, name="cl100k_base")
+    with pytest.raises(DataError, match="16-bit token ids .* data.tokenizer=cl100k_base has"):
+        build_dataloader(replace(cfg_for(narrow), tokenizer="cl100k_base"), wide, split="train",
+                         batch_size=2)  # fmt: skip
 
 
 @pytest.mark.parametrize("workers", [0, 2])
