@@ -43,6 +43,7 @@ from llmtrain.documents import (
     STATS,
     DataError,
     StreamError,
+    matched_files,
     single_text_file,
     training_documents,
     validation_documents,
@@ -67,6 +68,7 @@ NAMES = {
     "seed": "trainer.seed",
     "held_out": "held-out validation (data.val_docs / val_split / val_files / val_fraction)",
     "corpus": "the shards in data.path",
+    "files": "the files data.files matches",
 }
 # Meanings a checkpoint from an older llmtrain lacks, and why its position cannot go on here.
 BEFORE = {
@@ -150,6 +152,8 @@ class TokenLoader:
         if self.kind == "hf":
             keys["tokenize_batch"] = self.cfg.tokenize_batch
             keys["text_column"] = self.cfg.text_column
+            if files := matched_files(self.cfg):  # the position counts documents in these
+                keys["files"] = files
             if single_text_file(self.cfg):
                 keys["held_out"] = f"the last {self.cfg.val_fraction:g} of the text"
             else:

@@ -195,13 +195,14 @@ def _unreadable(f: str) -> str | None:
 
 def matched_files(cfg: DataConfig) -> str | None:
     """What data.files and data.val_files match, as a resume must find it again: the count and
-    a digest of each file's real path and size (None for a dataset on the Hub or a path)."""
+    a digest of each file's name and size, so a corpus that moved is the same (None for a
+    dataset on the Hub or a path)."""
     if not cfg.files:
         return None
     files = _expand(cfg.files, "data.files") + (
         _expand(cfg.val_files, "data.val_files") if cfg.val_files else []
     )
-    listing = "\n".join(f"{os.path.realpath(f)} {os.path.getsize(f)}" for f in files)
+    listing = "\n".join(f"{os.path.basename(f)} {os.path.getsize(f)}" for f in files)
     digest = hashlib.blake2b(listing.encode(), digest_size=6).hexdigest()
     return f"{len(files)} files ({digest})"
 

@@ -433,6 +433,29 @@ def test_resume_refuses_other_documents_in_the_stream(change):
         other.load_state_dict(loader.state_dict())
 
 
+def test_resume_refuses_other_local_files_and_goes_on_in_a_corpus_that_moved(tmp_path):
+    """A position counts documents in the files data.files matched: with a file added, the
+    resumed run skipped or repeated documents without a word."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(f"Document number {i}. " * 30)
+    cfg = replace(DataConfig(), source="hf", path=None, config_name=None, val_docs=1,
+                  files=str(corpus / "*.txt"), seq_len=16, num_workers=0)  # fmt: skip
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
+    take(loader, 3)
+    state = loader.state_dict()
+    moved = tmp_path / "moved"
+    corpus.rename(moved)
+    build_dataloader(replace(cfg, files=str(moved / "*.txt")), TOK, split="train", batch_size=2,
+                     seed=1).load_state_dict(state)  # fmt: skip
+    (moved / "3b.txt").write_text("A document added later. " * 30)
+    other = build_dataloader(replace(cfg, files=str(moved / "*.txt")), TOK, split="train",
+                             batch_size=2, seed=1)  # fmt: skip
+    with pytest.raises(DataError, match="the files data.files matches=8 files .* has 9 files"):
+        other.load_state_dict(state)
+
+
 def test_without_shuffling_the_seed_may_change_at_a_resume():
     cfg = small(num_workers=0, shuffle=False)
     loader = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
