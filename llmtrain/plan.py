@@ -71,6 +71,7 @@ class MemoryPlan:
     loss_bytes: float
     loss_chunk: int
     weight_copy_bytes: float  # autocast's bf16 weight copies, as configured
+    weight_copy_bytes_ckpt: float  # the same under activation checkpointing
     compiled: bool
     flops_per_token: float
     flops_per_step: float
@@ -104,10 +105,11 @@ class MemoryPlan:
             out.append("trainer.loss_chunk=8192 (the fused loss: no (tokens x vocab) tensors)")
         if self.activation_bytes + self.loss_bytes > self.states_bytes:
             if not self.activation_checkpointing:
-                ckpt = self.activation_bytes_ckpt + self.loss_bytes
+                ckpt = self.activation_bytes_ckpt + self.loss_bytes + self.weight_copy_bytes_ckpt
                 out.append(
                     "trainer.activation_checkpointing=true "
-                    f"(activations + loss -> {ckpt / GiB:.1f} GiB)"
+                    f"(activations + loss{' + bf16 weights' if self.weight_copy_bytes else ''} "
+                    f"-> {ckpt / GiB:.1f} GiB)"
                 )
             if self.micro_batch > 1:
                 out.append(
@@ -199,6 +201,7 @@ def plan(
         loss_bytes=loss_bytes(m, b * s, dt, t.loss_chunk),
         loss_chunk=t.loss_chunk,
         weight_copy_bytes=weight_copy_bytes(m, dt, t.activation_checkpointing, b, s),
+        weight_copy_bytes_ckpt=weight_copy_bytes(m, dt, True, b, s),
         compiled=t.compile,
         flops_per_token=fpt,
         flops_per_step=fpt * t.batch_tokens,
