@@ -86,9 +86,6 @@ def _converted(tokenizer: Tokenizer) -> Any:
         ranks = Path(tmp) / "ranks.tiktoken"  # tiktoken's file format: base64(bytes) rank
         lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in enc._mergeable_ranks.items())
         ranks.write_text("".join(lines))
-        # tiktoken.load, which reads the file, also copies it into tiktoken's cache dir under a
-        # name of its path: a new temporary path each time, a new copy each export. "" turns
-        # that cache off, for the read of a file that is gone a moment later.
         # The converter gives the special tokens the ids after the ranks, in order; where an
         # encoding leaves ids unused (cl100k_base: 100256, 100261-100275) a reserved
         # placeholder takes each, so every special keeps its id.
@@ -103,6 +100,9 @@ def _converted(tokenizer: Tokenizer) -> Any:
         converter = TikTokenConverter(
             vocab_file=str(ranks), pattern=pattern, extra_special_tokens=added
         )
+        # tiktoken.load, which reads the file, also copies it into tiktoken's cache dir under a
+        # name of its path: a new temporary path each time, a new copy each export. "" turns
+        # that cache off, for the read of a file that is gone a moment later.
         with mock.patch.dict(os.environ, TIKTOKEN_CACHE_DIR=""):
             return converter.converted()
 
@@ -155,7 +155,8 @@ def export(
     ckpt = resolve_checkpoint(ckpt)
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise FileExistsError(f"{out}: holds the checkpoint {ckpt}; choose another OUT")
-    if ckpt.resolve().parent in out.resolve().parents:  # inside checkpoints/, which rotates
+    root = ckpt.resolve().parent
+    if root.name == "checkpoints" and root in out.resolve().parents:  # it rotates
         raise FileExistsError(
             f"{out}: inside {ckpt.parent}, where a resumed run's trainer.keep_last deletes old "
             "steps with all they hold; choose another OUT (the run dir itself is fine)"
