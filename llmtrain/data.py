@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import signal
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from llmtrain.checkpoint import PREEMPT_SIGNALS
 from llmtrain.config import DataConfig
 from llmtrain.documents import (
     SAMPLE_DIR,
@@ -77,6 +79,15 @@ BEFORE = {
     "read other windows. Resume with trainer.resume_data=false (the model, optimizer and step "
     "are kept; the data is read from its start, in the new order)",
 }
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: the stop signals are the training process's to handle (finish
+    the step, save). A SIGTERM to the whole process group (Slurm, ``timeout``, ``kill --
+    -PGID``) killed the workers first, and the run crashed unsaved; a Ctrl-C printed its
+    message once more per worker. The workers stop with their loader, as always."""
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class TokenLoader:
@@ -212,6 +223,7 @@ class TokenLoader:
                 # Each iter() draws the workers' base seed from this generator; from the global
                 # one, every evaluation (and a resume) would move training's dropout RNG.
                 generator=torch.Generator().manual_seed(0),
+                worker_init_fn=_ignore_stop_signals,
             )
         )
 

@@ -232,6 +232,24 @@ def test_sigterm_saves_exits_75_and_resumes_and_leaks_no_credentials(tmp_path, c
     assert steps_logged(run_dir)[-2:] == [stopped + 1, stopped + 2]
 
 
+def test_a_sigterm_to_the_whole_process_group_still_saves(tmp_path):
+    """Slurm, `timeout` and `kill -- -PGID` signal every process of the job, the DataLoader
+    workers too: they died of the SIGTERM first, and the run crashed (exit 1) unsaved."""
+    run_dir = tmp_path / "run"
+    args = [*FAST, "trainer.max_steps=1000", "trainer.ckpt_every=1000", "data.num_workers=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtrain.train", *args, f"hydra.run.dir={run_dir}", "logger=none"],
+        env=env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a job step's
+    )  # fmt: skip
+    wait_for(logged_at_least(run_dir, 2), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == ckpt.EXIT_PREEMPTED, err[-3000:]
+    stopped = ckpt.load_trainer_state(ckpt.latest_checkpoint(run_dir / "checkpoints")).step
+    assert stopped >= 2 and "preempted: stopped by SIGTERM" in err
+
+
 @pytest.mark.parametrize("name", ["runs/2026-11-24/05-55-29-326804", "lr=3e-4,bs 1M", "it's"])
 def test_the_resume_advice_names_the_run_dir_as_the_shell_and_hydra_read_it(tmp_path, name):
     import shlex
