@@ -265,7 +265,7 @@ def test_a_second_phase_reads_its_corpus_from_the_start(tmp_path, local_text, ca
     train(load_config([*on, f"data.files={moved}/doc00*.txt", "trainer.max_steps=3"]), run)
     assert "data.files" in capsys.readouterr().out.split("goes on in it")[0]
     other = [*on, f"data.files={local_text}/doc01*.txt", "trainer.max_steps=4"]
-    with pytest.raises(DataError, match="held-out validation"):
+    with pytest.raises(DataError, match="saved with the files data.files matches=10 files"):
         train(load_config(other), run)
     train(load_config([*other, "trainer.resume_data=false", "data.seq_len=32"]), run)
     assert "data       read from its start (trainer.resume_data=false)" in capsys.readouterr().out
