@@ -29,7 +29,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -85,9 +87,22 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """In a DataLoader worker: the stop signals are the training process's to handle (finish
     the step, save). A SIGTERM to the whole process group (Slurm, ``timeout``, ``kill --
     -PGID``) killed the workers first, and the run crashed unsaved; a Ctrl-C printed its
-    message once more per worker. The workers stop with their loader, as always."""
+    message once more per worker. SIGTERM from the training process itself (the loader, or
+    Python's exit, shutting its workers down) still ends the worker: a thread waits for it and
+    looks at the sender."""
     for sig in PREEMPT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    # Blocked in this thread (and every thread started after it), taken by the waiting one.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="llmtrain-sigterm", daemon=True).start()
 
 
 class TokenLoader:

@@ -524,3 +524,25 @@ def test_a_hub_config_name_on_a_local_copy_names_the_key():
     cfg = small(path=str(SAMPLE_DIR), config_name="sample-10BT")
     with pytest.raises(DataError, match="data.config_name='sample-10BT' .* data.config_name=null"):
         build_dataloader(cfg, TOK, split="train", batch_size=2)
+
+
+def test_a_process_that_exits_with_its_workers_running_does_not_hang(tmp_path):
+    """The workers ignore a SIGTERM from outside (the training process saves first), but not
+    the one their own process sends at exit: ignoring that, Python's exit waited forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import sys\n"
+        "from llmtrain.config import load_config\n"
+        "from llmtrain.data import build_dataloader\n"
+        "from llmtrain.tokenizer import get_tokenizer\n"
+        "cfg = load_config(['experiment=smoke', 'data.num_workers=2'])\n"
+        "loader = build_dataloader(cfg.data, get_tokenizer('gpt2'), split='train', batch_size=2)\n"
+        "it = iter(loader)\n"
+        "next(it)\n"
+        "sys.exit(3)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
