@@ -336,8 +336,8 @@ MAX_REPLACED = 1e-3
 def _undecodable(text: str, cfg: DataConfig) -> bool:
     """Lone surrogates; or a .txt document with more U+FFFD and NUL than MAX_REPLACED allows
     (counted only for .txt files: in other sources U+FFFD is plain text)."""
-    bad = text.count("\ufffd") + text.count("\x00")
-    if bad > MAX_REPLACED * len(text) and cfg.files and _is_text(cfg.files):
+    txt = bool(cfg.files) and _is_text(cfg.files)  # first: other sources skip the counting
+    if txt and text.count("\ufffd") + text.count("\x00") > MAX_REPLACED * len(text):
         return True
     try:
         text.encode("utf-8")
