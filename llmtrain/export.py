@@ -15,7 +15,9 @@ What OUT holds, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pr
   tokenizer's true size, so the logits have exactly as many columns as the tokenizer has ids.
   A tied ``lm_head`` is stored once, as transformers itself does.
 - ``generation_config.json``: bos/eos/pad = end-of-text, so ``generate`` stops at the end of a
-  document and needs no pad token; everything else is transformers' default (greedy).
+  document; everything else is transformers' default (greedy). The tokenizer pads with
+  end-of-text on the left, so a batch of prompts (``pipeline(..., batch_size=8)``) generates as
+  each prompt alone does.
 - ``tokenizer.json`` + ``tokenizer_config.json``: the run's tiktoken encoding converted with
   transformers' ``TikTokenConverter`` (same ranks, same pre-tokenizer pattern). Token ids equal
   ``tiktoken``'s ``encode(text, allowed_special="all")``: ``<|endoftext|>`` in a text is the
@@ -118,6 +120,8 @@ def hf_tokenizer(tokenizer: Tokenizer, context_length: int) -> Any:
         tokenizer_object=converted,
         bos_token=eot,
         eos_token=eot,
+        pad_token=eot,  # batches of prompts pad on the left, so each continues its own text
+        padding_side="left",
         model_max_length=context_length,
         clean_up_tokenization_spaces=False,  # decode must give back the text unchanged
     )

@@ -298,6 +298,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: list[KVCache] | None = None,
         return_logits: bool = True,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) float, and the mean cross-entropy on targets.
 
@@ -306,6 +307,7 @@ class GPT(nn.Module):
         cached ones (generation). ``return_logits=False`` (the training step) returns None for
         the logits: the (B, T, V) float32 tensor then never has to exist, which under compile
         lets the loss fuse into the head's output (gpt2-small, batch 32: 6.6 GB per micro-batch).
+        ``last_only`` (generation, no targets) gives the last position's logits only, (B, 1, V).
         """
         B, T = idx.shape
         past = kv_cache[0].pos if kv_cache else 0
@@ -330,6 +332,10 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, kv_cache[i] if kv_cache else None)
         x = self.transformer.ln_f(x)
+        if last_only:  # the next token's logits, not (B, T, V) float32 for a whole prompt
+            if targets is not None:
+                raise ValueError("last_only gives no loss: it is for generation, without targets")
+            x = x[:, -1:]
         if targets is not None and self.lm_head.fuses_loss(return_logits):
             return None, self.lm_head(x, targets)  # no (B, T, V) tensor at all
         logits = self.lm_head(x)  # (B, T, padded V), in the autocast dtype
@@ -376,7 +382,7 @@ class GPT(nn.Module):
         # builds a plan per shape (~40 ms each on an H100 in bf16, 40x the step itself); the
         # flash and memory-efficient kernels take any length as it comes.
         with sdpa_kernel(DECODE_ATTENTION):
-            logits, _ = self(idx, kv_cache=cache)  # prefill: the whole prompt at once
+            logits, _ = self(idx, kv_cache=cache, last_only=True)  # prefill: the whole prompt
             for step in range(max_new_tokens):
                 last = logits[:, -1, : self.vocab_size]  # (B, vocab) padding ids cut off
                 next_id = sample_next(last, temperature, top_k, top_p, generator)  # (B, 1)

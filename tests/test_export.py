@@ -366,3 +366,21 @@ def test_max_shard_size_is_checked_when_given(capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", "out", "--max-shard-size", "5GiB"])
     assert e.value.code == 2 and "give bytes, or a size such as 5GB" in capsys.readouterr().err
+
+
+def test_a_padded_batch_of_prompts_generates_as_each_alone(tmp_path_factory, family):
+    """The tokenizer pads (with end-of-text, on the left), so batched generation works and
+    each row continues its own prompt."""
+    out = exported(tmp_path_factory, family)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompts = ["The history of the city", "Hello"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert batch["input_ids"][1, 0] == tok.pad_token_id == 50256  # left padding
+    with torch.no_grad():
+        batched = model.generate(**batch, do_sample=False, max_new_tokens=8)[:, -8:]
+        for row, prompt in zip(batched, prompts, strict=True):
+            alone = model.generate(
+                **tok(prompt, return_tensors="pt"), do_sample=False, max_new_tokens=8
+            )[0, -8:]
+            assert row.tolist() == alone.tolist()

@@ -209,3 +209,20 @@ def test_cli_unusable_prompt_or_temperature_fails_clearly(tmp_path_factory, caps
         main([str(smoke_run(tmp_path_factory, "gpt2")), "--temperature", "0"] + args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_prefill_computes_the_last_position_s_logits_only(model):
+    """Generation reads the next token's logits only: the head never sees the whole prompt
+    (32 samples x 250 tokens x 50304 x 4 bytes = 1.6 GB of logits it would otherwise build)."""
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        sample(model, TOK.encode_prompt(PROMPT), 3, temperature=0)
+    finally:
+        hook.remove()
+    assert seen == [1, 1, 1]
+    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, _ = model(idx)
+        last, _ = model(idx, last_only=True)
+    torch.testing.assert_close(last, full[:, -1:])
