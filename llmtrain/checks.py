@@ -202,6 +202,14 @@ def check_data(d: DataConfig) -> None:
 
 
 def _check_optim(o: OptimConfig, t: TrainerConfig) -> None:
+    # The optimizer is AdamW (torch's, or DeepSpeed's under ZeRO); optim.name labels the recipe.
+    # Another name (sgd, lion) would otherwise train AdamW without a word.
+    _require(
+        o.name.lower().startswith("adamw"),
+        "optim.name",
+        f"{o.name!r}: llmtrain trains with AdamW, and optim.name names the recipe (optim=adamw "
+        "or optim=adamw-wsd); a schedule is chosen with optim.schedule",
+    )
     _positive(o, "optim", "lr", "eps")
     _one_of(o.schedule, "optim.schedule", SCHEDULES)
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -290,8 +298,9 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
         "max_bad_steps",
     )
     _require(t.loss_chunk >= 0, "trainer.loss_chunk", "must be >= 0 (0 = the plain loss)")
-    # numpy's and datasets' generators take non-negative seeds (data order, shuffling).
-    _require(t.seed >= 0, "trainer.seed", f"must be >= 0, got {t.seed}")
+    # numpy's and datasets' generators take non-negative seeds (data order, shuffling), and the
+    # shuffle's per-epoch seed (seed * 100_003 + epoch) must fit datasets' int64 epoch counter.
+    _require(0 <= t.seed < 2**32, "trainer.seed", f"must be in [0, 2**32), got {t.seed}")
     _require(
         t.compile_mode not in CUDA_GRAPH_MODES,
         "trainer.compile_mode",

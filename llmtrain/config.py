@@ -146,7 +146,7 @@ class TrainerConfig:
     keep_last: int = 3
     resume: str = "none"  # none | auto | a checkpoint directory
     resume_data: bool = True  # false: a resume reads the data from its start (a new corpus)
-    sample_every: int = 0  # 0 disables sample text at eval
+    sample_every: int = 0  # steps between generated samples on the console (0: none)
     sample_prompt: str = "The"
     sample_tokens: int = 48
     temperature: float = 0.8

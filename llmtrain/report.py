@@ -106,7 +106,7 @@ def document_counts(run: Run) -> dict[str, int]:
 
 
 def log_eval(run: Run) -> None:
-    """Validation loss and perplexity, then a generated sample when trainer.sample_every says."""
+    """Validation loss and perplexity on trainer.eval_batches micro-batches."""
     t, state = run.cfg.trainer, run.state
     val_loss = evaluate(run.model, run.accelerator, run.val_loader, t.eval_batches)
     val_ppl = perplexity(val_loss)
@@ -123,6 +123,10 @@ def log_eval(run: Run) -> None:
             f"data: training documents skipped so far: {docs['empty']:,} empty, "
             f"{docs['undecodable']:,} undecodable ({docs['documents']:,} used)"
         )
-    if t.sample_every and (state.step % t.sample_every == 0 or state.step == run.plan.max_steps):
-        text = sample_text(run.model, run.accelerator, run.tokenizer, run.cfg, t.seed)
-        run.say(f"sample: {text!r}")
+
+
+def log_sample(run: Run) -> None:
+    """A generated continuation of trainer.sample_prompt (every rank takes part: a ZeRO-3 or
+    FSDP2 model gathers its weights for it)."""
+    text = sample_text(run.model, run.accelerator, run.tokenizer, run.cfg, run.cfg.trainer.seed)
+    run.say(f"sample step {run.state.step}: {text!r}")

@@ -39,7 +39,7 @@ from llmtrain.dist import is_deepspeed, process_scope
 from llmtrain.metrics import Throughput
 from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
-from llmtrain.report import log_eval, log_train
+from llmtrain.report import log_eval, log_sample, log_train
 from llmtrain.run import Run, setup
 
 
@@ -215,6 +215,9 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
             throughput.reset()
         if state.step % t.eval_every == 0 or last:
             log_eval(run)
+            throughput.reset()
+        if t.sample_every and (state.step % t.sample_every == 0 or last):
+            log_sample(run)
             throughput.reset()
         if state.step % t.ckpt_every == 0:
             if save() is not None:

@@ -55,6 +55,8 @@ def test_the_batch_hint_is_the_nearest_batch_that_splits():
         ("logger", {"mode": "later"}, "logger.mode"),
         ("trainer", {"temperature": -1.0}, "trainer.temperature"),
         ("trainer", {"seed": -1}, "trainer.seed"),  # numpy's generators: "reading failed"
+        ("trainer", {"seed": 2**32}, "trainer.seed"),  # datasets' epoch counter overflowed
+        ("optim", {"name": "sgd"}, "optim.name"),  # would have trained AdamW without a word
         ("data", {"shard_tokens": 2**31}, "data.shard_tokens"),  # llm.c's int32 header count
     ],
 )

@@ -33,7 +33,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
-def test_smoke_run_learns_evaluates_checkpoints(tmp_path):
+def test_smoke_run_learns_evaluates_checkpoints(tmp_path, capsys):
     cfg = load_config(
         [
             "experiment=smoke",
@@ -42,11 +42,15 @@ def test_smoke_run_learns_evaluates_checkpoints(tmp_path):
             "trainer.eval_every=20",
             "trainer.ckpt_every=20",
             "trainer.log_every=5",
-            "trainer.sample_every=20",
+            "trainer.sample_every=10",  # on its own schedule, not only at an evaluation
             "trainer.sample_tokens=8",
         ]
     )
     state = train(cfg, tmp_path)
+    samples = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sample")]
+    assert [line.split(":")[0] for line in samples] == [
+        f"sample step {s}" for s in (10, 20, 30, 40)
+    ]
     assert state.step == 40 and state.tokens == 40 * cfg.trainer.batch_tokens
     train_loss = losses(tmp_path)
     first, last = train_loss[5], train_loss[40]
