@@ -7,6 +7,7 @@ accelerate launch --config_file launch/cpu.yaml -m llmtrain.train experiment=smo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import sys
@@ -371,12 +372,14 @@ def _check_overrides(args: list[str], sweep: bool = False) -> None:
     """Compose the config once before Hydra does: a typo, an unknown option or a wrong type
     then exits 2 (and reaches LLMTRAIN_EXIT_FILE), which job scripts do not requeue; Hydra's
     own report of the same error exits 1, like a crash. Hydra's other flags (--help, --cfg,
-    --config-dir ...) are left to Hydra; of hydra.* overrides only the syntax is checked, and
-    hydra.searchpath (the user's own config dirs) is used. A sweep is checked with the first
-    value of each swept key."""
+    --config-dir ...) are left to Hydra; of hydra.* overrides the syntax is checked,
+    hydra.searchpath (the user's own config dirs) is used, and the run dir must be one that can
+    be made. A sweep is checked at every point (the first 256), not only its first job."""
     if any(a.startswith("-") and a not in SWEEP_FLAGS for a in args):
         return
-    checked = []
+    dir_key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    run_dir = "multirun" if sweep else "runs"  # the defaults' first part, before ${now:...}
+    values: list[list[str]] = []  # each override's values: one, or every value of a sweep
     for a in (a for a in args if not a.startswith("-")):
         try:
             (o,) = OverridesParser.create().parse_overrides([a])
@@ -384,15 +387,38 @@ def _check_overrides(args: list[str], sweep: bool = False) -> None:
             _exit(2, "config error", f"{a}: {str(e).splitlines()[0]} (quote the value: '...')")
         if o.key_or_group.split(".")[0].split("/")[0] == "hydra":
             if o.key_or_group == "hydra.searchpath":
-                checked.append(a)
+                values.append([a])
+            elif o.key_or_group == dir_key:
+                run_dir = str(o.value())
             continue
         if sweep and o.is_sweep_override():
-            a = f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
-        checked.append(a)
-    try:
-        load_config(checked)
-    except ConfigError as e:
-        _exit(2, "config error", e)
+            values.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            values.append([a])
+    # Composing takes milliseconds; a bad value in a sweep's seventh job would otherwise be
+    # found after six whole runs.
+    for point in itertools.islice(itertools.product(*values), 256):
+        try:
+            load_config(list(point))
+        except ConfigError as e:
+            where = f" (in the sweep's job with {' '.join(point)})" if sweep else ""
+            _exit(2, "config error", f"{e}{where}")
+    # Hydra makes the run dir before the job starts: one it cannot make was a traceback.
+    if problem := _unmakeable(run_dir):
+        _exit(2, "config error", f"{dir_key}={run_dir}: {problem}; choose another {dir_key}")
+
+
+def _unmakeable(path: str) -> str | None:
+    """Why directory ``path`` cannot be made and written in (None: it can): its nearest
+    existing ancestor must be a directory this process may write."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
 
 
 if __name__ == "__main__":

@@ -578,15 +578,23 @@ def test_the_override_check_sees_what_hydra_will_run(tmp_path, capsys):
     _check_overrides([f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "experiment=mine"])
     _check_overrides(["hydra.mode=MULTIRUN", "optim.lr=1e-3,3e-3", "experiment=smoke"], True)
     _check_overrides(["-m", "optim.lr=range(1,3)", "experiment=smoke"], sweep=True)
+    a_file = tmp_path / "a_file"
+    a_file.touch()
     for args, sweep in (
         (["-m", "experiment=smoke", "trainer.max_step=5"], True),
         (["optim.lr=1e-3,3e-3", "experiment=smoke"], False),  # no sweep asked for: Hydra refuses
+        (["-m", "experiment=smoke", "optim.lr=1e-3,-1"], True),  # its second job: after a run
+        ([f"hydra.run.dir={a_file}/run", "experiment=smoke"], False),  # Hydra's mkdir traceback
+        (["-m", f"hydra.sweep.dir={a_file}", "experiment=smoke"], True),
     ):
         with pytest.raises(SystemExit) as e:
             _check_overrides(args, sweep)
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Did you mean trainer.max_steps?" in err and "--multirun" in err
+    assert "(in the sweep's job with experiment=smoke optim.lr=-1)" in err
+    assert f"hydra.run.dir={a_file}/run: {a_file} is a file, not a directory" in err
+    assert f"hydra.sweep.dir={a_file}: {a_file} is a file" in err
 
 
 def test_a_run_refused_before_it_wrote_anything_leaves_no_run_dir(tmp_path, monkeypatch):
