@@ -70,6 +70,14 @@ def step_flags(accelerator, grad_norm, stop: bool) -> tuple[bool, bool, bool]:
     return bad == 0, zero > 0, stops > 0
 
 
+def signalled(accelerator, requested: bool) -> bool:
+    """Whether a preemption signal reached any rank (a tiny all-reduce where there are several)."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
 class NoGradient(RuntimeError):
     """The first step's gradients are all zero: the loss does not reach the parameters."""
 
@@ -214,16 +222,21 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
             loss_sum.zero_()
             interval_steps = 0
             throughput.reset()
+        paused = False  # an evaluation, sample or save: seconds to minutes a signal may come in
         if state.step % t.eval_every == 0 or last:
             log_eval(run)
-            throughput.reset()
+            paused = True
         if t.sample_every and (state.step % t.sample_every == 0 or last):
             log_sample(run)
-            throughput.reset()
+            paused = True
         if state.step % t.ckpt_every == 0:
             if save() is not None:
                 last_saved = state.step
+            paused = True
+        if paused:
             throughput.reset()
+            if not stop and not last:  # stop here, not after one more step and another save
+                stop = signalled(accelerator, preempt.requested)
         if stop:
             break
 

@@ -313,6 +313,48 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert steps_logged(run_dir) == [1, 2, 3, 4, 5]
 
 
+def _signal_one_rank_while(run_dir: str, pause: str) -> dict:
+    """In each forked rank: rank 1 gets SIGUSR1 during step 2's evaluation or checkpoint save."""
+    import llmtrain.run as rm
+    import llmtrain.train as tm
+
+    rank = int(os.environ["RANK"])
+    original = {"eval": tm.log_eval, "save": rm.Run.save}[pause]
+
+    def and_signal(run, *args, **kwargs):
+        result = original(run, *args, **kwargs)
+        if rank == 1 and run.state.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    if pause == "eval":
+        tm.log_eval = and_signal
+    else:
+        rm.Run.save = and_signal
+    every = "trainer.eval_every=2" if pause == "eval" else "trainer.ckpt_every=2"
+    cfg = config(10, "dist=ddp", "trainer.batch_tokens=512", every, world=2)
+    try:
+        tm.train(cfg, Path(run_dir))
+        return {"preempted": False}
+    except ckpt.Preempted as e:
+        return {"preempted": True, "message": str(e)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("pause", ["eval", "save"])
+def test_a_signal_during_an_evaluation_or_a_save_stops_at_that_step(tmp_path, pause):
+    """It was read at the next step's end: one more step and, after a save, a second save, in
+    the seconds a preemption leaves."""
+    from dist_worker import run
+
+    run_dir = tmp_path / "run"
+    results = run(_signal_one_rank_while, 2, str(run_dir), pause, tmp=tmp_path)
+    assert [r["preempted"] for r in results] == [True, True], results
+    root = run_dir / "checkpoints"
+    assert [p.name for p in root.glob("step_*")] == ["step_0000002"]
+    assert steps_logged(run_dir) == [1, 2]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_real_accelerate_launch_sigusr1_exits_75_on_every_rank(tmp_path):
