@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by single-node.sbatch and multi-node.sbatch: one `accelerate launch` per node.
 #
 # Dry run (no Slurm needed): LLMTRAIN_DRY_RUN=1 with fake SLURM_* variables prints the exact
@@ -42,6 +43,11 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export NCCL_DEBUG_SUBSYS="${NCCL_DEBUG_SUBSYS:-INIT,NET}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 export PYTHONUNBUFFERED=1
+# A SIGTERM (scancel, a preemption without a user signal) reaches torchrun's agent, which gives
+# the workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default: 30) to finish their step
+# and save before it kills them; a longer save was lost. Slurm's own KillWait or GraceTime is
+# then the limit. (A rank that crashed leaves the others up to this long in a collective.)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-180}"
 
 # TRAIN_ARGS: the user's training arguments and what a requeued job needs. The user's
 # own hydra.run.dir, dist.timeout_s and trainer.resume win over the script's: a run dir given
@@ -143,7 +149,18 @@ run_nodes() {
         trap '' USR1
         cmd=\"\$(node_command \"\${SLURM_NODEID}\" ${args})\"
         eval \"exec \${cmd}\"
-    " || rc=$?
+    " &
+    # --signal=B:USR1@90 (or scancel --batch -s USR1) signals this shell, not the step: pass it
+    # on (srun forwards it to every task), rather than die of it with the job unsaved. wait
+    # returns early for a trapped signal; the loop waits on until srun has ended.
+    local srun_pid=$!
+    trap 'echo "llmtrain: USR1 reached the batch script; passing it to the training step"
+          kill -USR1 "${srun_pid}" 2>/dev/null || true' USR1
+    while true; do
+        wait "${srun_pid}" && rc=0 || rc=$?
+        kill -0 "${srun_pid}" 2>/dev/null || break
+    done
+    trap '' USR1  # a late one must not cut the requeue short
     if [[ ${rc} -ne 0 && -s "${LLMTRAIN_EXIT_FILE}" ]]; then
         rc="$(head -n 1 "${LLMTRAIN_EXIT_FILE}")"
     fi

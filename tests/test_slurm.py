@@ -323,3 +323,36 @@ def test_a_job_name_hydra_would_parse_still_gives_a_valid_run_dir():
     run_dir = [w for w in words if w.startswith("hydra.run.dir=")]
     assert run_dir == ["hydra.run.dir=runs/gpt_lr_3e-4_bs_1M-9"]
     OverridesParser.create().parse_overrides(run_dir)
+
+
+def test_usr1_to_the_batch_script_reaches_the_step_and_requeues(tmp_path):
+    """--signal=B:USR1@90 (scancel --batch -s USR1) signals the batch shell only: it died of
+    it (exit 138) and the job ended unsaved, never requeued."""
+    import time
+
+    log = tmp_path / "calls"
+    bin_dir = _fake_bin(tmp_path, 1)
+    # The step: waits for USR1, then does what the training processes do with it.
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\ntrap \'echo 75 > "$LLMTRAIN_EXIT_FILE"; d="$(dirname "$LLMTRAIN_EXIT_FILE")'
+        '/checkpoints"; mkdir -p "$d"; echo step_1 > "$d/latest"; exit 1\' USR1\n'
+        'echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > "$FAKE_LOG.timeout"\n'
+        'touch "$FAKE_LOG.ready"\nwhile true; do sleep 0.1; done\n'
+    )
+    env = {**FAKE, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path),
+           "FAKE_LOG": str(log), "LLMTRAIN_RUN_DIR": str(tmp_path / "run")}  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "slurm" / "single-node.sbatch"), "dist=ddp"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not Path(f"{log}.ready").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, out + err
+    assert "USR1 reached the batch script" in out
+    assert Path(f"{log}.scontrol").read_text() == "requeue 4242\n"
+    # a SIGTERM's save gets 180 s before torchrun's agent kills the workers (torch's own: 30)
+    assert Path(f"{log}.timeout").read_text() == "180\n"
