@@ -30,17 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -65,6 +67,7 @@ STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TRAINER_STATE = "trainer_state.json"
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped by a signal, checkpoint saved, requeue me
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+T = TypeVar("T")
 
 
 class SaveError(RuntimeError):
@@ -415,6 +418,12 @@ def saved_config(ckpt: Path) -> TrainConfig:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step directory, a ``checkpoints/`` root (or its ``latest``) or a run directory -> one
     complete checkpoint."""
+    return _with_config(checkpoints_in(path)[0])
+
+
+def checkpoints_in(path: str | Path) -> list[Path]:
+    """A step directory -> [it]; a ``checkpoints/`` root (or its ``latest``) or a run
+    directory -> its complete checkpoints, best first (as trainer.resume=auto orders them)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
@@ -423,22 +432,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_dir():
         raise NotADirectoryError(f"{path}: not a directory; give a step_XXXXXXX or run directory")
     if (path / TRAINER_STATE).is_file():
-        ckpt = path
-    elif STEP_DIR.match(path.name.removesuffix(".tmp")):
+        return [path]
+    if STEP_DIR.match(path.name.removesuffix(".tmp")):
         raise FileNotFoundError(
             f"{path}: incomplete checkpoint (no {TRAINER_STATE}: its save never finished); "
             "use an older step_XXXXXXX directory or the run directory"
         )
-    else:
-        ckpt = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"{path}: no complete llmtrain checkpoint inside (expected a step_XXXXXXX "
-                f"directory with {TRAINER_STATE}, a checkpoints/ directory or a run directory)"
-            )
+    found = candidates(path / "checkpoints") or candidates(path)
+    if not found:
+        raise FileNotFoundError(
+            f"{path}: no complete llmtrain checkpoint inside (expected a step_XXXXXXX "
+            f"directory with {TRAINER_STATE}, a checkpoints/ directory or a run directory)"
+        )
+    return found
+
+
+def _with_config(ckpt: Path) -> Path:
     if not (ckpt / "config.yaml").is_file():
         raise FileNotFoundError(f"{ckpt / 'config.yaml'} is missing: the model shape is unknown")
     return ckpt
+
+
+def read_newest_intact(path: str | Path, read: Callable[[Path], T]) -> T:
+    """``read(checkpoint)`` for the checkpoint ``path`` names. Given a run or ``checkpoints/``
+    directory, a checkpoint whose files are damaged (``read`` raises CheckpointError) is
+    skipped, saying so on stderr, for the one before it, as trainer.resume=auto does; a named
+    step directory is read or fails."""
+    found = checkpoints_in(path)
+    for ckpt, older in itertools.pairwise(found):
+        try:
+            return read(_with_config(ckpt))
+        except CheckpointError as e:
+            print(f"skipping damaged checkpoint {ckpt}: {e}; trying {older}", file=sys.stderr)
+    return read(_with_config(found[-1]))
 
 
 def load_trainer_state(ckpt: Path) -> TrainerState:

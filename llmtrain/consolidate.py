@@ -105,15 +105,15 @@ def export(ckpt: str | Path, out: str | Path | None = None, dtype: str = "fp32")
     lists."""
     from safetensors.torch import save_file
 
-    from llmtrain.checkpoint import resolve_checkpoint, saved_config
+    from llmtrain.checkpoint import read_newest_intact, saved_config
     from llmtrain.integrity import read_manifest
 
-    ckpt = resolve_checkpoint(ckpt)  # a step dir, or the newest of a run or checkpoints/ dir
+    # a step dir, or the newest intact checkpoint of a run or checkpoints/ dir
+    ckpt, state = read_newest_intact(ckpt, lambda c: (c, full_state_dict(c)))
     out = Path(out) if out else ckpt / "consolidated.safetensors"
     listed = {(ckpt / name).resolve() for name in read_manifest(ckpt)}
     if out.resolve() in listed:
         raise ConfigError(f"--out {out}: that file is part of the checkpoint; write elsewhere")
-    state = full_state_dict(ckpt)
     if saved_config(ckpt).model.tie_embeddings:  # GPT.load_state_dict re-ties the head
         state.pop("lm_head.weight", None)  # FSDP2's shards load it as a second tensor
     tensors = {name: t.to(DTYPES[dtype]).contiguous() for name, t in state.items()}

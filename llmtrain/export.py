@@ -41,7 +41,7 @@ from unittest import mock
 
 import torch
 
-from llmtrain.checkpoint import resolve_checkpoint, saved_config
+from llmtrain.checkpoint import read_newest_intact, resolve_checkpoint, saved_config
 from llmtrain.config import ConfigError, TrainConfig
 from llmtrain.consolidate import DTYPES, full_state_dict
 from llmtrain.hf import hf_config, hf_family, to_hf_state_dict
@@ -54,10 +54,9 @@ TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainConfig, Path]:
-    """(fp32 state dict, saved config, checkpoint dir) for a checkpoint of any dist mode."""
-    ckpt = resolve_checkpoint(path)
-    cfg = saved_config(ckpt)
-    state = full_state_dict(ckpt)  # fp32, whatever the run trained in
+    """(fp32 state dict, saved config, checkpoint dir) for a checkpoint of any dist mode; of
+    a run directory, its newest intact checkpoint."""
+    ckpt, cfg, state = read_newest_intact(path, _config_and_weights)
     if cfg.model.tie_embeddings:  # safetensors stores a shared tensor once, under either name
         tied = state.get("transformer.wte.weight", state.get("lm_head.weight"))
         if tied is not None:
@@ -76,6 +75,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], TrainCon
             f"{ckpt}: the weights do not match its config.yaml: " + "; ".join(sorted(problems)[:5])
         )
     return state, cfg, ckpt
+
+
+def _config_and_weights(ckpt: Path) -> tuple[Path, TrainConfig, dict[str, torch.Tensor]]:
+    return ckpt, saved_config(ckpt), full_state_dict(ckpt)  # fp32, whatever the run trained in
 
 
 @lru_cache(maxsize=4)
@@ -156,7 +159,7 @@ def export(
     occupied = out.is_dir() and any(out.iterdir())
     if occupied and not force:
         raise FileExistsError(f"{out}: directory is not empty; pass --force to replace it")
-    ckpt = resolve_checkpoint(ckpt)
+    given, ckpt = ckpt, resolve_checkpoint(ckpt)
     if out.resolve() == ckpt.resolve() or out.resolve() in ckpt.resolve().parents:
         raise FileExistsError(f"{out}: holds the checkpoint {ckpt}; choose another OUT")
     root = ckpt.resolve().parent
@@ -170,7 +173,7 @@ def export(
             f"{out}: not an earlier export (no config.json); --force replaces only an export: "
             "choose another OUT, or empty it yourself"
         )
-    state, cfg, ckpt = load_checkpoint(ckpt)
+    state, cfg, ckpt = load_checkpoint(given)  # the newest intact one, for a run directory
     try:
         family = hf_family(cfg.model)
     except ConfigError as e:

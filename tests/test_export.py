@@ -259,6 +259,31 @@ def test_bad_checkpoints_fail_naming_the_path(tmp_path_factory, tmp_path, capsys
     assert f"{cut}/config.yaml: " in run_main([str(cut), out], capsys)
 
 
+def test_a_run_dir_s_damaged_newest_checkpoint_gives_way_to_the_one_before(
+    tmp_path_factory, tmp_path, capsys
+):
+    """As trainer.resume=auto does; the export, consolidate and llmtrain-sample stopped at it."""
+    from llmtrain.consolidate import export as consolidate
+
+    src = smoke_run(tmp_path_factory, "gpt2") / "checkpoints" / "step_0000002"
+    run = tmp_path / "run"
+    for step in (2, 4):
+        shutil.copytree(src, run / "checkpoints" / f"step_000000{step}")
+    (run / "checkpoints" / "latest").write_text("step_0000004")
+    newest = run / "checkpoints" / "step_0000004"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+
+    assert export(run, tmp_path / "hf") == run / "checkpoints" / "step_0000002"
+    err = capsys.readouterr().err
+    assert f"skipping damaged checkpoint {newest}: {weights} has" in err
+    assert f"trying {run / 'checkpoints' / 'step_0000002'}" in err
+    out = consolidate(run, tmp_path / "weights.safetensors")
+    assert out.is_file() and "skipping damaged checkpoint" in capsys.readouterr().err
+    assert load_gpt(run)[2] == run / "checkpoints" / "step_0000002"
+    assert f"{weights} has" in run_main([str(newest), str(tmp_path / "x")], capsys)  # named
+
+
 def test_refuses_to_overwrite_unless_forced(tmp_path_factory, tmp_path, capsys):
     run = smoke_run(tmp_path_factory, "gpt2")
     out = tmp_path / "out"
