@@ -208,7 +208,9 @@ def redistribute_data_state(states: list[dict[str, Any]], rank: int, world: int)
             f"trainer.resume: the checkpoint was written by {old} processes and this launch has "
             f"{world}. Its data position can move to another world size only with data=shards "
             f"(one global window order; see llmtrain-prepare); the streaming source splits "
-            f"files by rank. Resume with {old} processes, or convert the corpus to shards."
+            f"files by rank. Resume with {old} processes, convert the corpus to shards, or "
+            "resume the weights and optimizer with trainer.resume_data=false (the data is "
+            "then read again from its start)."
         )
     if first["num_workers"] != 0:
         raise ConfigError(

@@ -47,6 +47,7 @@ from llmtrain.documents import (
     STATS,
     DataError,
     StreamError,
+    holds_out,
     matched_files,
     single_text_file,
     training_documents,
@@ -293,7 +294,13 @@ class TokenLoader:
         none_used = not self.stats.get("documents")
         held_out_all = self.train and self.stats.get("heldout") and none_used
         why = "the corpus is empty or too small"
-        if none_used and self.stats.get("undecodable"):
+        if not self.train and not none_used and holds_out(self.cfg):
+            why = (
+                f"validation is the first data.val_docs={self.cfg.val_docs} training "
+                "document(s), and together they are shorter than one window; raise "
+                "data.val_docs, or give the validation text with data.val_files=PATH"
+            )
+        elif none_used and self.stats.get("undecodable"):
             why = (
                 "no document could be used: the undecodable ones are not UTF-8 text (a .txt "
                 "file is skipped when over 1 in 1,000 of its characters are not); save it as "

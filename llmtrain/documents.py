@@ -270,6 +270,12 @@ def training_documents(cfg: DataConfig) -> Any:
     return _text_part(ds, cfg, validation=False) if single_text_file(cfg) else ds
 
 
+def holds_out(cfg: DataConfig) -> bool:
+    """Whether validation is the first data.val_docs training documents: no validation split
+    or files named (a missing "validation" split also falls back to them)."""
+    return not (cfg.val_files if cfg.files else cfg.val_split) and not single_text_file(cfg)
+
+
 def validation_documents(cfg: DataConfig) -> tuple[Any, frozenset[bytes]]:
     """The validation stream and the digests training must exclude.
 
@@ -281,13 +287,14 @@ def validation_documents(cfg: DataConfig) -> tuple[Any, frozenset[bytes]]:
     """
     if single_text_file(cfg):
         return _text_part(load_documents(cfg, cfg.train_split), cfg, validation=True), frozenset()
-    has_val = cfg.val_files if cfg.files else cfg.val_split
-    if has_val:
+    if not holds_out(cfg):
         try:
             return load_documents(cfg, "validation" if cfg.files else cfg.val_split), frozenset()
         except DataError as e:
             if "has no split" not in str(e):
                 raise
+            if not cfg.files and cfg.val_split != DataConfig.val_split:  # a typo, not absent
+                raise DataError(f"data.val_split={cfg.val_split!r}: {e}") from e
             log.info("data: %s; holding out %d training documents instead", e, cfg.val_docs)
     ds = load_documents(cfg, cfg.train_split).take(cfg.val_docs)
     try:

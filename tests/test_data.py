@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -135,6 +136,18 @@ def test_fineweb_code_path_holds_out_documents(where):
     loader = build_dataloader(cfg, TOK, split="train", batch_size=8)
     train = unwindow(take(loader, 20), 32)
     assert train == stream_of(docs[5:])[: len(train)]
+
+
+def test_no_validation_split_holds_out_documents_but_a_misspelt_one_is_refused(tmp_path):
+    """Any missing split held out training documents: data.val_split=valdation validated on
+    them without a word."""
+    shutil.copytree(SAMPLE_DIR / "data" / "train", tmp_path / "data" / "train")
+    cfg = small(path=str(tmp_path), val_docs=5, shuffle=False)  # the schema's "validation"
+    val = unwindow(list(build_dataloader(cfg, TOK, split="val", batch_size=4)), 32)
+    docs = docs_of(list((tmp_path / "data" / "train").glob("*.parquet")))
+    assert val == stream_of(docs[:5])[: len(val)]
+    with pytest.raises(DataError, match=r"^data\.val_split='valdation': .* has no split"):
+        build_dataloader(small(val_split="valdation"), TOK, split="val", batch_size=4)
 
 
 def test_fineweb_offline_is_one_fast_clear_error(monkeypatch):
@@ -350,6 +363,16 @@ def test_jsonl_rows_are_documents_and_empty_rows_counted(tmp_path):
     got = unwindow(take(loader, 2), 4)
     assert got == stream_of(["second document"] * 4)[: len(got)]
     assert loader.stats["empty"] >= 2 and loader.stats["heldout"] >= 1
+
+
+def test_a_held_out_validation_shorter_than_a_window_says_so(tmp_path):
+    """It said "the corpus is empty or too small" of a corpus of long documents."""
+    (tmp_path / "a.txt").write_text("A one-line story.")
+    (tmp_path / "b.txt").write_text("A long document. " * 400)
+    (tmp_path / "c.txt").write_text("Another long one. " * 400)
+    cfg = small(files=str(tmp_path / "*.txt"), val_docs=1)
+    with pytest.raises(DataError, match=r"validation is the first data\.val_docs=1 training"):
+        list(build_dataloader(cfg, TOK, split="val", batch_size=1))
 
 
 def test_a_rank_whose_files_are_all_held_out_this_epoch_reads_others_next_epoch(tmp_path):

@@ -402,7 +402,7 @@ def test_world_size_change_needs_a_global_window_order():
     from llmtrain.consolidate import redistribute_data_state
 
     hf = {"kind": "hf", "num_workers": 0}
-    with pytest.raises(ConfigError, match="only with data=shards"):
+    with pytest.raises(ConfigError, match="only with data=shards.*trainer.resume_data=false"):
         redistribute_data_state([hf, hf], rank=0, world=1)
     workers = {"kind": "shards", "num_workers": 2}
     with pytest.raises(ConfigError, match="saved with data.num_workers=2"):
