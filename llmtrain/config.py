@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,8 +214,8 @@ def _no_unknown_keys(node: Any, schema: type, prefix: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in node:
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            meant = _meant(prefix.rstrip("."), key)
+            hint = f"did you mean {meant}? " if meant else ""
             raise ConfigError(
                 f"{prefix}{key}: not a setting (a '+' override cannot add one); {hint}the "
                 f"settings of {prefix.rstrip('.') or 'the config'} are: {', '.join(fields)}"
@@ -230,12 +231,52 @@ def _without_append_hint(message: str, error: BaseException) -> str:
     lines = [line for line in message.splitlines() if not line.startswith("To append")]
     key = getattr(error, "full_key", None) or ""
     section, _, name = key.rpartition(".")
-    schema = {**GROUP_SCHEMAS, "trainer": TrainerConfig, "": TrainConfig}.get(section)
-    if len(lines) < len(message.splitlines()) and schema is not None:
-        fields = [f.name for f in dataclasses.fields(schema)]
-        if close := difflib.get_close_matches(name, fields, n=1):
-            lines.insert(1, f"Did you mean {section + '.' if section else ''}{close[0]}?")
+    if len(lines) < len(message.splitlines()) and (meant := _meant(section, name)):
+        lines.insert(1, f"Did you mean {meant}?")
     return "\n".join(lines)
+
+
+# What nanoGPT, litgpt, the HF Trainer and Lightning call a setting, and its name here.
+FOREIGN_NAMES = {
+    "learning_rate": "optim.lr",
+    "lr": "optim.lr",
+    "min_lr": "optim.min_lr_ratio (a fraction of optim.lr)",
+    "warmup_iters": "optim.warmup_steps",
+    "max_iters": "trainer.max_steps",
+    "lr_decay_iters": "trainer.max_steps (the schedule decays over the whole run)",
+    "block_size": "model.context_length (and data.seq_len, the training window)",
+    "batch_size": "trainer.micro_batch_size (trainer.batch_tokens is the global batch)",
+    "gradient_accumulation_steps": "trainer.batch_tokens (accumulation follows from it)",
+    "betas": "optim.beta1 and optim.beta2",
+    "max_grad_norm": "optim.grad_clip",
+    "gradient_clip_val": "optim.grad_clip",
+    "eval_interval": "trainer.eval_every",
+    "eval_iters": "trainer.eval_batches",
+    "log_interval": "trainer.log_every",
+    "dtype": "trainer.precision",
+    "out_dir": "hydra.run.dir",
+    "zero_stage": "dist=zero1, dist=zero2 or dist=zero3 (the group sets dist.mode)",
+}
+
+
+def _meant(section: str, name: str) -> str | None:
+    """The setting a misspelt or foreign key most likely means: another trainer's name for it,
+    the same name in another section (trainer.lr -> optim.lr), a close name in its own
+    section, then a close name in any."""
+    if name in FOREIGN_NAMES:
+        return FOREIGN_NAMES[name]
+    sections = {**GROUP_SCHEMAS, "trainer": TrainerConfig}
+    everywhere: dict[str, list[str]] = {}
+    for s, schema in sections.items():
+        for f in dataclasses.fields(schema):
+            everywhere.setdefault(f.name, []).append(f"{s}.{f.name}")
+    if name in everywhere:
+        return " or ".join(everywhere[name])
+    own = [f.name for f in dataclasses.fields(sections[section])] if section in sections else []
+    if close := difflib.get_close_matches(name, own, n=1):
+        return f"{section}.{close[0]}"
+    close = difflib.get_close_matches(name, list(everywhere), n=1)
+    return " or ".join(everywhere[close[0]]) if close else None
 
 
 def compose_config(overrides: list[str] | None = None) -> TrainConfig:
@@ -256,8 +297,9 @@ def compose_config(overrides: list[str] | None = None) -> TrainConfig:
 
 def _more_hints(message: str) -> str:
     """What to write instead, for Hydra errors that only say what went wrong."""
-    if message.startswith("Could not delete from config."):  # ~key: the schema keeps every key
-        key = message.split("'")[1] if "'" in message else "KEY"
+    deleting = re.match(r"Error merging override ~([\w.]+)", message)
+    if deleting or message.startswith("Could not delete from config."):  # the schema keeps keys
+        key = deleting[1] if deleting else message.split("'")[1] if "'" in message else "KEY"
         return f"{message}\nEvery setting stays in the config; to unset one, write {key}=null"
     if "of type 'float' could not be converted to Integer" in message:
         return f"{message}\nWrite a whole number without an exponent: 10_000_000_000, not 1e10"

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmtrain.config import DataConfig, TrainConfig
+from llmtrain.config import DataConfig, OptimConfig, TrainConfig
 from llmtrain.documents import DataError, validation_source
 from llmtrain.metrics import flops_per_token
 from llmtrain.optim import lr_at
@@ -109,6 +109,17 @@ def plan_notes(cfg: TrainConfig, plan: Plan) -> list[str]:
             f"  schedule   optim.warmup_steps={o.warmup_steps:,} is longer than the "
             f"{plan.max_steps:,}-step horizon: the lr ends at {last:.2e}, still warming up to "
             f"optim.lr={o.lr:.2e}"
+        )
+    default = OptimConfig()
+    if o.schedule != "wsd" and o.decay_fraction != default.decay_fraction:
+        notes.append(
+            f"  schedule   optim.decay_fraction={o.decay_fraction} is not used: it is the wsd "
+            f"schedule's, and this one is {o.schedule} (optim=adamw-wsd for warmup-stable-decay)"
+        )
+    if o.schedule == "constant" and o.min_lr_ratio != default.min_lr_ratio:
+        notes.append(
+            f"  schedule   optim.min_lr_ratio={o.min_lr_ratio} is not used: a constant schedule "
+            "never decays"
         )
     d = cfg.dist
     if o.fused is not None and d.offload_optimizer:

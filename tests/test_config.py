@@ -1,6 +1,8 @@
 """llmtrain.config: composition from conf/, the shipped experiments, and errors that name the
 offending key."""
 
+import re
+
 import pytest
 
 from llmtrain.config import (
@@ -234,7 +236,6 @@ def test_seq_len_past_the_context_says_what_to_set():
 def test_runs_started_in_the_same_second_get_their_own_dirs():
     """Two runs launched together (a sweep of `llmtrain-train ... &`) shared runs/DATE/TIME:
     one config.yaml, one metrics.jsonl, and both died writing the same checkpoint."""
-    import re
     from datetime import datetime
 
     import yaml
@@ -259,3 +260,24 @@ def test_runs_started_in_the_same_second_get_their_own_dirs():
 def test_hydra_errors_that_only_say_what_went_wrong_say_what_to_write(override, hint):
     with pytest.raises(ConfigError, match=hint):
         load_config([override])
+    with pytest.raises(ConfigError, match=hint):  # an experiment's value: another Hydra message
+        load_config(["experiment=smoke", override])
+
+
+@pytest.mark.parametrize(
+    "override, meant",
+    [
+        ("lr=1e-3", "optim.lr"),  # nanoGPT's names, no section: no hint at all before
+        ("max_iters=100", "trainer.max_steps"),
+        ("model.block_size=256", "model.context_length"),  # was "model.vocab_size"
+        ("trainer.lr=1e-3", "optim.lr"),  # the right name in the wrong section
+        ("trainer.warmup_steps=10", "optim.warmup_steps"),  # was "trainer.max_steps"
+        ("optim.learning_rate=1e-3", "optim.lr"),
+        ("+dist.zero_stage=2", "dist=zero1, dist=zero2 or dist=zero3"),
+        ("model.n_layers=2", "model.n_layer"),  # a close name in its own section
+        ("name=x", "model.name or data.name or optim.name or logger.name"),
+    ],
+)
+def test_a_foreign_or_misplaced_key_names_the_setting_meant(override, meant):
+    with pytest.raises(ConfigError, match=re.escape(f"id you mean {meant}")):
+        load_config(["experiment=smoke", override])

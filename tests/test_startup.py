@@ -106,3 +106,9 @@ def test_the_plan_notes_a_rounded_token_budget_and_a_warmup_past_the_horizon():
     (note,) = notes("trainer.max_steps=10", "dist=zero2", "dist.reshard_after_forward=false")
     assert "dist.reshard_after_forward=false is not used" in note and "zero2 keeps" in note
     assert notes("trainer.max_steps=10", "dist=fsdp2", "dist.reshard_after_forward=false") == []
+    # a schedule's own settings under another schedule
+    (note,) = notes("optim.decay_fraction=0.1")
+    assert "optim.decay_fraction=0.1 is not used" in note and "this one is cosine" in note
+    assert notes("optim=adamw-wsd", "optim.decay_fraction=0.1") == []
+    (note,) = notes("optim.schedule=constant", "optim.min_lr_ratio=0.5")
+    assert "optim.min_lr_ratio=0.5 is not used: a constant schedule never decays" in note
