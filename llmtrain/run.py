@@ -195,13 +195,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         if is_main:
             abandoned = ckpt.roll_back(ckpt_root, resume_from)
 
-    torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg)
-    optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
-    model = compile_model(model, cfg.trainer)
-    params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders
-    model, optimizer = accelerator.prepare(model, optimizer)
-
+    # The data first: a wrong path, split or column fails in seconds, not after the model is
+    # built and sharded (minutes for billions of parameters).
     loader_args = dict(
         batch_size=plan.micro_batch, rank=rank, world_size=world, seed=cfg.trainer.seed
     )
@@ -209,6 +204,13 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     val_loader = build_dataloader(cfg.data, tokenizer, split="val", **loader_args)
     for _ in val_loader:  # an empty validation split fails now (DataError), not at the first eval
         break
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg)
+    optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
+    model = compile_model(model, cfg.trainer)
+    params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     state = ckpt.TrainerState(world_size=world)
     if resume_from is not None:

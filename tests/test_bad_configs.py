@@ -166,3 +166,23 @@ def test_bad_config_is_refused_before_any_process_group(case, tmp_path, monkeypa
     assert key in str(e.value)
     for secret in env.values():
         assert secret not in str(e.value)  # the refusal does not print the credential itself
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.path=/nonexistent/corpus"],
+        ["data.val_split=valdation"],
+        ["data.text_column=content"],
+    ],
+)
+def test_a_data_error_comes_before_the_model_is_built(overrides, tmp_path, monkeypatch):
+    """It came after the model was built and sharded: minutes for billions of parameters."""
+    from llmtrain.data import DataError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was about to be built")
+
+    monkeypatch.setattr(run_mod, "build_model", no_model)
+    with pytest.raises(DataError):
+        train_mod.train(load_config([*BASE, *overrides]), tmp_path / "run")
