@@ -329,6 +329,22 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
         f"and trainer.max_steps={t.max_steps} are both set (an experiment file pins max_steps) "
         "and the run has one horizon; add trainer.max_steps=null to train by tokens",
     )
+    if t.init_from:  # "" (trainer.init_from=) is none, as null is
+        _require(
+            t.resume in ("none", "auto"),
+            "trainer.init_from",
+            f"and trainer.resume={t.resume} both name the weights to start from; keep "
+            "trainer.resume=auto (a checkpoint of this run's own wins) or none",
+        )
+        # With resume=auto (every start under the sbatch scripts) the path matters only while
+        # the run has no checkpoint of its own, which preflight_resume knows: a requeue then
+        # continues even after the checkpoint it started from was deleted.
+        _require(
+            t.resume == "auto" or Path(t.init_from).exists(),
+            "trainer.init_from",
+            f"{t.init_from!r} does not exist; give a step_XXXXXXX dir, or a run or "
+            "checkpoints/ dir (its newest checkpoint)",
+        )
     _require(t.temperature >= 0, "trainer.temperature", "must be >= 0 (0 = greedy)")
     _require(t.top_k >= 0, "trainer.top_k", f"must be >= 0 (0 = no top-k cut), got {t.top_k}")
     _require(

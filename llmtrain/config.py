@@ -147,6 +147,10 @@ class TrainerConfig:
     keep_last: int = 3
     resume: str = "none"  # none | auto | a checkpoint directory
     resume_data: bool = True  # false: a resume reads the data from its start (a new corpus)
+    # A new run (step 0, fresh optimizer, data and lr schedule) from the weights of a checkpoint
+    # of any dist mode: a step dir, or the newest of a run or checkpoints/ dir. With
+    # resume=auto, a checkpoint of this run's own wins (a requeued job continues).
+    init_from: str | None = None
     sample_every: int = 0  # steps between generated samples on the console (0: none)
     sample_prompt: str = "The"
     sample_tokens: int = 48

@@ -7,13 +7,16 @@ process checks that a named target exists and that its model has this config's s
 ranks are up, each candidate's manifest is verified (the ranks share the hashing) and every rank
 gets the same answer; ``auto`` and a run dir fall back past damaged checkpoints, a named
 ``step_XXXXXXX`` does not.
+
+``trainer.init_from`` starts a new run from another checkpoint's weights (:func:`init_source`);
+with ``resume=auto`` a checkpoint of the run's own wins, so a requeued job continues.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from llmtrain.checkpoint import TRAINER_STATE, candidates, saved_config
+from llmtrain.checkpoint import TRAINER_STATE, candidates, resolve_checkpoint, saved_config
 from llmtrain.config import ConfigError, ModelConfig, TrainConfig
 from llmtrain.integrity import CheckpointError, broadcast, rank_world, verify
 
@@ -54,6 +57,7 @@ def preflight_resume(cfg: TrainConfig, run_dir: Path) -> None:
             )
     found, _ = resume_candidates(resume, run_dir / "checkpoints")
     if not found:
+        init_source(cfg, resumed=False)
         return
     try:
         saved = saved_config(found[0])
@@ -120,16 +124,20 @@ SHAPE_KEYS = (
 )
 
 
-def check_compatible(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
-    """Refuse to resume into a model of another shape, naming every key that differs."""
+def shape_diffs(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """One line for every model key whose value gives the checkpoint's weights another shape."""
     # Learned positions are a (context_length, n_embd) table; rotary ones have no weights.
     keys = SHAPE_KEYS + (("context_length",) if current.position == "learned" else ())
-    diffs = [
+    return [
         f"model.{k}: checkpoint {getattr(saved, k)!r}, config {getattr(current, k)!r}"
         for k in keys
         if getattr(saved, k) != getattr(current, k)
     ]
-    if diffs:
+
+
+def check_compatible(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
+    """Refuse to resume into a model of another shape, naming every key that differs."""
+    if diffs := shape_diffs(saved, current):
         raise ConfigError(
             f"cannot resume from {ckpt}: the model shape differs\n  "
             + "\n  ".join(diffs)
@@ -152,8 +160,8 @@ def check_resumable(saved: TrainConfig, current: TrainConfig, ckpt: Path) -> Non
         raise ConfigError(
             f"cannot resume from {ckpt}: it was written with dist={was} and this run has "
             f"dist={now}; a checkpoint resumes in the layout it was written in (single and ddp "
-            f"share one). Resume with dist={was}, or take its weights to another run with "
-            f"python -m llmtrain.consolidate {ckpt}"
+            f"share one). Resume with dist={was}, or start a new run (step 0, fresh optimizer) "
+            f"from its weights: trainer.init_from={ckpt} with another hydra.run.dir"
         )
     check_precision(current, ckpt)
     if saved.trainer.compile != current.trainer.compile:
@@ -177,8 +185,8 @@ def check_precision(cfg: TrainConfig, ckpt: Path) -> None:
     now = resolve_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
     now = {"no": "fp32"}.get(now, now)
     fix = (
-        f"; resume with the checkpoint's trainer.precision, or take its weights to a new run "
-        f"with python -m llmtrain.consolidate {ckpt}"
+        f"; resume with the checkpoint's trainer.precision, or start a new run (step 0, fresh "
+        f"optimizer) from its weights: trainer.init_from={ckpt} with another hydra.run.dir"
     )
     if cfg.dist.mode in ZERO_STAGE and (ckpt / DS_TAG).is_dir():
         saved_bf16 = any((ckpt / DS_TAG).glob("bf16_zero_pp_rank_*"))
@@ -194,3 +202,29 @@ def check_precision(cfg: TrainConfig, ckpt: Path) -> None:
             f"cannot resume from {ckpt}: this run trains in fp16 and the checkpoint has no fp16 "
             f"loss scale (scaler.pt): it was written in another precision{fix}"
         )
+
+
+def init_source(cfg: TrainConfig, resumed: bool) -> Path | None:
+    """The checkpoint ``trainer.init_from`` names (a step dir, or the newest of a run or
+    checkpoints/ dir), checked to hold this config's model; None without one, or when the run
+    resumes a checkpoint of its own (``resume=auto`` on a requeue wins over init_from)."""
+    if not cfg.trainer.init_from or resumed:
+        return None
+    try:
+        ckpt = resolve_checkpoint(cfg.trainer.init_from)
+    except OSError as e:  # missing, a file, no complete checkpoint inside
+        raise ConfigError(f"trainer.init_from: {e}") from None
+    saved = saved_config(ckpt)
+    diffs = shape_diffs(saved.model, cfg.model)
+    if saved.data.tokenizer != cfg.data.tokenizer:  # same ids, other tokens: garbage in
+        diffs.append(
+            f"data.tokenizer: checkpoint {saved.data.tokenizer!r}, config {cfg.data.tokenizer!r}"
+        )
+    if diffs:
+        raise ConfigError(
+            f"trainer.init_from: cannot start from {ckpt}: its model differs from this config's\n  "
+            + "\n  ".join(diffs)
+            + "\nSet these keys to the checkpoint's values (its config.yaml), or start from "
+            "another checkpoint."
+        )
+    return ckpt

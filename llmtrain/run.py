@@ -99,6 +99,22 @@ def build_model(cfg: TrainConfig) -> GPT:
     return model
 
 
+def load_weights(model: GPT, source: str | Path) -> Path:
+    """trainer.init_from: ``source``'s weights into the freshly built model, before prepare()
+    shards it, so every dist mode starts from full weights on each rank and any checkpoint
+    layout serves any other. The files read are checked against the checkpoint's manifest.
+
+    Each rank reads the checkpoint itself and holds a full fp32 copy on the CPU beside its
+    full model until prepare(): 4 bytes per parameter per process (a 1B model on an 8-GPU
+    node: 32 GB of host memory more; reading ZeRO shards briefly needs their optimizer
+    moments too). A model that fits only sharded needs a rank-0 read and a broadcast instead."""
+    from llmtrain.export import load_checkpoint  # names and shapes checked against config.yaml
+
+    state, _, source = load_checkpoint(source)
+    model.load_state_dict(state)  # a tied head is under both names, one tensor
+    return source
+
+
 def compile_model(model: torch.nn.Module, t: TrainerConfig) -> torch.nn.Module:
     """``torch.compile`` when trainer.compile is set (mode trainer.compile_mode), else model."""
     if not t.compile:
@@ -194,6 +210,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         resume.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
         if is_main:
             abandoned = ckpt.roll_back(ckpt_root, resume_from)
+    init_from = resume.init_source(cfg, resumed=resume_from is not None)
 
     # The data first: a wrong path, split or column fails in seconds, not after the model is
     # built and sharded (minutes for billions of parameters).
@@ -207,6 +224,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg)
+    if init_from is not None:  # of a run dir, its newest intact checkpoint
+        init_from = load_weights(model, cfg.trainer.init_from)
     optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
     model = compile_model(model, cfg.trainer)
     params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders
@@ -265,11 +284,19 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
     for note in plan_notes(cfg, plan) + shard_notes(cfg):
         run.say(note)
-    if resume_from is None and cfg.trainer.resume == "auto":
+    if resume_from is None and init_from is None and cfg.trainer.resume == "auto":
         run.say(
             f"  resume     auto: no checkpoint in {run.ckpt_root}; from step 0 (to go "
             "on with an earlier run, name its dir: hydra.run.dir=...)"
         )
+    if init_from is not None:
+        step = ckpt.load_trainer_state(init_from).step
+        run.say(
+            f"  init_from  weights of {init_from} (its step {step:,}); this run starts at step 0 "
+            "with a fresh optimizer, lr schedule and data position"
+        )
+    elif cfg.trainer.init_from and resume_from is not None:
+        run.say("  init_from  not used: the run resumes a checkpoint of its own")
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
         if abandoned:

@@ -1,0 +1,124 @@
+"""``trainer.init_from``: a new run (step 0, fresh optimizer, data and lr schedule) from the
+weights of a checkpoint of any layout, and the refusals before anything starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_dist import shards  # noqa: F401  (the fixture: token shards, one window order)
+from tiny import TINY
+
+from llmtrain.config import ConfigError, load_config
+from llmtrain.train import train
+
+FAST = [
+    *TINY,
+    "trainer.batch_tokens=512",
+    "trainer.eval_batches=1",
+    "trainer.sample_every=0",
+    "trainer.log_every=1",
+    "trainer.eval_every=1000",
+    "optim.warmup_steps=1",  # three steps move the weights clearly
+]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def first_loss(model: torch.nn.Module, cfg) -> float:
+    """The loss ``model`` gives on the first step's micro-batches of a fresh run of ``cfg``."""
+    from llmtrain.data import build_dataloader
+    from llmtrain.startup import Plan
+    from llmtrain.tokenizer import get_tokenizer
+
+    plan = Plan.from_config(cfg, 1)
+    loader = build_dataloader(
+        cfg.data, get_tokenizer(cfg.data.tokenizer), split="train", batch_size=plan.micro_batch,
+        rank=0, world_size=1, seed=cfg.trainer.seed,
+    )  # fmt: skip
+    stream = iter(loader)
+    with torch.no_grad():
+        step = [model(*next(stream), return_logits=False)[1] for _ in range(plan.grad_accum)]
+    return torch.stack(step).mean().item()
+
+
+def test_a_new_run_starts_from_the_weights_at_step_zero(tmp_path, capsys):
+    from llmtrain.sample import load_gpt
+
+    train(load_config([*FAST, "trainer.max_steps=3"]), tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000003"
+    fresh = records(tmp_path / "a")[0]  # step 1 of a fresh init, on the same first batch
+    capsys.readouterr()
+    cfg = load_config([*FAST, "trainer.max_steps=2", f"trainer.init_from={tmp_path / 'a'}"])
+    state = train(cfg, tmp_path / "b")
+    assert f"init_from  weights of {ckpt} (its step 3)" in capsys.readouterr().out
+    assert state.step == 2 and state.tokens == 2 * 512  # counted from 0, not from 3
+    first = records(tmp_path / "b")[0]
+    assert first["step"] == 1 and first["lr"] == fresh["lr"]  # the schedule starts over
+    model, _, _ = load_gpt(ckpt)
+    assert first["loss"] == pytest.approx(first_loss(model, cfg), rel=1e-5)
+    assert first["loss"] < fresh["loss"] - 0.2, (first, fresh)  # not a fresh init's loss
+    # A requeue (resume=auto) continues the run's own checkpoint, not init_from's weights.
+    auto = load_config([*FAST, "trainer.max_steps=3", "trainer.resume=auto",
+                        f"trainer.init_from={ckpt}"])  # fmt: skip
+    assert train(auto, tmp_path / "b").step == 3
+    assert "init_from  not used" in capsys.readouterr().out
+
+
+def test_another_model_or_tokenizer_is_refused_naming_the_key(tmp_path):
+    import dataclasses
+
+    from llmtrain.resume import init_source
+
+    train(load_config([*FAST, "trainer.max_steps=1"]), tmp_path / "a")
+    init = [*FAST, "trainer.max_steps=1", f"trainer.init_from={tmp_path / 'a'}"]
+    refused = r"(?s)trainer\.init_from: cannot start from .*step_0000001: its model differs"
+    with pytest.raises(ConfigError, match=refused + r".*model\.n_layer: checkpoint 2, config 3"):
+        train(load_config([*init, "model.n_layer=3"]), tmp_path / "b")
+    assert not (tmp_path / "b" / "checkpoints").exists()  # refused before the first step
+    cfg = load_config(init)
+    other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer="p50k_base"))
+    with pytest.raises(ConfigError, match=refused + r".*data\.tokenizer: checkpoint 'gpt2'"):
+        init_source(other, resumed=False)  # other ids for the same text
+
+
+def test_a_missing_path_or_a_named_resume_is_refused_by_the_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer\.init_from: .*nowhere.* does not exist"):
+        load_config([*FAST, f"trainer.init_from={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match=r"trainer\.init_from: and trainer\.resume=.* both"):
+        load_config([*FAST, f"trainer.init_from={tmp_path}", f"trainer.resume={tmp_path}"])
+
+
+def test_with_resume_auto_a_missing_path_is_refused_when_there_is_nothing_to_resume(tmp_path):
+    """resume=auto (every sbatch start) checks the path only when the run has no checkpoint."""
+    cfg = load_config([*FAST, f"trainer.init_from={tmp_path / 'nowhere'}", "trainer.resume=auto"])
+    with pytest.raises(ConfigError, match=r"trainer\.init_from: .*nowhere: no such checkpoint"):
+        train(cfg, tmp_path / "run")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_sharded_and_full_checkpoints_start_runs_of_any_mode(shards, tmp_path):  # noqa: F811
+    """A 2-process FSDP2 checkpoint (DCP shards) starts a 1-process run, whose full checkpoint
+    starts a 2-process ZeRO-3 run: each first loss is the loaded weights' (one global window
+    order, so 2 processes see the 1-process run's windows)."""
+    from test_dist import FAST as DIST_FAST
+    from test_dist import losses, run
+
+    from llmtrain.sample import load_gpt
+
+    data = [f"data.path={shards}", "trainer.max_steps=1", "optim.warmup_steps=1"]
+    run(tmp_path, 2, tmp_path / "a", [*data, "dist=fsdp2"])
+    ckpt_a = tmp_path / "a" / "checkpoints" / "step_0000001"
+    single = [*data, "dist=single", f"trainer.init_from={ckpt_a}"]
+    run(tmp_path, 1, tmp_path / "b", single)
+    cfg = load_config([*DIST_FAST, *single])
+    assert losses(tmp_path / "b")[1] == pytest.approx(first_loss(load_gpt(ckpt_a)[0], cfg), 1e-5)
+    assert losses(tmp_path / "b")[1] < losses(tmp_path / "a")[1] - 0.1  # a fresh init's, before
+    ckpt_b = tmp_path / "b" / "checkpoints" / "step_0000001"
+    run(tmp_path, 2, tmp_path / "c", [*data, "dist=zero3", f"trainer.init_from={tmp_path / 'b'}"])
+    assert losses(tmp_path / "c")[1] == pytest.approx(first_loss(load_gpt(ckpt_b)[0], cfg), 1e-5)
