@@ -3,9 +3,15 @@ records the loop writes (``Run``); the plan and the startup report are in startu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import socket
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,58 @@ from llmtrain.startup import (
     startup_report,
 )
 from llmtrain.tokenizer import Tokenizer, check_vocab, get_tokenizer
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, wait_s: float = 120.0) -> Iterator[None]:
+    """Rank 0 holds an exclusive lock on ``run_dir`` while it trains: a second run started in
+    the same dir (the same command in another terminal, a job submitted twice) would write
+    the same checkpoints and metrics.jsonl, and resume=auto read the other's half-written
+    steps. The lock goes with the process, however it ends. A held lock is waited on for
+    ``wait_s`` (a network file system keeps a dead node's lock for a lease of ~90 s), then the
+    run is refused. Where the file system has no locks, nothing is locked."""
+    if rank_from_env() != 0:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+") as f:
+        deadline, said = time.monotonic() + wait_s, False
+        while (locked := _try_lock(f)) is False:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"{run_dir}: another run ({holder}) is training in this run dir; wait for "
+                    "it to end, or give this one another hydra.run.dir"
+                )
+            if not said:
+                print(f"llmtrain: {run_dir} is locked by {holder}; waiting up to "
+                      f"{wait_s:.0f} s for it to end", file=sys.stderr, flush=True)  # fmt: skip
+                said = True
+            time.sleep(min(1.0, wait_s))
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _try_lock(f) -> bool | None:
+    """True: locked; False: another process holds it; None: the file system has no locks."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP
+        return None
 
 
 class _QuietAccelerate(logging.Filter):

@@ -41,7 +41,7 @@ from llmtrain.metrics import Throughput
 from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
 from llmtrain.report import log_eval, log_sample, log_train
-from llmtrain.run import Run, setup
+from llmtrain.run import LOCK, Run, run_dir_lock, setup
 
 
 def batches(loader, stats: Throughput):
@@ -109,6 +109,7 @@ def train(
     SIGTERM or SIGUSR1 make every rank finish its step, save, and raise ``ckpt.Preempted``.
     """
     with (
+        run_dir_lock(run_dir),
         ckpt.preemption_signals() as preempt,
         process_scope(),
         attention_kernel(cfg.trainer.attention),
@@ -328,6 +329,8 @@ def _drop_if_empty(run_dir: Path) -> None:
     only: the others run in ``.``."""
     if rank_from_env() == 0 and run_dir.resolve() != Path.cwd().resolve():
         with contextlib.suppress(OSError):  # not empty, or already gone
+            if [p.name for p in run_dir.iterdir()] == [LOCK]:  # the run dir lock's file only
+                (run_dir / LOCK).unlink()
             run_dir.rmdir()
             if re.fullmatch(DATED_DIR, run_dir.parent.name):
                 run_dir.parent.rmdir()

@@ -1,10 +1,12 @@
 """Setting a run up: the model the config builds, the checks before it starts, its logs."""
 
+import os
+
 import pytest
 import torch
 from tiny import TINY
 
-from llmtrain.config import load_config
+from llmtrain.config import ConfigError, load_config
 from llmtrain.run import build_model, compile_model
 
 FAST = [*TINY, "trainer.max_steps=1"]
@@ -70,3 +72,42 @@ def test_accelerate_s_per_file_save_logs_stay_off_the_console(caplog):
             logging.getLogger(name).info("[RANK 0] Saving model to step_0000002.tmp/x")
         logging.getLogger("accelerate.utils.fsdp_utils").error("a real problem")
     assert [r.getMessage() for r in caplog.records] == ["a real problem"]
+
+
+def test_a_second_run_in_a_locked_run_dir_waits_then_is_refused(tmp_path, monkeypatch, capsys):
+    """Two runs in one dir wrote the same checkpoints; resume=auto read the other's half-saved
+    step (FileNotFoundError: trainer_state.json). The lock goes with its process."""
+    import functools
+    import subprocess
+    import sys
+    import time
+
+    import llmtrain.train as train_mod
+    from llmtrain.run import LOCK, run_dir_lock
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from llmtrain.run import run_dir_lock\n"
+         f"with run_dir_lock(Path({str(run_dir)!r})):\n"
+         "    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        start = time.monotonic()
+        refused = pytest.raises(ConfigError, match=rf"another run \(pid {holder.pid} on ")
+        with refused, run_dir_lock(run_dir, wait_s=1.0):
+            pass
+        assert 1.0 <= time.monotonic() - start < 10
+        assert f"locked by pid {holder.pid}" in capsys.readouterr().err
+        # train() takes it: refused before anything is built
+        monkeypatch.setattr(train_mod, "run_dir_lock", functools.partial(run_dir_lock, wait_s=0))
+        monkeypatch.setattr(train_mod, "setup", lambda *a: pytest.fail("set up"))
+        with pytest.raises(ConfigError, match="is training in this run dir"):
+            train_mod.train(load_config(["experiment=smoke"]), run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir_lock(run_dir, wait_s=0):  # the holder's end released it
+        assert (run_dir / LOCK).read_text().startswith(f"pid {os.getpid()} on ")
