@@ -56,8 +56,8 @@ class ModelConfig:
     mlp: str = "gelu"  # gelu | swiglu (Shazeer 2020)
     bias: bool = True
     tie_embeddings: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = 0.0  # on embeddings, attention and MLP outputs; 0 for pretraining
+    init_std: float = 0.02  # weights ~ N(0, init_std); residual projections scaled by depth
 
 
 @dataclass
@@ -71,11 +71,11 @@ class DataConfig:
     files: str | None = None  # a file, glob or comma-separated list for local corpora
     val_files: str | None = None  # local corpora: validation files (else held-out documents)
     text_column: str = "text"
-    train_split: str = "train"
+    train_split: str = "train"  # the source's split to train on
     val_split: str | None = "validation"  # None: hold out val_docs documents instead
     val_docs: int = 100
     val_fraction: float = 0.1  # a corpus of one .txt file: its last tenth is validation
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2"  # a tiktoken encoding: gpt2 | r50k_base | cl100k_base | ...
     seq_len: int = 256  # tokens per training window (context length used in training)
     stride: int | None = None  # step between windows; None = seq_len (no overlap)
     shuffle: bool = True  # each epoch: a stream's file order; every window of token shards
@@ -93,9 +93,9 @@ class OptimConfig:
     lr: float = 6e-4
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     weight_decay: float = 0.1
-    beta1: float = 0.9
+    beta1: float = 0.9  # AdamW's moment decay rates (GPT-3: 0.9, 0.95)
     beta2: float = 0.95
-    eps: float = 1e-8
+    eps: float = 1e-8  # AdamW's denominator term
     fused: bool | None = None  # None: fused on CUDA, foreach elsewhere
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 100
@@ -118,8 +118,8 @@ class DistConfig:
 class LoggerConfig:
     name: str = "wandb"  # wandb | none
     project: str = "llmtrain"
-    entity: str | None = None
-    run_name: str | None = None
+    entity: str | None = None  # W&B team or user; None: the key's default
+    run_name: str | None = None  # None: from the run dir (runs/<date>/<time>)
     mode: str | None = None  # online | offline | disabled; None: online when W&B has a key
     tags: list[str] = field(default_factory=list)
     group: str | None = None  # W&B run group: a sweep's jobs, a second phase beside its first
@@ -127,24 +127,24 @@ class LoggerConfig:
 
 @dataclass
 class TrainerConfig:
-    seed: int = 1337
+    seed: int = 1337  # model init, data order and shuffling, samples
     batch_tokens: int = 524288  # global tokens per optimizer step (GPT-2 paper: 0.5M)
     micro_batch_size: int = 16  # sequences per process per forward pass
-    max_steps: int | None = None
+    max_steps: int | None = None  # optimizer steps; the lr schedule's horizon
     max_tokens: int | None = None  # token budget; sets max_steps when max_steps is None
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
     attention: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math
     loss_chunk: int = 0  # tokens per chunk of the fused head + cross-entropy (loss.py); 0: off
     set_to_none: bool = True  # free gradients after each step (False: zero them in place)
-    activation_checkpointing: bool = False
-    log_every: int = 10
-    eval_every: int = 250
-    eval_batches: int = 20
-    ckpt_every: int = 1000
-    keep_last: int = 3
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    log_every: int = 10  # steps per console line and metrics record
+    eval_every: int = 250  # steps between validation loss / perplexity
+    eval_batches: int = 20  # validation micro-batches per evaluation (every rank the same)
+    ckpt_every: int = 1000  # steps between checkpoints (a run also saves at its end)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted after a save
     resume: str = "none"  # none | auto | a checkpoint directory
     resume_data: bool = True  # false: a resume reads the data from its start (a new corpus)
     # A new run (step 0, fresh optimizer, data and lr schedule) from the weights of a checkpoint
@@ -152,10 +152,10 @@ class TrainerConfig:
     # resume=auto, a checkpoint of this run's own wins (a requeued job continues).
     init_from: str | None = None
     sample_every: int = 0  # steps between generated samples on the console (0: none)
-    sample_prompt: str = "The"
-    sample_tokens: int = 48
-    temperature: float = 0.8
-    top_k: int = 50
+    sample_prompt: str = "The"  # "": start from end-of-text
+    sample_tokens: int = 48  # new tokens per sample
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 50  # sample among the k likeliest tokens; 0: all
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     on_save_error: str = "stop"  # a checkpoint write failed (disk full...): stop | continue
 
