@@ -175,6 +175,13 @@ def _load_universal(accelerator, model, ckpt: Path, scratch: Path) -> None:
     """A ZeRO checkpoint from another world size, through DeepSpeed's universal format."""
     universal = scratch / f".universal-{ckpt.name}"
     if accelerator.is_main_process:
+        # The other ranks wait in a collective meanwhile, for at most dist.timeout_s.
+        print(
+            f"resume: converting the ZeRO checkpoint {ckpt.name} for {accelerator.num_processes} "
+            f"processes (DeepSpeed's universal format, in {universal}); the other ranks wait up "
+            "to dist.timeout_s for it (raise that for billions of parameters)",
+            flush=True,
+        )
         _universal(ckpt, universal)
     accelerator.wait_for_everyone()
     # The engine reads this flag at load time; the universal files carry no per-rank RNG.

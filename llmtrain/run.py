@@ -290,8 +290,10 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = ckpt.TrainerState(world_size=world)
+    saved_world = world
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
+        saved_world = state.world_size
         # Both reshard when the checkpoint was written by another number of processes; nothing
         # in the checkpoint is unpickled beyond tensors and plain containers.
         with safe_loading(resume_from):
@@ -357,6 +359,12 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run.say("  init_from  not used: the run resumes a checkpoint of its own")
     if resume_from is not None:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
+        if saved_world != world:
+            moved = "its data position redistributed, " if cfg.trainer.resume_data else ""
+            run.say(
+                f"  resharded  written by {saved_world} processes, now {world}: {moved}the "
+                "optimizer state resharded"
+            )
         if abandoned:
             run.say(
                 f"  rollback   {', '.join(c.name for c in abandoned)}: the branch this run "

@@ -333,14 +333,20 @@ def _tiny_model():
         ("ddp", 1, 2),
     ],
 )
-def test_checkpoint_moves_between_world_sizes(mode, before, after, shards, reference, tmp_path):
+def test_checkpoint_moves_between_world_sizes(
+    mode, before, after, shards, reference, tmp_path, capfd
+):
     args = [f"data.path={shards}", f"dist={mode}" if before > 1 or mode != "ddp" else "dist=single"]
     # Step 1, an odd one: two processes have run 2 micro-batches, one process accumulates 4.
     run(tmp_path, before, tmp_path / "a", args + ["trainer.max_steps=1"])
     ckpt = tmp_path / "a" / "checkpoints" / "step_0000001"
     files = sorted(ckpt.rglob("*"))
     args[1] = f"dist={mode}" if after > 1 or mode != "ddp" else "dist=single"
+    capfd.readouterr()
     run(tmp_path, after, tmp_path / "b", args + ["trainer.max_steps=4", f"trainer.resume={ckpt}"])
+    out = capfd.readouterr().out  # the ranks' console: what happened to the checkpoint
+    assert f"resharded  written by {before} processes, now {after}: its data position" in out
+    assert ("converting the ZeRO checkpoint" in out) == mode.startswith("zero")
     # The checkpoint was only read (ZeRO's conversion went to a scratch dir, since deleted).
     assert sorted(ckpt.rglob("*")) == files
     assert not list((tmp_path / "b").glob(".universal-*"))
