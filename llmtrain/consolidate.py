@@ -54,6 +54,18 @@ def layout(ckpt: Path) -> str:
     raise FileNotFoundError(f"{ckpt}: no model.safetensors, {DS_TAG}/ or {FSDP_MODEL}/ inside")
 
 
+def check_model_files(ckpt: Path, hashed: bool = True) -> None:
+    """CheckpointError naming the first weight file the manifest lists that is missing, of
+    another size or (``hashed``) other bytes."""
+    from llmtrain.integrity import CheckpointError, check_files, read_manifest
+
+    weights = ("model.safetensors", DS_TAG + "/", FSDP_MODEL + "/")
+    listed = read_manifest(ckpt)
+    mine = {n: e for n, e in listed.items() if n.startswith(weights)}
+    if problem := check_files(ckpt, mine, hashed):
+        raise CheckpointError(problem)
+
+
 def full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """The model's fp32 state dict from a checkpoint of any dist mode, on CPU, no process group.
 
@@ -61,16 +73,11 @@ def full_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     CheckpointError naming the file). Names are the model's own: torch.compile's ``_orig_mod.``
     prefix, which a compiled run's checkpoint carries, is dropped.
     """
-    from llmtrain.integrity import CheckpointError, check_files, read_manifest, safe_loading
+    from llmtrain.integrity import safe_loading
 
     ckpt = Path(ckpt)
+    check_model_files(ckpt)  # first: a weight file the manifest lists and that is gone is damage
     kind = layout(ckpt)
-    model_files = {"full": "model.safetensors", "deepspeed": DS_TAG + "/", "dcp": FSDP_MODEL + "/"}
-    listed = read_manifest(ckpt)
-    if problem := check_files(
-        ckpt, {n: e for n, e in listed.items() if n.startswith(model_files[kind])}
-    ):
-        raise CheckpointError(problem)
     with safe_loading(ckpt):  # weights_only loads: a checkpoint is data, never code
         state = _load_full(ckpt, kind)
     return {k.removeprefix("_orig_mod."): v.float().contiguous() for k, v in state.items()}

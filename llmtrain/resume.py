@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmtrain.checkpoint import TRAINER_STATE, candidates, resolve_checkpoint, saved_config
+from llmtrain.checkpoint import TRAINER_STATE, candidates, read_newest_intact, saved_config
 from llmtrain.config import ConfigError, ModelConfig, TrainConfig
 from llmtrain.integrity import CheckpointError, broadcast, rank_world, verify
 
@@ -205,16 +205,28 @@ def check_precision(cfg: TrainConfig, ckpt: Path) -> None:
 
 
 def init_source(cfg: TrainConfig, resumed: bool) -> Path | None:
-    """The checkpoint ``trainer.init_from`` names (a step dir, or the newest of a run or
-    checkpoints/ dir), checked to hold this config's model; None without one, or when the run
-    resumes a checkpoint of its own (``resume=auto`` on a requeue wins over init_from)."""
+    """The checkpoint ``trainer.init_from`` names (a step dir, or the newest intact one of a
+    run or checkpoints/ dir), checked to hold this config's model; None without one, or when
+    the run resumes a checkpoint of its own (``resume=auto`` on a requeue wins over init_from).
+    Its weight files are checked for presence and size here, hashed when they are read."""
+    from llmtrain.consolidate import check_model_files
+
     if not cfg.trainer.init_from or resumed:
         return None
+
+    def usable(ckpt: Path) -> Path:
+        check_model_files(ckpt, hashed=False)
+        check_init_model(saved_config(ckpt), cfg, ckpt)
+        return ckpt
+
     try:
-        ckpt = resolve_checkpoint(cfg.trainer.init_from)
+        return read_newest_intact(cfg.trainer.init_from, usable)
     except OSError as e:  # missing, a file, no complete checkpoint inside
         raise ConfigError(f"trainer.init_from: {e}") from None
-    saved = saved_config(ckpt)
+
+
+def check_init_model(saved: TrainConfig, cfg: TrainConfig, ckpt: Path) -> None:
+    """Refuse to start from ``ckpt`` when its model or tokenizer differs from the config's."""
     diffs = shape_diffs(saved.model, cfg.model)
     if saved.data.tokenizer != cfg.data.tokenizer:  # same ids, other tokens: garbage in
         diffs.append(
@@ -227,4 +239,3 @@ def init_source(cfg: TrainConfig, resumed: bool) -> Path | None:
             + "\nSet these keys to the checkpoint's values (its config.yaml), or start from "
             "another checkpoint."
         )
-    return ckpt

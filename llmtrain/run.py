@@ -157,8 +157,8 @@ def build_model(cfg: TrainConfig) -> GPT:
     return model
 
 
-def load_weights(model: GPT, source: str | Path) -> Path:
-    """trainer.init_from: ``source``'s weights into the freshly built model, before prepare()
+def load_weights(model: GPT, cfg: TrainConfig) -> Path:
+    """trainer.init_from: its checkpoint's weights into the freshly built model, before prepare()
     shards it, so every dist mode starts from full weights on each rank and any checkpoint
     layout serves any other. The files read are checked against the checkpoint's manifest.
 
@@ -168,7 +168,10 @@ def load_weights(model: GPT, source: str | Path) -> Path:
     moments too). A model that fits only sharded needs a rank-0 read and a broadcast instead."""
     from llmtrain.export import load_checkpoint  # names and shapes checked against config.yaml
 
-    state, _, source = load_checkpoint(source)
+    # Hashed as read: a newest checkpoint damaged past its sizes gives way to an older one,
+    # whose model is then checked too.
+    state, saved, source = load_checkpoint(cfg.trainer.init_from)
+    resume.check_init_model(saved, cfg, source)
     model.load_state_dict(state)  # a tied head is under both names, one tensor
     return source
 
@@ -283,7 +286,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg)
     if init_from is not None:  # of a run dir, its newest intact checkpoint
-        init_from = load_weights(model, cfg.trainer.init_from)
+        init_from = load_weights(model, cfg)
     optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
     model = compile_model(model, cfg.trainer)
     params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders

@@ -152,13 +152,16 @@ run_nodes() {
     " &
     # --signal=B:USR1@90 (or scancel --batch -s USR1) signals this shell, not the step: pass it
     # on (srun forwards it to every task), rather than die of it with the job unsaved. wait
-    # returns early for a trapped signal; the loop waits on until srun has ended.
-    local srun_pid=$!
-    trap 'echo "llmtrain: USR1 reached the batch script; passing it to the training step"
+    # returns early (128 + 10) for a trapped signal: it is asked again, and once srun has ended
+    # it gives srun's own status.
+    local srun_pid=$! trapped
+    trap 'trapped=1
+          echo "llmtrain: USR1 reached the batch script; passing it to the training step"
           kill -USR1 "${srun_pid}" 2>/dev/null || true' USR1
     while true; do
+        trapped=0
         wait "${srun_pid}" && rc=0 || rc=$?
-        kill -0 "${srun_pid}" 2>/dev/null || break
+        [[ ${trapped} -eq 1 ]] || break
     done
     trap '' USR1  # a late one must not cut the requeue short
     if [[ ${rc} -ne 0 && -s "${LLMTRAIN_EXIT_FILE}" ]]; then

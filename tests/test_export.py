@@ -237,7 +237,7 @@ def test_bad_checkpoints_fail_naming_the_path(tmp_path_factory, tmp_path, capsys
     no_weights = tmp_path / "w" / "step_0000002"
     shutil.copytree(src, no_weights)
     (no_weights / "model.safetensors").unlink()
-    assert f"{no_weights}: no model.safetensors" in run_main([str(no_weights), out], capsys)
+    assert f"{no_weights}/model.safetensors is missing" in run_main([str(no_weights), out], capsys)
     assert not Path(out).exists()
 
     # an export inside checkpoints/ would go with the step that keep_last deletes

@@ -86,6 +86,37 @@ def test_another_model_or_tokenizer_is_refused_naming_the_key(tmp_path):
         init_source(other, resumed=False)  # other ids for the same text
 
 
+@pytest.mark.parametrize("damage", ["config", "missing weights", "flipped weights"])
+def test_a_run_dir_s_damaged_newest_checkpoint_gives_way_to_the_one_before(
+    tmp_path, capsys, damage
+):
+    """A damaged config.yaml stopped the run (exit 2), a missing weight file crashed it with a
+    FileNotFoundError traceback (exit 1, which job scripts requeue)."""
+    from llmtrain.sample import load_gpt
+
+    src = tmp_path / "a"
+    train(load_config([*FAST, "trainer.max_steps=2", "trainer.ckpt_every=1"]), src)
+    newest = src / "checkpoints" / "step_0000002"
+    if damage == "config":
+        with open(newest / "config.yaml", "a") as f:
+            f.write("# edited\n")
+    elif damage == "missing weights":
+        (newest / "model.safetensors").unlink()
+    else:
+        blob = bytearray((newest / "model.safetensors").read_bytes())
+        blob[-1] ^= 1
+        (newest / "model.safetensors").write_bytes(bytes(blob))
+    older = src / "checkpoints" / "step_0000001"
+    capsys.readouterr()
+    state = train(load_config([*FAST, "trainer.max_steps=1", f"trainer.init_from={src}"]),
+                  tmp_path / "b")  # fmt: skip
+    out, err = capsys.readouterr()
+    assert state.step == 1 and f"init_from  weights of {older} (its step 1)" in out
+    assert f"skipping damaged checkpoint {newest}" in err
+    if damage != "flipped weights":  # a missing file is damage to llmtrain-sample too
+        assert load_gpt(src)[2] == older
+
+
 def test_a_missing_path_or_a_named_resume_is_refused_by_the_config(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer\.init_from: .*nowhere.* does not exist"):
         load_config([*FAST, f"trainer.init_from={tmp_path / 'nowhere'}"])

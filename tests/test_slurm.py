@@ -356,3 +356,18 @@ def test_usr1_to_the_batch_script_reaches_the_step_and_requeues(tmp_path):
     assert Path(f"{log}.scontrol").read_text() == "requeue 4242\n"
     # a SIGTERM's save gets 180 s before torchrun's agent kills the workers (torch's own: 30)
     assert Path(f"{log}.timeout").read_text() == "180\n"
+
+
+def test_usr1_as_the_step_ends_well_is_no_failure(tmp_path):
+    """A USR1 cuts the batch shell's wait short (138); the status it then takes must be srun's.
+    (Where bash had reaped srun before the trap ran, it took the 138 and requeued a finished
+    job as a failure: a race this test meets only sometimes.)"""
+    log = tmp_path / "calls"
+    bin_dir = _fake_bin(tmp_path, 1)
+    # the step ends well as the signal comes (srun passes it on to tasks that are done)
+    (bin_dir / "srun").write_text("#!/bin/bash\ntrap '' USR1\nkill -USR1 $PPID\nexit 0\n")
+    env = {**FAKE, "FAKE_LOG": str(log), "LLMTRAIN_RUN_DIR": str(tmp_path / "run")}
+    for _ in range(3):
+        out = sbatch("single-node.sbatch", ["dist=ddp"], env, bin_dir)
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert not Path(f"{log}.scontrol").exists()
