@@ -108,6 +108,7 @@ class TrainerState:
     # a resume averages the same steps as an uninterrupted run's.
     interval_loss: float = 0.0
     interval_steps: int = 0
+    init_from: str | None = None  # the checkpoint whose weights the run started from, if any
 
 
 def step_dir_name(step: int) -> str:

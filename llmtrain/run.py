@@ -314,7 +314,11 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         # optimizer.step() be skipped; each step starts a fresh accumulation window.
         accelerator.step = 0
 
+    if init_from is not None:  # kept in every checkpoint's trainer_state.json from here on
+        state.init_from = str(init_from)
     cfg_dict, run_receipt = config_to_dict(cfg), receipt()
+    if state.init_from:  # to the logger too: what the run's weights began as
+        run_receipt["init_from"] = state.init_from
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))

@@ -67,6 +67,11 @@ def test_a_new_run_starts_from_the_weights_at_step_zero(tmp_path, capsys):
                         f"trainer.init_from={ckpt}"])  # fmt: skip
     assert train(auto, tmp_path / "b").step == 3
     assert "init_from  not used" in capsys.readouterr().out
+    # Where the weights began stays in every checkpoint's state, the requeue's included.
+    for step in (2, 3):
+        saved = tmp_path / "b" / "checkpoints" / f"step_000000{step}"
+        assert json.loads((saved / "trainer_state.json").read_text())["init_from"] == str(ckpt)
+        assert json.loads((saved / "receipt.json").read_text())["init_from"] == str(ckpt)
 
 
 def test_another_model_or_tokenizer_is_refused_naming_the_key(tmp_path):
