@@ -142,28 +142,32 @@ run_nodes() {
     # install their own handler, save a checkpoint and exit non-zero, which requeues the job.
     # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without it each
     # node's launcher, its data workers and its GPU ranks would share one core.
-    srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-        ${SLURM_CPUS_PER_TASK:+--cpus-per-task="${SLURM_CPUS_PER_TASK}"} bash -c "
-        set -euo pipefail
-        source '${SLURM_SCRIPT_DIR}/common.sh'
-        trap '' USR1
-        cmd=\"\$(node_command \"\${SLURM_NODEID}\" ${args})\"
-        eval \"exec \${cmd}\"
-    " &
+    # The step runs in a subshell that records srun's status in a file: a signal trapped below
+    # can cut this shell's wait short, and bash 5.2 then loses a child's status (wait gives -1).
+    local status_file="${RUN_DIR}/.srun-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+    rm -f "${status_file}"
+    (
+        srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+            ${SLURM_CPUS_PER_TASK:+--cpus-per-task="${SLURM_CPUS_PER_TASK}"} bash -c "
+            set -euo pipefail
+            source '${SLURM_SCRIPT_DIR}/common.sh'
+            trap '' USR1
+            cmd=\"\$(node_command \"\${SLURM_NODEID}\" ${args})\"
+            eval \"exec \${cmd}\"
+        " && status=0 || status=$?
+        echo "${status}" > "${status_file}"
+    ) &
     # --signal=B:USR1@90 (or scancel --batch -s USR1) signals this shell, not the step: pass it
-    # on (srun forwards it to every task), rather than die of it with the job unsaved. wait
-    # returns early (128 + 10) for a trapped signal: it is asked again, and once srun has ended
-    # it gives srun's own status.
-    local srun_pid=$! trapped
-    trap 'trapped=1
-          echo "llmtrain: USR1 reached the batch script; passing it to the training step"
-          kill -USR1 "${srun_pid}" 2>/dev/null || true' USR1
-    while true; do
-        trapped=0
-        wait "${srun_pid}" && rc=0 || rc=$?
-        [[ ${trapped} -eq 1 ]] || break
+    # to srun (which forwards it to every task) rather than die of it with the job unsaved.
+    local step=$!
+    trap 'echo "llmtrain: USR1 reached the batch script; passing it to the training step"
+          pkill -USR1 -P "${step}" || true' USR1
+    while kill -0 "${step}" 2>/dev/null; do
+        wait "${step}" || true
     done
     trap '' USR1  # a late one must not cut the requeue short
+    rc="$(cat "${status_file}" 2>/dev/null || echo 1)"  # none: the subshell itself was killed
+    rm -f "${status_file}"
     if [[ ${rc} -ne 0 && -s "${LLMTRAIN_EXIT_FILE}" ]]; then
         rc="$(head -n 1 "${LLMTRAIN_EXIT_FILE}")"
     fi

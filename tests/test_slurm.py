@@ -365,7 +365,9 @@ def test_usr1_as_the_step_ends_well_is_no_failure(tmp_path):
     log = tmp_path / "calls"
     bin_dir = _fake_bin(tmp_path, 1)
     # the step ends well as the signal comes (srun passes it on to tasks that are done)
-    (bin_dir / "srun").write_text("#!/bin/bash\ntrap '' USR1\nkill -USR1 $PPID\nexit 0\n")
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\ntrap '' USR1\nkill -USR1 $(ps -o ppid= -p $PPID)\nexit 0\n"
+    )  # the batch shell: srun's parent is the subshell that records its status
     env = {**FAKE, "FAKE_LOG": str(log), "LLMTRAIN_RUN_DIR": str(tmp_path / "run")}
     for _ in range(3):
         out = sbatch("single-node.sbatch", ["dist=ddp"], env, bin_dir)
