@@ -337,7 +337,7 @@ def test_usr1_to_the_batch_script_reaches_the_step_and_requeues(tmp_path):
         '#!/bin/bash\ntrap \'echo 75 > "$LLMTRAIN_EXIT_FILE"; d="$(dirname "$LLMTRAIN_EXIT_FILE")'
         '/checkpoints"; mkdir -p "$d"; echo step_1 > "$d/latest"; exit 1\' USR1\n'
         'echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > "$FAKE_LOG.timeout"\n'
-        'touch "$FAKE_LOG.ready"\nwhile true; do sleep 0.1; done\n'
+        'touch "$FAKE_LOG.ready"\nfor _ in $(seq 300); do sleep 0.1; done\n'
     )
     env = {**FAKE, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path),
            "FAKE_LOG": str(log), "LLMTRAIN_RUN_DIR": str(tmp_path / "run")}  # fmt: skip
