@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,16 +181,26 @@ def load_state(
 
 def _load_universal(accelerator, model, ckpt: Path, scratch: Path) -> None:
     """A ZeRO checkpoint from another world size, through DeepSpeed's universal format."""
+    from llmtrain.integrity import broadcast
+
     universal = scratch / f".universal-{ckpt.name}"
+    # Rank 0 converts (minutes for billions of parameters); the others wait for its marker on
+    # the file system, not in a collective, which dist.timeout_s would end. (Should rank 0
+    # fail, the launcher stops them.) The marker holds this attempt's token: an older
+    # attempt's cannot pass for it.
+    token = broadcast(os.urandom(8).hex())
+    done = universal / "done"
     if accelerator.is_main_process:
-        # The other ranks wait in a collective meanwhile, for at most dist.timeout_s.
         print(
             f"resume: converting the ZeRO checkpoint {ckpt.name} for {accelerator.num_processes} "
-            f"processes (DeepSpeed's universal format, in {universal}); the other ranks wait up "
-            "to dist.timeout_s for it (raise that for billions of parameters)",
+            f"processes (DeepSpeed's universal format, in {universal})",
             flush=True,
         )
         _universal(ckpt, universal)
+        done.write_text(token)
+    else:
+        while not (done.is_file() and done.read_text() == token):
+            time.sleep(1.0)
     accelerator.wait_for_everyone()
     # The engine reads this flag at load time; the universal files carry no per-rank RNG.
     model._config.load_universal_checkpoint = True

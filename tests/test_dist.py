@@ -360,6 +360,36 @@ def test_checkpoint_moves_between_world_sizes(
     assert state["world_size"] == after and state["global_windows"] == 4 * 1024 // 64
 
 
+def _train_with_a_slow_conversion(run_dir: str, overrides: list[str]) -> dict:
+    """_train, with the ZeRO conversion on rank 0 taking longer than dist.timeout_s."""
+    import time
+
+    import llmtrain.consolidate as consolidate
+
+    convert = consolidate._universal
+
+    def slow(*args):
+        time.sleep(8)
+        return convert(*args)
+
+    consolidate._universal = slow
+    return _train(run_dir, overrides)
+
+
+@pytest.mark.distributed
+def test_a_zero_conversion_longer_than_the_collective_timeout(shards, reference, tmp_path):
+    """The other ranks waited for rank 0's conversion in a barrier, which dist.timeout_s ends:
+    8B parameters, about 40 minutes by extrapolation, against the default 30."""
+    from dist_worker import run as fork_run
+
+    args = [f"data.path={shards}", "dist=zero3"]
+    run(tmp_path, 1, tmp_path / "a", args + ["trainer.max_steps=1"])
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000001"
+    resume = ["trainer.max_steps=2", f"trainer.resume={ckpt}", "dist.timeout_s=4"]
+    fork_run(_train_with_a_slow_conversion, 2, str(tmp_path / "b"), args + resume, tmp=tmp_path)
+    assert losses(tmp_path / "b")[2] == pytest.approx(reference[2], rel=2e-6, abs=2e-6)
+
+
 @pytest.mark.distributed
 def test_fsdp2_checkpoint_reshards_to_more_processes(shards, reference, tmp_path):
     args = [f"data.path={shards}", "dist=fsdp2"]
