@@ -16,6 +16,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmtrain.timelimit import parse_duration
+
 if TYPE_CHECKING:
     from llmtrain.config import (
         DataConfig,
@@ -345,6 +347,12 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
             f"{t.init_from!r} does not exist; give a step_XXXXXXX dir, or a run or "
             "checkpoints/ dir (its newest checkpoint)",
         )
+    if t.max_time not in (None, ""):
+        try:
+            seconds = parse_duration(t.max_time)
+        except ValueError as e:
+            raise ConfigError(f"trainer.max_time: {e}") from None
+        _require(seconds > 0, "trainer.max_time", f"must be > 0, got {t.max_time!r}")
     _require(t.temperature >= 0, "trainer.temperature", "must be >= 0 (0 = greedy)")
     _require(t.top_k >= 0, "trainer.top_k", f"must be >= 0 (0 = no top-k cut), got {t.top_k}")
     _require(

@@ -156,6 +156,10 @@ class TrainerConfig:
     sample_tokens: int = 48  # new tokens per sample
     temperature: float = 0.8  # 0: greedy
     top_k: int = 50  # sample among the k likeliest tokens; 0: all
+    # Wall-clock budget of this process's training (seconds, 90m, 12h, HH:MM:SS, D-HH:MM:SS):
+    # it stops a step early enough to save, exits 75 and resume=auto goes on. Under Slurm the
+    # job's end (SLURM_JOB_END_TIME) is a deadline too.
+    max_time: str | None = None
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     on_save_error: str = "stop"  # a checkpoint write failed (disk full...): stop | continue
 

@@ -42,6 +42,7 @@ from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
 from llmtrain.report import log_eval, log_sample, log_train
 from llmtrain.run import LOCK, Run, run_dir_lock, setup
+from llmtrain.timelimit import Clock, deadline
 
 
 def batches(loader, stats: Throughput):
@@ -106,15 +107,17 @@ def train(
     ``llmtrain-bench`` times the loop's own steps); ``final_save=False`` skips the checkpoint a
     run otherwise writes at its end.
 
-    SIGTERM or SIGUSR1 make every rank finish its step, save, and raise ``ckpt.Preempted``.
+    SIGTERM or SIGUSR1 make every rank finish its step, save, and raise ``ckpt.Preempted``;
+    so does the time limit (trainer.max_time, a Slurm job's end) a step before it.
     """
+    limit = deadline(cfg.trainer.max_time)
     with (
         run_dir_lock(run_dir),
         ckpt.preemption_signals() as preempt,
         process_scope(),
         attention_kernel(cfg.trainer.attention),
     ):
-        return _train(cfg, run_dir, preempt, step_hook, final_save)
+        return _train(cfg, run_dir, preempt, limit, step_hook, final_save)
 
 
 def skip_step(run: Run) -> None:
@@ -152,8 +155,10 @@ def skip_step(run: Run) -> None:
         raise ckpt.Diverged(f"{state.bad_steps} consecutive non-finite steps; stopping. {then}")
 
 
-def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckpt.TrainerState:
+def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerState:
     run = setup(cfg, run_dir)
+    if limit is not None:
+        run.say(f"  time limit {limit.describe()}")
     t, plan, state = cfg.trainer, run.plan, run.state
     accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
     clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, never clip
@@ -174,7 +179,17 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
         state.interval_loss, state.interval_steps = partial.item(), interval_steps
         return run.save(final=final)
 
-    stop = False  # a preemption signal reached some rank
+    def due(step: int) -> list[str]:  # what follows the step's training
+        end = step == plan.max_steps
+        return [
+            kind
+            for kind, every in (("eval", t.eval_every), ("sample", t.sample_every))
+            if every and (step % every == 0 or end)
+        ] + (["save"] if step % t.ckpt_every == 0 else [])
+
+    stop = False  # a preemption signal reached some rank, or the time limit is near
+    out_of_time = False
+    clock = Clock(limit)
     first_step = True
     last_good = (lr_at(max(0, state.step - 1), cfg.optim, plan.max_steps), float("nan"))
     while state.step < plan.max_steps:
@@ -192,7 +207,10 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
                 accelerator.backward(loss)  # divides by grad_accum
             step_loss += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-        finite, zero, stop = step_flags(accelerator, grad_norm, preempt.requested)
+        # Time for this step's rest, the next step and their pauses, then a final save?
+        out_of_time = clock.out_of_time(2, due(state.step + 1) + due(state.step + 2))
+        finite, zero, stop = step_flags(accelerator, grad_norm, preempt.requested or out_of_time)
+        clock.step_done()
         if first_step:
             check_gradient_reaches(run, zero)
             first_step = False
@@ -223,21 +241,23 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
             loss_sum.zero_()
             interval_steps = 0
             throughput.reset()
-        paused = False  # an evaluation, sample or save: seconds to minutes a signal may come in
-        if state.step % t.eval_every == 0 or last:
-            log_eval(run)
-            paused = True
-        if t.sample_every and (state.step % t.sample_every == 0 or last):
-            log_sample(run)
-            paused = True
-        if state.step % t.ckpt_every == 0:
-            if save() is not None:
-                last_saved = state.step
-            paused = True
-        if paused:
+        # An evaluation, sample or save: seconds to minutes in which a signal may come.
+        pauses = due(state.step)
+        if "eval" in pauses:
+            with clock.pause("eval"):
+                log_eval(run)
+        if "sample" in pauses:
+            with clock.pause("sample"):
+                log_sample(run)
+        if "save" in pauses:
+            with clock.pause("save"):
+                if save() is not None:
+                    last_saved = state.step
+        if pauses:
             throughput.reset()
             if not stop and not last:  # stop here, not after one more step and another save
-                stop = signalled(accelerator, preempt.requested)
+                out_of_time = clock.out_of_time(1, due(state.step + 1))
+                stop = signalled(accelerator, preempt.requested or out_of_time)
         if stop:
             break
 
@@ -245,7 +265,8 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     saved = ckpt.latest_checkpoint(run.ckpt_root) if last_saved == state.step else None
     if stop and saved is None:
         try:  # the previous checkpoint is intact if this fails; a requeue resumes from it
-            saved = save(final=True)
+            with clock.pause("save"):
+                saved = save(final=True)
         except ckpt.SaveError as e:
             if run.is_main:
                 print(f"error: {e}", file=sys.stderr, flush=True)
@@ -260,8 +281,14 @@ def _train(cfg, run_dir, preempt: ckpt.Preemption, step_hook, final_save) -> ckp
     if stop:
         saved = saved or ckpt.latest_checkpoint(run.ckpt_root)
         then = "no checkpoint was written, so the same command starts over"
+        if preempt.signal:
+            by = f"stopped by {preempt.signal}"
+        elif out_of_time:
+            by = f"stopped before the time limit ({limit.why})"
+        else:
+            by = "stopped by a signal or the time limit on another rank"
         raise ckpt.Preempted(
-            f"stopped by {preempt.signal or 'a signal to another rank'} after step {state.step}; "
+            f"{by} after step {state.step}; "
             + (ckpt.go_on_from(saved, run.run_dir) if saved else then)
         )
     return state

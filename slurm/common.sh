@@ -192,12 +192,12 @@ run_nodes() {
         echo "llmtrain: the launch command could not start (exit ${rc}: is accelerate on PATH" \
             "in the job's environment?); not requeueing"
     elif [[ ${rc} -eq 75 && ${saved} -eq 1 ]]; then
-        echo "llmtrain: stopped by a signal with a checkpoint (exit 75); requeueing job ${SLURM_JOB_ID} (resume=auto)"
+        echo "llmtrain: stopped by a signal or the time limit with a checkpoint (exit 75); requeueing job ${SLURM_JOB_ID} (resume=auto)"
         requeue
     elif [[ ${failures} -lt ${MAX_REQUEUES} ]]; then
         echo "$((failures + 1))" > "${failures_file}"
         local what="training exited with ${rc}"
-        [[ ${rc} -eq 75 ]] && what="stopped by a signal without a new checkpoint (exit 75)"
+        [[ ${rc} -eq 75 ]] && what="stopped by a signal or the time limit without a new checkpoint (exit 75)"
         echo "llmtrain: ${what}; requeueing job ${SLURM_JOB_ID} (resume=auto), failure $((failures + 1)) of ${MAX_REQUEUES}"
         requeue
     else
