@@ -40,22 +40,22 @@ DATED_DIR = r"\d{4}-\d{2}-\d{2}"
 class ModelConfig:
     """A decoder-only transformer. Defaults are GPT-2 small (Radford et al. 2019)."""
 
-    name: str = "gpt2-small"
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None  # grouped-query attention; None = n_head (multi-head)
-    n_embd: int = 768
-    ffn_hidden: int | None = None  # None = 4 * n_embd
+    name: str = "gpt2-small"  # a label, in the startup lines and the receipt
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads (query heads)
+    n_kv_head: int | None = None  # grouped-query attention; null = n_head (multi-head)
+    n_embd: int = 768  # the residual stream's width
+    ffn_hidden: int | None = None  # null = 4 * n_embd
     context_length: int = 1024  # longest sequence the positions support
     vocab_size: int = 50257  # the tokenizer's true size; padded internally for speed
-    vocab_pad_multiple: int = 64
+    vocab_pad_multiple: int = 64  # embedding rows padded to a multiple (faster matmuls)
     position: str = "learned"  # learned (GPT-2) | rope (Su et al. 2021)
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE's base
     norm: str = "layernorm"  # layernorm | rmsnorm (Zhang & Sennrich 2019)
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # gelu | swiglu (Shazeer 2020)
-    bias: bool = True
-    tie_embeddings: bool = True
+    bias: bool = True  # biases in the linear layers and norms (GPT-2: yes, Llama: no)
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
     dropout: float = 0.0  # on embeddings, attention and MLP outputs; 0 for pretraining
     init_std: float = 0.02  # weights ~ N(0, init_std); residual projections scaled by depth
 
@@ -64,41 +64,41 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from. Every text source goes through ``datasets.load_dataset``."""
 
-    name: str = "sample"
+    name: str = "sample"  # a label, in the startup lines and the receipt
     source: str = "hf"  # hf: datasets.load_dataset(streaming=True) | shards: llm.c .bin files
     path: str = "sample"  # dataset repo id or builder (parquet/json/text); "sample" = shipped data
     config_name: str | None = None  # the Hub config, e.g. sample-10BT
     files: str | None = None  # a file, glob or comma-separated list for local corpora
     val_files: str | None = None  # local corpora: validation files (else held-out documents)
-    text_column: str = "text"
+    text_column: str = "text"  # the column (or JSON key) holding each document
     train_split: str = "train"  # the source's split to train on
-    val_split: str | None = "validation"  # None: hold out val_docs documents instead
-    val_docs: int = 100
+    val_split: str | None = "validation"  # null: hold out val_docs documents instead
+    val_docs: int = 100  # documents held out for validation where there is no split
     val_fraction: float = 0.1  # a corpus of one .txt file: its last tenth is validation
     tokenizer: str = "gpt2"  # a tiktoken encoding: gpt2 | r50k_base | cl100k_base | ...
     seq_len: int = 256  # tokens per training window (context length used in training)
-    stride: int | None = None  # step between windows; None = seq_len (no overlap)
+    stride: int | None = None  # step between windows; null = seq_len (no overlap)
     shuffle: bool = True  # each epoch: a stream's file order; every window of token shards
     shuffle_buffer: int = 0  # documents; >0 breaks exact resume (see data.py)
-    num_workers: int = 0
-    pin_memory: bool = True
-    prefetch_factor: int = 2
+    num_workers: int = 0  # DataLoader worker processes per rank (a resume needs the same)
+    pin_memory: bool = True  # page-locked batches for faster copies to the GPU
+    prefetch_factor: int = 2  # batches each worker loads ahead
     tokenize_batch: int = 64  # documents per encode_ordinary_batch call
     shard_tokens: int = 100_000_000  # llmtrain-prepare: tokens per .bin shard (llm.c: 100M)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 6e-4
+    name: str = "adamw"  # the recipe's label: adamw or adamw-... (the optimizer is AdamW)
+    lr: float = 6e-4  # the peak learning rate, reached after warmup
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled, on matrices and embeddings; not biases or norms
     beta1: float = 0.9  # AdamW's moment decay rates (GPT-3: 0.9, 0.95)
     beta2: float = 0.95
     eps: float = 1e-8  # AdamW's denominator term
-    fused: bool | None = None  # None: fused on CUDA, foreach elsewhere
+    fused: bool | None = None  # null: fused on CUDA, foreach elsewhere
     schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # steps of linear warmup up to lr
     decay_fraction: float = 0.2  # wsd: share of the run spent decaying
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
@@ -110,18 +110,18 @@ class DistConfig:
     offload_params: bool = False  # ZeRO-3: parameters on CPU
     reshard_after_forward: bool = True  # FSDP2 / ZeRO-3 trade memory for communication
     deepspeed_config: str | None = None  # a user JSON, checked against this config
-    backend: str | None = None  # None: nccl on GPU, gloo on CPU
-    timeout_s: int = 1800
+    backend: str | None = None  # null: nccl on GPU, gloo on CPU
+    timeout_s: int = 1800  # seconds a collective may wait for a rank before the run fails
 
 
 @dataclass
 class LoggerConfig:
     name: str = "wandb"  # wandb | none
-    project: str = "llmtrain"
-    entity: str | None = None  # W&B team or user; None: the key's default
-    run_name: str | None = None  # None: from the run dir (runs/<date>/<time>)
-    mode: str | None = None  # online | offline | disabled; None: online when W&B has a key
-    tags: list[str] = field(default_factory=list)
+    project: str = "llmtrain"  # W&B project
+    entity: str | None = None  # W&B team or user; null: the key's default
+    run_name: str | None = None  # null: from the run dir (runs/<date>/<time>)
+    mode: str | None = None  # online | offline | disabled; null: online when W&B has a key
+    tags: list[str] = field(default_factory=list)  # W&B tags, e.g. [baseline,fineweb]
     group: str | None = None  # W&B run group: a sweep's jobs, a second phase beside its first
 
 
@@ -131,14 +131,14 @@ class TrainerConfig:
     batch_tokens: int = 524288  # global tokens per optimizer step (GPT-2 paper: 0.5M)
     micro_batch_size: int = 16  # sequences per process per forward pass
     max_steps: int | None = None  # optimizer steps; the lr schedule's horizon
-    max_tokens: int | None = None  # token budget; sets max_steps when max_steps is None
+    max_tokens: int | None = None  # token budget; sets max_steps when max_steps is null
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs
     attention: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math
     loss_chunk: int = 0  # tokens per chunk of the fused head + cross-entropy (loss.py); 0: off
-    set_to_none: bool = True  # free gradients after each step (False: zero them in place)
+    set_to_none: bool = True  # free gradients after each step (false: zero them in place)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     log_every: int = 10  # steps per console line and metrics record
     eval_every: int = 250  # steps between validation loss / perplexity

@@ -37,6 +37,7 @@ from llmtrain.config import (
 )
 from llmtrain.data import DataError, StreamError
 from llmtrain.dist import is_deepspeed, process_scope
+from llmtrain.helptext import hydra_help_with_comments
 from llmtrain.metrics import Throughput
 from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
@@ -404,6 +405,9 @@ def main() -> None:
               "process, and a launcher's process group ends with the first job; start one launch "
               "per sweep point (a shell loop over accelerate launch or sbatch), or sweep without "
               "a launcher")  # fmt: skip
+    if "--help" in args or "-h" in args:  # Hydra's, with what each setting means
+        print(hydra_help_with_comments(_hydra_main), end="")
+        return
     _check_overrides(args, sweep)
     _hydra_main()
     if failed := _SWEEP["failed"]:

@@ -3,16 +3,18 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tiny import TINY
 
 from llmtrain.checkpoint import Preempted, latest_checkpoint
-from llmtrain.config import ConfigError, load_config
+from llmtrain.config import ConfigError, config_to_dict, load_config
 from llmtrain.data import DataError
 from llmtrain.sample import load_gpt
 from llmtrain.train import train
@@ -474,6 +476,29 @@ def test_cli_help_lists_the_groups_a_user_picks_from(tmp_path):
     groups = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert "model: gpt2-large, gpt2-medium, gpt2-small," in groups
     assert "_schema" not in groups  # the schemas are types, not options
+
+
+def test_cli_help_says_what_each_setting_means(tmp_path):
+    """The composed config, overrides applied, with config.py's comment beside each setting (or
+    above it, for a longer one); still YAML that reads back as the config."""
+    out = cli(["--help", "experiment=smoke", "trainer.max_time=2h"], tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown = out.stdout.split("== Config ==")[1].split("\n", 2)[2].split("\n\n")[0]
+    lines = shown.splitlines()
+    assert any(re.fullmatch(r"  seed: 1337 +# model init, data order and shuffling, samples", x)
+               for x in lines)  # fmt: skip
+    at = lines.index("  max_time: 2h")
+    assert lines[at - 3].startswith("  # Wall-clock budget of this process's training")
+    assert yaml.safe_load(shown) == config_to_dict(
+        load_config(["experiment=smoke", "trainer.max_time=2h"])
+    )
+    # a setting without a comment is one whose name says it all
+    bare = [
+        x.split(":")[0].strip()
+        for x, before in zip(lines[1:], lines[:-1], strict=True)
+        if x.startswith("  ") and "#" not in x and not before.lstrip().startswith("#")
+    ]
+    assert bare == ["norm_eps", "beta2"], bare
 
 
 def test_an_error_every_rank_meets_is_printed_once(monkeypatch, capsys):
