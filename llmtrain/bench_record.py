@@ -171,7 +171,7 @@ def report(r: dict[str, Any]) -> str:
         f"(mean: median of {r['repeats']} runs; p50/p90 over all their steps); first step "
         f"{r['first_step_s']:.2f} s",
         f"  data wait   {100 * r['data_wait_frac']:.2f}% of the step",
-        f"  peak memory {r['peak_mem_gb']:.2f} GB ({r['peak_mem_kind']})",
+        f"  peak memory {r['peak_mem_gb']:.2f} GiB ({r['peak_mem_kind']})",
     ]
     if r["compile_s"] is not None:
         cache = {True: "; inductor cache warm", False: "; cold"}.get(
@@ -195,7 +195,7 @@ def report(r: dict[str, Any]) -> str:
         lines.append(
             f"  vs before   {r['speedup_paired']:.3f}x tokens/s paired with the run without "
             f"{' '.join(r['versus'])} ({r['before_tokens_per_s']:,.0f} tokens/s); peak memory "
-            f"{r['peak_mem_ratio']:.2f}x ({r['before_peak_mem_gb']:.2f} GB); losses "
+            f"{r['peak_mem_ratio']:.2f}x ({r['before_peak_mem_gb']:.2f} GiB); losses "
             f"{r['loss_before']} vs {r['loss_after']}"
         )
         if (gap := loss_gap(r["loss_before"], r["loss_after"])) is not None and gap > 0.01:

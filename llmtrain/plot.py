@@ -170,9 +170,16 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.suptitle(f"{run_dir.resolve().name}: {len(records)} records, last step {last}")
     fig.tight_layout()
     out = out or run_dir / "plots.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as e:  # a read-only run dir, a --out under a file: say so, no traceback
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
+        raise PlotError(
+            f"cannot write {out}: {e.strerror or e}{where}; choose another path with --out"
+        ) from None
+    finally:
+        plt.close(fig)
     return out
 
 

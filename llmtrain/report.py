@@ -3,7 +3,6 @@ MFU, data wait), and at each eval the validation loss and perplexity and a gener
 
 from __future__ import annotations
 
-import time
 from itertools import islice
 
 import torch
@@ -89,8 +88,7 @@ def log_train(
             f"(rank 0's share) and is read {again}"
         )
         run.epoch = record["epoch"]
-    steps_done = max(1, state.step - plan.start_step)  # by this process: the ETA's pace
-    eta = (time.perf_counter() - run.started) / steps_done * (plan.max_steps - state.step)
+    eta = run.pace.eta(state.step, plan.max_steps)
     run.log(record, console_line(record, plan.max_steps, eta))
 
 

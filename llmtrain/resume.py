@@ -239,3 +239,32 @@ def check_init_model(saved: TrainConfig, cfg: TrainConfig, ckpt: Path) -> None:
             + "\nSet these keys to the checkpoint's values (its config.yaml), or start from "
             "another checkpoint."
         )
+
+
+def changes_values(saved: TrainConfig, cfg: TrainConfig, plan, upto: int) -> list[str]:
+    """What makes this resume train steps ``plan.start_step + 1 .. upto`` (logged by the attempt
+    that wrote the checkpoint) to other values than that attempt did: another lr at any of
+    them (optim.lr, its schedule, or the horizon the schedule is a function of), other optimizer
+    settings, another global batch, or the data read from its start. A micro-batch or process
+    count of its own is not listed: the same batch, summed in other pieces."""
+    from llmtrain.optim import lr_at
+    from llmtrain.startup import Plan
+
+    before = Plan.from_config(saved, plan.world_size).resumed(
+        saved, plan.start_step, plan.start_tokens
+    )
+    changed = []
+    steps = range(plan.start_step, min(upto, plan.max_steps))  # 0-based steps of the lr schedule
+    if any(
+        lr_at(s, saved.optim, before.max_steps) != lr_at(s, cfg.optim, plan.max_steps)
+        for s in steps
+    ):
+        changed.append("the lr")
+    for key in ("weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+        if getattr(saved.optim, key) != getattr(cfg.optim, key):
+            changed.append(f"optim.{key}")
+    if saved.trainer.batch_tokens != cfg.trainer.batch_tokens:
+        changed.append("trainer.batch_tokens")
+    if not cfg.trainer.resume_data:
+        changed.append("the data (trainer.resume_data=false)")
+    return changed

@@ -33,7 +33,7 @@ from llmtrain.consolidate import load_data_state, load_state
 from llmtrain.data import build_dataloader
 from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
 from llmtrain.integrity import safe_loading
-from llmtrain.metrics import MetricsFile, build_logger, device_peak_tflops, receipt
+from llmtrain.metrics import MetricsFile, Pace, build_logger, device_peak_tflops, receipt
 from llmtrain.model import GPT
 from llmtrain.startup import (
     Plan,
@@ -202,7 +202,7 @@ class Run:
     metrics_file: MetricsFile
     logger: Any
     peak_tflops: float | None  # the device's dense bf16 peak, None where unknown (no MFU)
-    started: float = field(default_factory=time.perf_counter)
+    pace: Pace = field(default_factory=Pace)  # the ETA's; start_step set by setup()
     epoch: int = 1  # the pass over the training data last reported (rank 0's)
 
     @property
@@ -327,13 +327,17 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         resumed_at=state.step if resume_from is not None else None,
     )
     # W&B never rewrites a step it holds: a resume before the last logged step logs those steps
-    # again and W&B drops them. trainer.resume=auto retrains them exactly, so nothing is lost;
+    # again and W&B drops them. trainer.resume=auto retrains them exactly, so nothing is lost,
+    # unless the resume changed what they train (the lr, its schedule's horizon, the batch);
     # a step the user named (a rollback, often with a lower lr after a divergence) trains other
-    # values, which go to a new W&B run rather than vanish behind the abandoned branch's.
+    # values too. Those go to a new W&B run rather than vanish behind the abandoned branch's.
     logged_past = metrics_file.logged_past
     named = resume_from is not None and cfg.trainer.resume not in ("auto", "none")
     named = named and Path(cfg.trainer.resume).resolve() == resume_from.resolve()
-    rollback = named and logged_past is not None
+    retrained: list[str] = []
+    if resume_from is not None and logged_past is not None and not named:
+        retrained = resume.changes_values(ckpt.saved_config(resume_from), cfg, plan, logged_past)
+    rollback = (named or bool(retrained)) and logged_past is not None
     logger = build_logger(
         cfg.logger,
         run_dir,
@@ -346,7 +350,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     )
     run = Run(
         cfg, plan, accelerator, model, optimizer, tokenizer, train_loader, val_loader, state,
-        run_dir, run_receipt, metrics_file, logger, peak, epoch=train_loader.epoch,
+        run_dir, run_receipt, metrics_file, logger, peak, Pace(start_step=state.step),
+        epoch=train_loader.epoch,
     )  # fmt: skip
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
     for note in plan_notes(cfg, plan) + shard_notes(cfg):
@@ -382,9 +387,10 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         for note in horizon_notes(cfg, plan, saved) + data_notes(cfg, saved):
             run.say(note)
         if rollback and cfg.logger.name == "wandb":
+            why = f" (this resume changes {', '.join(retrained)})" if retrained else ""
             run.say(
                 f"  wandb      a new W&B run: the run dir's last one holds steps up to "
-                f"{logged_past:,} of the branch abandoned at step {state.step:,}"
+                f"{logged_past:,} of the branch abandoned at step {state.step:,}{why}"
             )
     if peak is None:
         run.say("  mfu        n/a: no bf16 peak known for this device (see metrics.py)")

@@ -121,7 +121,7 @@ def test_report_reads_as_the_readme_shows_it():
     assert "mfu         41.0%" in text
     assert "compile     31.3 s (first step minus a steady step)" in text
     assert "vs before   1.081x tokens/s paired with the run without trainer.loss_chunk=8192" in text
-    assert "peak memory 0.62x (2.42 GB)" in text and "vs bare" not in text
+    assert "peak memory 0.62x (2.42 GiB)" in text and "vs bare" not in text
     assert "warning" not in text
     # The H100's compiled fused loss on torch 2.11: 1.085x, and no weight changed in 15 steps.
     after.update(loss_before=9.771272786458333, loss_after=11.003685506184896)

@@ -8,6 +8,7 @@ from llmtrain.config import load_config
 from llmtrain.metrics import (
     MetricsFile,
     NullLogger,
+    Pace,
     build_logger,
     console_line,
     device_peak_tflops,
@@ -26,6 +27,17 @@ def test_flops_per_token_gpt2_small_by_hand():
     assert matmul_params(cfg) == n == 123_568_128
     assert flops_per_token(cfg, seq) == 6 * n + 12 * layers * d * seq
     assert flops_per_token(cfg, seq) == pytest.approx(0.8547e9, rel=1e-3)
+
+
+def test_flops_against_llm_c_count():
+    """llm.c's gpt2_estimate_mfu: 6 x every parameter + 6 * L * C * T (the causal half). The
+    README's figures: at the same tokens/s, its MFU reads ~6% below this one."""
+    cfg = load_config(["model=gpt2-small", "trainer.max_steps=1"]).model
+    n_all = 124_475_904  # wte (padded, tied) + wpe + blocks + ln_f
+    llm_c = 6 * n_all + 6 * 12 * 768 * 1024
+    assert llm_c == pytest.approx(803.5e6, abs=0.05e6)
+    assert flops_per_token(cfg, 1024) == pytest.approx(854.7e6, abs=0.05e6)
+    assert flops_per_token(cfg, 1024) / llm_c == pytest.approx(1.064, abs=0.001)
 
 
 def test_flops_swiglu_and_gqa():
@@ -236,3 +248,13 @@ def test_wandb_logs_online_when_wandb_login_left_a_key(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
     build_logger(cfg, tmp_path, {}, is_main=True)
     assert modes == ["offline", "offline", "online", "offline", "online"]
+
+
+def test_eta_leaves_the_first_interval_out_once_past_it():
+    """A compiled run: 30 s of compilation in the first 10-step interval, then 1 s a step."""
+    pace = Pace(start=0.0, start_step=0)
+    assert pace.eta(10, 1000, now=40.0) == pytest.approx(4.0 * 990)  # all it knows yet
+    assert pace.eta(20, 1000, now=50.0) == pytest.approx(1.0 * 980)  # since step 10
+    assert pace.eta(1000, 1000, now=1030.0) == 0.0
+    resumed = Pace(start=0.0, start_step=500)  # a resume: steps count from its checkpoint
+    assert resumed.eta(510, 1000, now=20.0) == pytest.approx(2.0 * 490)

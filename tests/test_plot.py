@@ -81,3 +81,12 @@ def test_broken_line_names_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n{"step": 2}\n')
     with pytest.raises(PlotError, match="metrics.jsonl:2"):
         read_metrics(tmp_path / "metrics.jsonl")
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    write_metrics(tmp_path)
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "plots.png"  # its parent is a file: cannot be made
+    assert main([str(tmp_path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {out}" in err and "--out" in err

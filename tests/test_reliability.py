@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from llmtrain.metrics import NullLogger
 from llmtrain.optim import lr_at
 from llmtrain.sample import load_gpt
 from llmtrain.shards import read_shard, write_shard
+from llmtrain.startup import Plan
 from llmtrain.tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.timeout(240)
@@ -531,6 +533,53 @@ def test_a_rollback_logs_to_a_new_wandb_run(two_checkpoints, tmp_path, monkeypat
     assert (run_dir / "wandb_run_id").read_text().strip() == inits[1]
     assert "a new W&B run" in capsys.readouterr().out
     assert steps_logged(run_dir) == [1, 2, 3, 4]
+
+
+def test_an_auto_resume_that_changes_the_lr_logs_to_a_new_wandb_run(
+    two_checkpoints, tmp_path, monkeypatch, capsys
+):
+    """trainer.resume=auto after an attempt logged past its last checkpoint, with another
+    optim.lr (or horizon, batch): the steps it retrains take other values, and W&B kept the
+    cut-off attempt's, unlike metrics.jsonl; the same resume unchanged keeps the W&B run."""
+    import wandb
+
+    inits = []
+
+    class FakeRun:
+        def define_metric(self, *args, **kwargs):
+            pass
+
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: inits.append(kw["id"]) or FakeRun())
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    (run_dir / "wandb_run_id").write_text("0123456789ab\n")
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")  # logged 3..4, saved 2
+    wb = ["logger=wandb", "logger.mode=offline"]
+    lr = config(4).optim.lr
+
+    train_mod.train(config(4, *wb, "trainer.resume=auto", f"optim.lr={lr / 2}"), run_dir)
+    assert inits[0] != "0123456789ab"
+    out = capsys.readouterr().out
+    assert "a new W&B run" in out and "(this resume changes the lr)" in out
+    assert steps_logged(run_dir) == [1, 2, 3, 4]
+
+    saved = config(4, "optim.warmup_steps=1")
+    plan = Plan.from_config(saved, 1).resumed(saved, 2, 2 * saved.trainer.batch_tokens)
+    assert resume.changes_values(saved, saved, plan, 4) == []
+    longer = config(8, "optim.warmup_steps=1")  # the cosine stretched: steps 3, 4 get other lrs
+    assert resume.changes_values(saved, longer, replace(plan, max_steps=8), 4) == ["the lr"]
+    warming = config(8)  # still warming up at steps 3 and 4 (smoke's 10): the same lr
+    assert resume.changes_values(config(4), warming, replace(plan, max_steps=8), 4) == []
+    wider = config(
+        4, "optim.warmup_steps=1", f"trainer.batch_tokens={2 * saved.trainer.batch_tokens}"
+    )
+    assert "trainer.batch_tokens" in resume.changes_values(saved, wider, plan, 4)
 
 
 def test_the_tools_check_the_manifest_before_reading_weights(two_checkpoints, tmp_path, capsys):
