@@ -498,13 +498,12 @@ def test_a_rollback_that_stops_before_its_first_save_resumes_there(
         train_mod.train(config(6, "trainer.resume=auto", "trainer.max_bad_steps=2"), run_dir)
 
 
-def test_a_rollback_logs_to_a_new_wandb_run(two_checkpoints, tmp_path, monkeypatch, capsys):
-    """W&B drops every log below its run's last step. A rollback (a named step, often with a
-    lower lr after a divergence) logged its steps 3..4 into the run that holds the abandoned
-    branch's 3..4: the dashboard kept showing the old values, and nothing said so."""
+def _wandb_ids(two_checkpoints, tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """A copy of ``two_checkpoints`` whose W&B run id is 0123456789ab, and the ids each
+    wandb.init of a run there is given, in order (W&B itself is not started)."""
     import wandb
 
-    inits = []
+    inits: list[str] = []
 
     class FakeRun:
         def define_metric(self, *args, **kwargs):
@@ -520,6 +519,14 @@ def test_a_rollback_logs_to_a_new_wandb_run(two_checkpoints, tmp_path, monkeypat
     run_dir = tmp_path / "run"
     shutil.copytree(two_checkpoints, run_dir)
     (run_dir / "wandb_run_id").write_text("0123456789ab\n")
+    return run_dir, inits
+
+
+def test_a_rollback_logs_to_a_new_wandb_run(two_checkpoints, tmp_path, monkeypatch, capsys):
+    """W&B drops every log below its run's last step. A rollback (a named step, often with a
+    lower lr after a divergence) logged its steps 3..4 into the run that holds the abandoned
+    branch's 3..4: the dashboard kept showing the old values, and nothing said so."""
+    run_dir, inits = _wandb_ids(two_checkpoints, tmp_path, monkeypatch)
     root = run_dir / "checkpoints"
     shutil.rmtree(root / "step_0000004")  # cut off after logging step 4, before saving it
     wb = ["logger=wandb", "logger.mode=offline"]
@@ -541,24 +548,7 @@ def test_an_auto_resume_that_changes_the_lr_logs_to_a_new_wandb_run(
     """trainer.resume=auto after an attempt logged past its last checkpoint, with another
     optim.lr (or horizon, batch): the steps it retrains take other values, and W&B kept the
     cut-off attempt's, unlike metrics.jsonl; the same resume unchanged keeps the W&B run."""
-    import wandb
-
-    inits = []
-
-    class FakeRun:
-        def define_metric(self, *args, **kwargs):
-            pass
-
-        def log(self, *args, **kwargs):
-            pass
-
-        def finish(self):
-            pass
-
-    monkeypatch.setattr(wandb, "init", lambda **kw: inits.append(kw["id"]) or FakeRun())
-    run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoints, run_dir)
-    (run_dir / "wandb_run_id").write_text("0123456789ab\n")
+    run_dir, inits = _wandb_ids(two_checkpoints, tmp_path, monkeypatch)
     shutil.rmtree(run_dir / "checkpoints" / "step_0000004")  # logged 3..4, saved 2
     wb = ["logger=wandb", "logger.mode=offline"]
     lr = config(4).optim.lr
