@@ -239,6 +239,7 @@ def save_checkpoint(
     receipt: dict[str, str],
     keep_last: int,
     model: torch.nn.Module | None = None,
+    abandoned: list[Path] | tuple[Path, ...] = (),
 ) -> Path:
     """Every rank calls this; returns the final checkpoint directory.
 
@@ -330,19 +331,23 @@ def save_checkpoint(
                         (ckpt_root / "latest").unlink(missing_ok=True)
     agree(error)
     if main:
-        prune(ckpt_root, final, keep_last)
+        prune(ckpt_root, final, keep_last, abandoned)
     accelerator.wait_for_everyone()
     return final
 
 
-def prune(ckpt_root: Path, final: Path, keep_last: int) -> None:
+def prune(
+    ckpt_root: Path, final: Path, keep_last: int, abandoned: list[Path] | tuple[Path, ...] = ()
+) -> None:
     """Keep ``final`` (just written) and the ``keep_last - 1`` before it. After a rollback
     (this run resumed an older step of its own), checkpoints past ``final`` are the abandoned
-    branch: they go too, or a later resume=auto could fall back onto them (another history)."""
+    branch: they go too, or a later resume=auto could fall back onto them (another history);
+    so do those ``roll_back`` named (``abandoned``), also where ``final`` is past them."""
     step = _step(final)
+    gone = {c.name for c in abandoned}
     others = [c for c in complete_checkpoints(ckpt_root) if c != final]
-    abandoned = [c for c in others if _step(c) > step]
-    before = [c for c in others if _step(c) < step]
+    abandoned = [c for c in others if _step(c) > step or c.name in gone]
+    before = [c for c in others if _step(c) < step and c.name not in gone]
     if abandoned:
         print(
             f"checkpoint: removed {', '.join(c.name for c in abandoned)}, the branch abandoned "

@@ -282,7 +282,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{split}: {len(entry['shards'])} shards, {tokens:,} tokens from "
             f"{stats['documents']:,} documents (skipped: {skipped})"
         )
-    print(f"train with: data=shards data.path={out_dir}")
+    print(f"train with: {train_overrides(cfg, out_dir)}")
+
+
+def train_overrides(cfg: DataConfig, out_dir: str | Path) -> str:
+    """The overrides that train on these shards: another tokenizer than the default needs its
+    name and its vocabulary size too, or llmtrain-train refuses them (one error at a time)."""
+    words = f"data=shards data.path={out_dir}"
+    if cfg.tokenizer != DataConfig.tokenizer:
+        vocab = get_tokenizer(cfg.tokenizer).vocab_size
+        words += f" data.tokenizer={cfg.tokenizer} model.vocab_size={vocab}"
+    return words
 
 
 if __name__ == "__main__":

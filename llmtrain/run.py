@@ -204,6 +204,9 @@ class Run:
     peak_tflops: float | None  # the device's dense bf16 peak, None where unknown (no MFU)
     pace: Pace = field(default_factory=Pace)  # the ETA's; start_step set by setup()
     epoch: int = 1  # the pass over the training data last reported (rank 0's)
+    # A rollback's abandoned branch (main process): removed at this run's first save, also
+    # where that save's step is past theirs (pruning by step number alone then kept them).
+    abandoned: list[Path] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -238,12 +241,14 @@ class Run:
                 self.receipt,
                 self.cfg.trainer.keep_last,
                 model=self.model,
+                abandoned=self.abandoned,
             )
         except ckpt.SaveError as e:
             if final or self.cfg.trainer.on_save_error == "stop":
                 raise
             self.say(f"warning: {e} Continuing (trainer.on_save_error=continue).")
             return None
+        self.abandoned = []
         self.say(f"checkpoint {path}")
         return path
 
@@ -267,9 +272,15 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     # Verified against its manifest; trainer.resume=auto falls back past damaged checkpoints.
     resume_from = resume.choose_resume(cfg.trainer.resume, ckpt_root)
     abandoned: list[Path] = []
+    nothing_left = False  # the checkpoint is at or past the horizon: the run dir stays as it is
     if resume_from is not None:
         resume.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
-        if is_main:
+        saved_state = ckpt.load_trainer_state(resume_from)
+        left = plan.resumed(cfg, saved_state.step, saved_state.tokens).max_steps
+        nothing_left = left <= saved_state.step
+        # A run that trains nothing must not roll the run back (`latest`, metrics.jsonl,
+        # config.yaml): naming an older step to look at it left the run resuming there.
+        if is_main and not nothing_left:
             abandoned = ckpt.roll_back(ckpt_root, resume_from)
     init_from = resume.init_source(cfg, resumed=resume_from is not None)
 
@@ -319,11 +330,11 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     cfg_dict, run_receipt = config_to_dict(cfg), receipt()
     if state.init_from:  # to the logger too: what the run's weights began as
         run_receipt["init_from"] = state.init_from
-    if is_main:
+    if is_main and not nothing_left:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     metrics_file = MetricsFile(
-        run_dir / "metrics.jsonl" if is_main else None,
+        run_dir / "metrics.jsonl" if is_main and not nothing_left else None,
         resumed_at=state.step if resume_from is not None else None,
     )
     # W&B never rewrites a step it holds: a resume before the last logged step logs those steps
@@ -351,7 +362,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     run = Run(
         cfg, plan, accelerator, model, optimizer, tokenizer, train_loader, val_loader, state,
         run_dir, run_receipt, metrics_file, logger, peak, Pace(start_step=state.step),
-        epoch=train_loader.epoch,
+        epoch=train_loader.epoch, abandoned=abandoned,
     )  # fmt: skip
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
     for note in plan_notes(cfg, plan) + shard_notes(cfg):

@@ -127,6 +127,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"model.context_length={cfg.model.context_length} leaves room for {room}; "
                 f"use --max-new-tokens {room} or less"
             )
+        trained, total = cfg.data.seq_len, len(prompt) + max_new
+        if cfg.model.position == "learned" and total > trained:
+            # model.context_length sizes the position table; training fills only its first
+            # data.seq_len rows, and the others keep their random initial values.
+            print(
+                f"note: the run that wrote this checkpoint trained on windows of data.seq_len="
+                f"{trained} tokens; learned positions {trained}..{total - 1} were never trained "
+                f"(model.context_length={cfg.model.context_length} is the table's size), so the "
+                f"text past token {trained} may degrade: --max-new-tokens "
+                f"{max(1, trained - len(prompt))} stays within it",
+                file=sys.stderr,
+            )
         step = load_trainer_state(ckpt).step
         greedy = args.temperature == 0
         how = (

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import llmtrain.prepare as prepare_mod
 from llmtrain.config import ConfigError, DataConfig
 from llmtrain.data import SAMPLE_DIR
 from llmtrain.documents import DataError
-from llmtrain.prepare import load_data_config, main, prepare
+from llmtrain.prepare import load_data_config, main, prepare, train_overrides
 from llmtrain.shards import read_shard
 from llmtrain.tokenizer import get_tokenizer
 
@@ -149,3 +151,14 @@ def test_a_damaged_manifest_is_a_message(tmp_path):
     (tmp_path / "manifest.json").write_text('{"source": {"path": "sam')
     with pytest.raises(DataError, match="manifest.json is unreadable .* remove"):
         prepare(DataConfig(), tmp_path, num_proc=1, progress=False)
+
+
+def test_the_train_with_line_names_another_tokenizer_and_its_vocabulary(monkeypatch):
+    """Shards of cl100k_base were announced as 'train with: data=shards data.path=DIR', which
+    llmtrain-train refused twice over: data.tokenizer, then model.vocab_size."""
+    assert train_overrides(DataConfig(), "shards/x") == "data=shards data.path=shards/x"
+    monkeypatch.setattr(prepare_mod, "get_tokenizer", lambda name: SimpleNamespace(vocab_size=7))
+    cfg = replace(DataConfig(), tokenizer="cl100k_base")
+    assert train_overrides(cfg, "shards/x") == (
+        "data=shards data.path=shards/x data.tokenizer=cl100k_base model.vocab_size=7"
+    )

@@ -475,6 +475,36 @@ def test_after_a_rollback_auto_never_falls_back_onto_the_abandoned_branch(
     assert "falling back to " + str(root / "step_0000002") in capsys.readouterr().out
 
 
+def test_a_rollback_whose_first_save_is_past_the_abandoned_branch_removes_it(
+    two_checkpoints, tmp_path, capsys
+):
+    """Resuming step 2 of a run that reached step 4, first saving at step 5: pruning by step
+    number kept the abandoned step 4 (as one of keep_last, beside the new step 5), so a damaged
+    step 5 made resume=auto fall back onto another history."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    root = run_dir / "checkpoints"
+    overrides = [f"trainer.resume={root / 'step_0000002'}", "trainer.ckpt_every=10"]
+    train_mod.train(config(5, *overrides), run_dir)
+    assert "removed step_0000004, the branch abandoned" in capsys.readouterr().out
+    assert [c.name for c in ckpt.complete_checkpoints(root)] == ["step_0000002", "step_0000005"]
+
+
+def test_a_resume_with_nothing_to_train_leaves_the_run_as_it_was(two_checkpoints, tmp_path):
+    """Naming an older step with a horizon it has reached (a look at step 2 of a run at step
+    4: there is no eval-only mode) trained nothing, yet pointed `latest` at step 2, cut
+    metrics.jsonl back to step 2 and rewrote config.yaml: resume=auto then went on from 2."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    root = run_dir / "checkpoints"
+    metrics, saved = ((run_dir / f).read_text() for f in ("metrics.jsonl", "config.yaml"))
+    train_mod.train(config(2, f"trainer.resume={root / 'step_0000002'}"), run_dir)
+    assert ckpt.latest_checkpoint(root) == root / "step_0000004"
+    assert [c.name for c in ckpt.complete_checkpoints(root)] == ["step_0000002", "step_0000004"]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    assert (run_dir / "config.yaml").read_text() == saved
+
+
 def test_a_rollback_that_stops_before_its_first_save_resumes_there(
     two_checkpoints, tmp_path, monkeypatch, capsys
 ):

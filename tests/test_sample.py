@@ -226,3 +226,15 @@ def test_prefill_computes_the_last_position_s_logits_only(model):
         full, _ = model(idx)
         last, _ = model(idx, last_only=True)
     torch.testing.assert_close(last, full[:, -1:])
+
+
+def test_cli_says_when_generation_goes_past_the_trained_positions(tmp_path_factory, capsys):
+    """The smoke run trains at data.seq_len=64 with a 256-row learned position table: 100
+    tokens went through 40 positions whose rows never left their random init, in silence."""
+    run = str(smoke_run(tmp_path_factory, "gpt2"))
+    main([run, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "100"])
+    err = capsys.readouterr().err
+    assert "data.seq_len=64 tokens; learned positions 64..104 were never trained" in err
+    assert "--max-new-tokens 59 stays within it" in err
+    main([run, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "59"])
+    assert "never trained" not in capsys.readouterr().err
