@@ -115,6 +115,7 @@ def bench_config(overrides: list[str], steps: int, warmup: int) -> TrainConfig:
         log_every=NEVER,  # the loop still logs (one record) and evals after its last step
         eval_every=NEVER,
         eval_batches=1,
+        eval_at_start=False,
         ckpt_every=NEVER,
         sample_every=0,
         resume="none",

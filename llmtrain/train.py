@@ -191,6 +191,10 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
     stop = False  # a preemption signal reached some rank, or the time limit is near
     out_of_time = False
     clock = Clock(limit)
+    if t.eval_at_start and state.step == 0:  # the baseline (a fine-tune's starting point)
+        with clock.pause("eval"):
+            log_eval(run)
+        throughput.reset()
     first_step = True
     last_good = (lr_at(max(0, state.step - 1), cfg.optim, plan.max_steps), float("nan"))
     while state.step < plan.max_steps:

@@ -35,6 +35,20 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
+def test_a_new_run_evaluates_before_its_first_step_and_a_resume_does_not(tmp_path, capsys):
+    """nanoGPT and llm.c log the loss a run starts from; a fine-tune (init_from) needs it."""
+    cfg = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.eval_at_start=true"]
+    train(load_config([*FAST, *cfg]), tmp_path)
+    assert [r["step"] for r in records(tmp_path) if "val_loss" in r] == [0, 2]
+    assert capsys.readouterr().out.count("eval step 0:") == 1
+    more = ["trainer.max_steps=3", "trainer.resume=auto"]
+    train(load_config([*FAST, *cfg, *more]), tmp_path)
+    assert [r["step"] for r in records(tmp_path) if "val_loss" in r] == [0, 2, 3]
+    off = tmp_path / "off"
+    train(load_config([*FAST, *cfg, "trainer.eval_at_start=false"]), off)
+    assert [r["step"] for r in records(off) if "val_loss" in r] == [2]
+
+
 def test_smoke_run_learns_evaluates_checkpoints(tmp_path, capsys):
     cfg = load_config(
         [
@@ -58,7 +72,8 @@ def test_smoke_run_learns_evaluates_checkpoints(tmp_path, capsys):
     first, last = train_loss[5], train_loss[40]
     assert first > 9.0 and last < first - 2.0, train_loss  # from ~ln(50257) = 10.8, clearly down
     evals = [r for r in records(tmp_path) if "val_loss" in r]
-    assert [r["step"] for r in evals] == [20, 40]
+    assert [r["step"] for r in evals] == [0, 20, 40]  # 0: before the first step
+    assert evals[0]["val_loss"] > 10.0 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5
     for r in evals:
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
     for r in records(tmp_path):
