@@ -42,6 +42,16 @@ def load_gpt(path: str | Path, device: str = "cpu") -> tuple[GPT, TrainConfig, P
     return model.to(device).eval(), cfg, ckpt
 
 
+def device_and_dtype(parser: argparse.ArgumentParser, device: str, dtype: str) -> tuple[str, str]:
+    """--device auto|cpu|cuda and --dtype auto|fp32|bf16 as used: auto is cuda where there is
+    one, and bf16 there (fp32 on the CPU)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (use --device cpu)")
+    return device, dtype if dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+
+
 @torch.no_grad()
 def sample(
     model: GPT,
@@ -102,12 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--num-samples {args.num_samples}: must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available (use --device cpu)")
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    device, dtype = device_and_dtype(parser, args.device, args.dtype)
     seed = args.seed if args.seed is not None else torch.seed() % 2**31
 
     try:
