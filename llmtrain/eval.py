@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -289,8 +290,10 @@ def main(argv: list[str] | None = None) -> None:
             "were never trained, so the loss past them says little about the model",
             file=sys.stderr,
         )
-    if args.json:
-        print(json.dumps(result))
+    if args.json:  # JSON has no inf or nan: an overflowing perplexity is null
+        finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                  for k, v in result.items()}  # fmt: skip
+        print(json.dumps(finite, allow_nan=False))
         return
     how = "the whole validation split" if result["all"] else f"{result['batches']} batches"
     print(

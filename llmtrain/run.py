@@ -4,6 +4,7 @@ records the loop writes (``Run``); the plan and the startup report are in startu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -352,7 +353,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     logger = build_logger(
         cfg.logger,
         run_dir,
-        {**cfg_dict, "receipt": run_receipt},
+        # The derived numbers too: W&B runs can then be grouped by process count.
+        {**cfg_dict, "receipt": run_receipt, "plan": dataclasses.asdict(plan)},
         is_main,
         resume=resume_from is not None and not rollback,
     )

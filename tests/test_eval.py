@@ -101,6 +101,14 @@ def test_a_run_dir_gives_its_newest_checkpoint_as_json(run, capsys):
     assert same["val_loss"] == one["val_loss"]
 
 
+def test_json_stays_json_when_the_perplexity_overflows(run, capsys, monkeypatch):
+    monkeypatch.setattr("llmtrain.eval.evaluate", lambda *args: 800.0)  # exp(800) overflows
+    code, out, _ = run_main([str(run), "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["val_loss"] == 800.0 and result["val_ppl"] is None and "Infinity" not in out
+
+
 def test_batches_all_reads_the_whole_validation_split(run, text_file, capsys):
     data = ["data=local", f"data.files={text_file}", "data.seq_len=64"]
     cfg = load_config(TINY + data)

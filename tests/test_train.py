@@ -49,6 +49,19 @@ def test_a_new_run_evaluates_before_its_first_step_and_a_resume_does_not(tmp_pat
     assert [r["step"] for r in records(off) if "val_loss" in r] == [2]
 
 
+def test_the_logger_gets_the_derived_numbers_with_the_config(tmp_path, monkeypatch):
+    """W&B runs are grouped by what the plan derives, the process count and accumulation."""
+    import llmtrain.run as run_mod
+
+    seen = {}
+    real = run_mod.build_logger
+    monkeypatch.setattr(run_mod, "build_logger", lambda lg, d, config, *a, **k: (
+        seen.update(config) or real(lg, d, config, *a, **k)))  # fmt: skip
+    train(load_config([*FAST, "trainer.max_steps=1"]), tmp_path)
+    assert seen["plan"]["world_size"] == 1 and seen["plan"]["grad_accum"] == 2
+    assert seen["trainer"]["batch_tokens"] == 512 and "receipt" in seen
+
+
 def test_smoke_run_learns_evaluates_checkpoints(tmp_path, capsys):
     cfg = load_config(
         [
