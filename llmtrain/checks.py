@@ -342,10 +342,10 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
         # the run has no checkpoint of its own, which preflight_resume knows: a requeue then
         # continues even after the checkpoint it started from was deleted.
         _require(
-            t.resume == "auto" or Path(t.init_from).exists(),
+            t.resume == "auto" or t.init_from.startswith("hf:") or Path(t.init_from).exists(),
             "trainer.init_from",
-            f"{t.init_from!r} does not exist; give a step_XXXXXXX dir, or a run or "
-            "checkpoints/ dir (its newest checkpoint)",
+            f"{t.init_from!r} does not exist; give a step_XXXXXXX dir, a run or "
+            "checkpoints/ dir (its newest checkpoint), or hf:REPO_OR_DIR (a transformers model)",
         )
     if t.max_time not in (None, ""):
         try:

@@ -149,8 +149,9 @@ class TrainerConfig:
     resume: str = "none"  # none | auto | a checkpoint directory
     resume_data: bool = True  # false: a resume reads the data from its start (a new corpus)
     # A new run (step 0, fresh optimizer, data and lr schedule) from the weights of a checkpoint
-    # of any dist mode: a step dir, or the newest of a run or checkpoints/ dir. With
-    # resume=auto, a checkpoint of this run's own wins (a requeued job continues).
+    # of any dist mode: a step dir, or the newest of a run or checkpoints/ dir; or of a
+    # transformers GPT-2 / Llama model: hf:gpt2 (the Hub), hf:DIR. With resume=auto, a
+    # checkpoint of this run's own wins (a requeued job continues).
     init_from: str | None = None
     sample_every: int = 0  # steps between generated samples on the console (0: none)
     sample_prompt: str = "The"  # "": start from end-of-text

@@ -16,6 +16,8 @@ transformers is imported lazily: it is a dev/export dependency, not a training o
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,6 +212,121 @@ def from_hf_state_dict(hf_sd: StateDict, cfg: ModelConfig) -> StateDict:
     else:
         out["lm_head.weight"] = pad(hf_sd["lm_head.weight"])
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# trainer.init_from=hf:REPO_OR_DIR: a transformers model's weights (GPT-2 from the Hub, or an
+# export of ours) into this config's model. Its config.json must describe the same network:
+# each key compared, as (transformers' name, ours, the default when config.json leaves it out).
+HF_PREFIX = "hf:"
+_SAME = {
+    "gpt2": [
+        ("n_layer", "n_layer", None),
+        ("n_head", "n_head", None),
+        ("n_embd", "n_embd", None),
+        ("n_positions", "context_length", None),
+        ("vocab_size", "vocab_size", None),
+        ("n_inner", "ffn_hidden", None),  # null: 4 x n_embd
+        ("layer_norm_epsilon", "norm_eps", 1e-5),
+        ("tie_word_embeddings", "tie_embeddings", True),
+    ],
+    "llama": [
+        ("num_hidden_layers", "n_layer", None),
+        ("num_attention_heads", "n_head", None),
+        ("num_key_value_heads", "n_kv_head", None),  # null: num_attention_heads
+        ("hidden_size", "n_embd", None),
+        ("intermediate_size", "ffn_hidden", None),
+        ("vocab_size", "vocab_size", None),
+        ("rope_theta", "rope_theta", 10000.0),
+        ("rms_norm_eps", "norm_eps", 1e-6),
+        ("tie_word_embeddings", "tie_embeddings", False),
+        ("attention_bias", "bias", False),
+    ],
+}
+
+
+def is_hf_source(init_from: str | None) -> bool:
+    return bool(init_from) and str(init_from).startswith(HF_PREFIX)
+
+
+def hf_source(spec: str) -> Path:
+    """The directory ``hf:REPO_OR_DIR`` names: a local one as it is (``llmtrain-export``'s
+    output, a ``save_pretrained`` dir), else a Hub repo's config and safetensors weights,
+    downloaded by huggingface_hub into its cache (or found there, offline)."""
+    name = spec.removeprefix(HF_PREFIX)
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser().absolute()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # no network (HF_HUB_OFFLINE), no such repo, a gated one
+        raise ConfigError(
+            f"trainer.init_from={spec}: {name!r} is neither a directory nor a Hub model that "
+            f"could be fetched ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+
+
+def check_hf_model(directory: Path, cfg: ModelConfig, spec: str) -> None:
+    """Refuse a transformers model whose network differs from ``cfg``'s, naming each key."""
+    try:
+        theirs = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"trainer.init_from={spec}: no readable config.json ({e})") from None
+    family = hf_family(cfg)
+    if theirs.get("model_type") != family:
+        raise ConfigError(
+            f"trainer.init_from={spec}: a {theirs.get('model_type')!r} model, and this config's "
+            f"model is {family}-style; llmtrain reads gpt2 and llama models"
+        )
+    rope = theirs.get("rope_parameters") or {}  # transformers 5 keeps rope_theta in it
+    theirs.setdefault("rope_theta", rope.get("rope_theta"))
+    scaled = theirs.get("rope_scaling") or rope.get("rope_type", "default") != "default"
+    if scaled:
+        raise ConfigError(
+            f"trainer.init_from={spec}: its RoPE is scaled ({theirs.get('rope_scaling') or rope}),"
+            " which llmtrain's attention does not do"
+        )
+    defaults = {"n_inner": 4 * theirs.get("n_embd", 0),
+                "num_key_value_heads": theirs.get("num_attention_heads")}  # fmt: skip
+    ours = {"ffn_hidden": cfg.ffn_hidden or 4 * cfg.n_embd,
+            "n_kv_head": cfg.n_kv_head or cfg.n_head}  # fmt: skip
+    diffs = []
+    for key, our_key, default in _SAME[family]:
+        value = theirs.get(key)
+        value = (defaults.get(key) if default is None else default) if value is None else value
+        mine = ours.get(our_key, getattr(cfg, our_key))
+        if value != mine:
+            diffs.append(f"model.{our_key}: {spec} has {value} ({key}), this config {mine}")
+    if diffs:
+        raise ConfigError(
+            f"trainer.init_from: cannot start from {spec}: its network differs from this "
+            "config's\n  " + "\n  ".join(diffs) + "\nSet these keys (model=gpt2-small is "
+            "OpenAI's GPT-2 124M)."
+        )
+
+
+def read_hf_weights(directory: Path, cfg: ModelConfig) -> StateDict:
+    """Our state dict from the safetensors files in ``directory`` (fp32). A base model's names
+    (``wte.weight``, as OpenAI's GPT-2 on the Hub stores them) get the head model's prefix."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(
+            f"trainer.init_from: no .safetensors weights in {directory} (pytorch_model.bin is a "
+            "pickle, which llmtrain does not load)"
+        )
+    hf_sd: StateDict = {}
+    for f in files:
+        hf_sd.update(load_file(str(f)))
+    blocks, _, _ = _prefixes(cfg)
+    head = blocks.split(".")[0] + "."  # transformer. | model.
+    if not any(k.startswith(head) for k in hf_sd):
+        hf_sd = {k if k.startswith("lm_head.") else head + k: v for k, v in hf_sd.items()}
+    try:
+        return {k: v.float() for k, v in from_hf_state_dict(hf_sd, cfg).items()}
+    except KeyError as e:
+        raise ConfigError(f"trainer.init_from: {directory} lacks the weight {e}") from None
 
 
 __all__ = ["hf_config", "hf_family", "to_hf_state_dict", "from_hf_state_dict"]

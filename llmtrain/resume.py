@@ -8,8 +8,9 @@ ranks are up, each candidate's manifest is verified (the ranks share the hashing
 gets the same answer; ``auto`` and a run dir fall back past damaged checkpoints, a named
 ``step_XXXXXXX`` does not.
 
-``trainer.init_from`` starts a new run from another checkpoint's weights (:func:`init_source`);
-with ``resume=auto`` a checkpoint of the run's own wins, so a requeued job continues.
+``trainer.init_from`` starts a new run from another checkpoint's weights (:func:`init_source`),
+or a transformers model's (``hf:gpt2``, ``hf:DIR``); with ``resume=auto`` a checkpoint of the
+run's own wins, so a requeued job continues.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from llmtrain.checkpoint import TRAINER_STATE, candidates, read_newest_intact, saved_config
 from llmtrain.config import ConfigError, ModelConfig, TrainConfig
+from llmtrain.hf import check_hf_model, hf_source, is_hf_source
 from llmtrain.integrity import CheckpointError, broadcast, rank_world, verify
 
 
@@ -213,6 +215,10 @@ def init_source(cfg: TrainConfig, resumed: bool) -> Path | None:
 
     if not cfg.trainer.init_from or resumed:
         return None
+    if is_hf_source(cfg.trainer.init_from):  # a transformers model: its directory
+        source = hf_source(cfg.trainer.init_from)
+        check_hf_model(source, cfg.model, cfg.trainer.init_from)
+        return source
 
     def usable(ckpt: Path) -> Path:
         check_model_files(ckpt, hashed=False)

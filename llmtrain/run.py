@@ -33,6 +33,7 @@ from llmtrain.config import (
 from llmtrain.consolidate import load_data_state, load_state
 from llmtrain.data import build_dataloader
 from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
+from llmtrain.hf import is_hf_source, read_hf_weights
 from llmtrain.integrity import safe_loading
 from llmtrain.metrics import MetricsFile, Pace, build_logger, device_peak_tflops, receipt
 from llmtrain.model import GPT
@@ -158,7 +159,7 @@ def build_model(cfg: TrainConfig) -> GPT:
     return model
 
 
-def load_weights(model: GPT, cfg: TrainConfig) -> Path:
+def load_weights(model: GPT, cfg: TrainConfig, source: Path) -> Path:
     """trainer.init_from: its checkpoint's weights into the freshly built model, before prepare()
     shards it, so every dist mode starts from full weights on each rank and any checkpoint
     layout serves any other. The files read are checked against the checkpoint's manifest.
@@ -169,6 +170,9 @@ def load_weights(model: GPT, cfg: TrainConfig) -> Path:
     moments too). A model that fits only sharded needs a rank-0 read and a broadcast instead."""
     from llmtrain.export import load_checkpoint  # names and shapes checked against config.yaml
 
+    if is_hf_source(cfg.trainer.init_from):  # a transformers model, checked by init_source
+        model.load_state_dict(read_hf_weights(source, cfg.model))
+        return source
     # Hashed as read: a newest checkpoint damaged past its sizes gives way to an older one,
     # whose model is then checked too.
     state, saved, source = load_checkpoint(cfg.trainer.init_from)
@@ -298,7 +302,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg)
     if init_from is not None:  # of a run dir, its newest intact checkpoint
-        init_from = load_weights(model, cfg)
+        init_from = load_weights(model, cfg, init_from)
     optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
     model = compile_model(model, cfg.trainer)
     params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders
@@ -327,7 +331,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         accelerator.step = 0
 
     if init_from is not None:  # kept in every checkpoint's trainer_state.json from here on
-        state.init_from = str(init_from)
+        hf = is_hf_source(cfg.trainer.init_from)
+        state.init_from = f"{cfg.trainer.init_from} ({init_from})" if hf else str(init_from)
     cfg_dict, run_receipt = config_to_dict(cfg), receipt()
     if state.init_from:  # to the logger too: what the run's weights began as
         run_receipt["init_from"] = state.init_from
@@ -375,9 +380,9 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
             "on with an earlier run, name its dir: hydra.run.dir=...)"
         )
     if init_from is not None:
-        step = ckpt.load_trainer_state(init_from).step
+        step = "" if hf else f" (its step {ckpt.load_trainer_state(init_from).step:,})"
         run.say(
-            f"  init_from  weights of {init_from} (its step {step:,}); this run starts at step 0 "
+            f"  init_from  weights of {state.init_from}{step}; this run starts at step 0 "
             "with a fresh optimizer, lr schedule and data position"
         )
     elif cfg.trainer.init_from and resume_from is not None:

@@ -158,3 +158,58 @@ def test_sharded_and_full_checkpoints_start_runs_of_any_mode(shards, tmp_path): 
     ckpt_b = tmp_path / "b" / "checkpoints" / "step_0000001"
     run(tmp_path, 2, tmp_path / "c", [*data, "dist=zero3", f"trainer.init_from={tmp_path / 'b'}"])
     assert losses(tmp_path / "c")[1] == pytest.approx(first_loss(load_gpt(ckpt_b)[0], cfg), 1e-5)
+
+
+def test_a_transformers_model_starts_a_run(tmp_path, capsys, monkeypatch):
+    """hf:DIR (an export, a save_pretrained dir) or hf:REPO (the Hub, e.g. hf:gpt2): the first
+    loss is the one those weights give. OpenAI's GPT-2 on the Hub is a base model (wte.weight,
+    no transformer. prefix, no lm_head): read the same."""
+    from safetensors.torch import load_file, save_file
+
+    from llmtrain.export import export
+    from llmtrain.sample import load_gpt
+
+    train(load_config([*FAST, "trainer.max_steps=3"]), tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000003"
+    export(ckpt, tmp_path / "hf")
+    model, _, _ = load_gpt(ckpt)
+    capsys.readouterr()
+    cfg = load_config([*FAST, "trainer.max_steps=1", f"trainer.init_from=hf:{tmp_path / 'hf'}"])
+    train(cfg, tmp_path / "b")
+    assert f"init_from  weights of hf:{tmp_path / 'hf'} (" in capsys.readouterr().out
+    (first,) = [r for r in records(tmp_path / "b") if "loss" in r]
+    assert first["loss"] == pytest.approx(first_loss(model, cfg), rel=1e-5)
+    saved = tmp_path / "b" / "checkpoints" / "step_0000001" / "trainer_state.json"
+    assert json.loads(saved.read_text())["init_from"].startswith(f"hf:{tmp_path / 'hf'}")
+
+    base = tmp_path / "base"  # as a Hub repo's snapshot: found in huggingface_hub's cache
+    base.mkdir()
+    (base / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    base_names = {
+        k.removeprefix("transformer."): v for k, v in weights.items() if "lm_head" not in k
+    }
+    save_file(base_names, str(base / "model.safetensors"))
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **kw: str(base))
+    cfg = load_config([*FAST, "trainer.max_steps=1", "trainer.init_from=hf:openai-community/gpt2"])
+    train(cfg, tmp_path / "c")
+    (first,) = [r for r in records(tmp_path / "c") if "loss" in r]
+    assert first["loss"] == pytest.approx(first_loss(model, cfg), rel=1e-5)
+
+
+def test_a_transformers_model_of_another_shape_or_out_of_reach_is_refused(tmp_path):
+    from llmtrain.export import export
+
+    train(load_config([*FAST, "trainer.max_steps=1"]), tmp_path / "a")
+    export(tmp_path / "a" / "checkpoints" / "step_0000001", tmp_path / "hf")
+    deeper = [
+        *FAST,
+        "model.n_layer=3",
+        "trainer.max_steps=1",
+        f"trainer.init_from=hf:{tmp_path / 'hf'}",
+    ]
+    with pytest.raises(ConfigError, match=r"model.n_layer: hf:.* has 2 \(n_layer\), this config 3"):
+        train(load_config(deeper), tmp_path / "b")
+    with pytest.raises(ConfigError, match="'no/such-model' is neither a directory nor a Hub model"):
+        train(load_config([*FAST, "trainer.max_steps=1", "trainer.init_from=hf:no/such-model"]),
+              tmp_path / "c")  # fmt: skip
