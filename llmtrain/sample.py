@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", help="a step_XXXXXXX dir, a checkpoints/ dir or a run dir")
     parser.add_argument("--prompt", default="", help="text to continue (default: unconditional)")
+    parser.add_argument("--prompt-file", default=None, help="continue this file's text instead")
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -112,6 +113,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--num-samples {args.num_samples}: must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.prompt_file is not None:
+        if args.prompt:
+            parser.error("--prompt and --prompt-file: give one of them")
+        try:
+            args.prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"--prompt-file {args.prompt_file}: {e}")
     device, dtype = device_and_dtype(parser, args.device, args.dtype)
     seed = args.seed if args.seed is not None else torch.seed() % 2**31
 

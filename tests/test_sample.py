@@ -238,3 +238,22 @@ def test_cli_says_when_generation_goes_past_the_trained_positions(tmp_path_facto
     assert "--max-new-tokens 59 stays within it" in err
     main([run, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "59"])
     assert "never trained" not in capsys.readouterr().err
+
+
+def test_cli_continues_a_prompt_file(tmp_path_factory, tmp_path, capsys):
+    """nanoGPT's start='FILE:prompt.txt': the file's text, newlines kept, as the prompt."""
+    run = str(smoke_run(tmp_path_factory, "gpt2"))
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ROMEO:\nWhat light")
+    args = ["--temperature", "0", "--max-new-tokens", "4"]
+    main([run, "--prompt-file", str(prompt), *args])
+    from_file = capsys.readouterr().out
+    main([run, "--prompt", "ROMEO:\nWhat light", *args])
+    assert from_file == capsys.readouterr().out and "ROMEO:\nWhat light" in from_file
+    for bad, message in (
+        (["--prompt-file", str(tmp_path / "none.txt")], "--prompt-file"),
+        (["--prompt-file", str(prompt), "--prompt", "x"], "give one of them"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([run, *bad, *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
