@@ -177,3 +177,20 @@ def test_cli_prints_loss_and_perplexity(run):
     loss = logged(run)[2]
     assert proc.stdout.startswith(f"step 2: val_loss {loss:.4f} | val_ppl ")
     assert "512 tokens (2 batches of 4 x 64 tokens)" in proc.stdout
+
+
+def _train_two_ranks(run_dir: str) -> None:
+    from llmtrain.train import train
+
+    train(load_config([*RUN, "dist=ddp", "trainer.batch_tokens=512"], world_size=2), Path(run_dir))
+
+
+@pytest.mark.distributed
+def test_a_two_process_runs_val_loss_is_the_one_process_one(tmp_path):
+    """Every rank evaluates the same batches: the logged val_loss does not depend on the
+    process count, and one process gives it again."""
+    from dist_worker import run
+
+    run(_train_two_ranks, 2, str(tmp_path / "run"), tmp=tmp_path)
+    result = evaluate_checkpoint(tmp_path / "run")
+    assert result["step"] == 2 and result["val_loss"] == logged(tmp_path / "run")[2]
