@@ -41,6 +41,7 @@ from llmtrain.startup import (
     Plan,
     data_notes,
     horizon_notes,
+    passes_notes,
     plan_notes,
     shard_notes,
     startup_report,
@@ -372,7 +373,8 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         epoch=train_loader.epoch, abandoned=abandoned,
     )  # fmt: skip
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
-    for note in plan_notes(cfg, plan) + shard_notes(cfg):
+    windows = getattr(train_loader.source, "windows", None)  # shards: a pass's, all ranks'
+    for note in plan_notes(cfg, plan) + shard_notes(cfg) + passes_notes(plan, windows):
         run.say(note)
     if resume_from is None and init_from is None and cfg.trainer.resume == "auto":
         run.say(

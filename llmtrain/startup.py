@@ -95,6 +95,21 @@ def shard_notes(cfg: TrainConfig) -> list[str]:
     ]
 
 
+def passes_notes(plan: Plan, windows: int | None) -> list[str]:
+    """How many times the horizon reads training data of ``windows`` windows a pass (token
+    shards: known before the first step; a stream's size is not)."""
+    if not windows:
+        return []
+    passes = (plan.max_steps - plan.start_step) * plan.tokens_per_step / (windows * plan.seq_len)
+    if passes <= 1:
+        return []
+    often = "; a model memorises text it sees this often" if passes >= 10 else ""
+    return [
+        f"  epochs     the horizon reads the training shards {passes:,.1f} times "
+        f"({windows:,} windows of {plan.seq_len} tokens a pass){often}"
+    ]
+
+
 def plan_notes(cfg: TrainConfig, plan: Plan) -> list[str]:
     """What the run will do that the config may not have meant: legal, so not refused."""
     t, o, notes = cfg.trainer, cfg.optim, []

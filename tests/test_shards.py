@@ -272,6 +272,28 @@ def test_a_run_on_shards_still_being_prepared_says_so(shard_dir):
     assert shard_notes(cfg) == []
 
 
+def test_the_startup_says_how_many_times_the_horizon_reads_the_shards(shard_dir, capsys):
+    """7 x 997 tokens of training shards: 218 windows of 32 tokens a pass. nanoGPT's Shakespeare
+    runs read their 300k tokens hundreds of times; nothing said so before the epoch lines."""
+    from llmtrain.config import load_config
+    from llmtrain.data import build_dataloader
+    from llmtrain.startup import Plan, passes_notes
+    from llmtrain.tokenizer import get_tokenizer
+
+    cfg = load_config([f"data.path={shard_dir}", "data=shards", "data.seq_len=32",
+                       "model.context_length=64", "trainer.micro_batch_size=4",
+                       "trainer.batch_tokens=128", "trainer.max_steps=1000"])  # fmt: skip
+    loader = build_dataloader(cfg.data, get_tokenizer("gpt2"), split="train", batch_size=4)
+    assert loader.source.windows == 218
+    plan = Plan.from_config(cfg, 1)
+    assert passes_notes(plan, loader.source.windows) == [
+        "  epochs     the horizon reads the training shards 18.3 times (218 windows of 32 "
+        "tokens a pass); a model memorises text it sees this often"
+    ]
+    assert passes_notes(plan.resumed(cfg, 990, 990 * 128), 218) == []  # 10 steps: under 1
+    assert passes_notes(plan, None) == []  # a stream: its size is not known
+
+
 @pytest.mark.timeout(30)
 def test_fewer_windows_than_ranks_is_a_clear_error_on_every_rank(tmp_path):
     """With 2 windows and 4 ranks, ranks 2 and 3 would get none (their readers used to loop over
