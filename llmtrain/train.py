@@ -1,4 +1,5 @@
-"""``llmtrain-train`` / ``python -m llmtrain.train``: the Hydra entry point and the training loop.
+"""The training loop: ``train(cfg, run_dir)``; ``llmtrain-train`` and ``python -m
+llmtrain.train`` run it from the command line (llmtrain/cli.py: Hydra, exit codes, sweeps).
 
 llmtrain-train experiment=smoke
 accelerate launch --config_file launch/cpu.yaml -m llmtrain.train experiment=smoke dist=ddp
@@ -6,43 +7,23 @@ accelerate launch --config_file launch/cpu.yaml -m llmtrain.train experiment=smo
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
-from hydra.types import RunMode
-from omegaconf import DictConfig
 
 from llmtrain import checkpoint as ckpt
 from llmtrain.config import (
-    CONF_DIR,
-    DATED_DIR,
-    ConfigError,
     TrainConfig,
-    load_config,
-    rank_from_env,
-    to_dataclass,
-    validate,
-    world_size_from_env,
 )
-from llmtrain.data import DataError, StreamError
 from llmtrain.dist import is_deepspeed, process_scope
-from llmtrain.helptext import hydra_help_with_comments
 from llmtrain.metrics import Throughput
 from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
 from llmtrain.report import log_eval, log_sample, log_train
-from llmtrain.run import LOCK, Run, run_dir_lock, setup
+from llmtrain.run import Run, run_dir_lock, setup
 from llmtrain.timelimit import Clock, deadline
 
 
@@ -299,177 +280,11 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
     return state
 
 
-# Errors every rank meets alike (a config, a signal, a checkpoint they verified together) are
-# printed once, by rank 0; the others may be one rank's own (its data, its disk).
-ONE_RANK_ERRORS = (DataError, ckpt.SaveError)
-
-
-def _exit(code: int, what: str, error: Exception | str) -> None:
-    """Print why, record the code for a job script, and exit. A launcher (torchrun, accelerate
-    launch) reports its own status rather than its workers', so with ``LLMTRAIN_EXIT_FILE`` set
-    (the sbatch scripts set it) the code also goes to that file: 75 requeues, 2 does not."""
-    rank = rank_from_env()
-    if rank == 0 or isinstance(error, ONE_RANK_ERRORS):
-        where = f" (rank {rank})" if rank else ""
-        print(f"llmtrain{where}: {what}: {error}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    if path := os.environ.get("LLMTRAIN_EXIT_FILE"):
-        with contextlib.suppress(OSError):
-            Path(path).write_text(f"{code}\n")
-    if code == ckpt.EXIT_PREEMPTED:
-        # os._exit: gloo's teardown race (DISTRIBUTED_CPU.md) must not turn the code the job
-        # script requeues on into an abort; the logger is already finished.
-        os._exit(code)
-    sys.exit(code)
-
-
-# A sweep's (-m) jobs run, and the exit codes of those that stopped: it goes on to the next.
-_SWEEP: dict[str, list[int]] = {"jobs": [], "failed": []}
-SWEEP_FLAGS = ("-m", "--multirun")
-
-
-def _in_sweep() -> bool:
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:  # no Hydra job running
-        return False
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def _hydra_main(node: DictConfig) -> None:
-    """One job. In a sweep, a job that stops (diverged, a bad value for it, its data) exits
-    with its code after the others have run, not before them; a preemption or Ctrl-C still
-    ends the sweep at once."""
-    sweep = _in_sweep()
-    if sweep:
-        _SWEEP["jobs"].append(HydraConfig.get().job.num)
-    try:
-        _job(node)
-    except SystemExit as e:
-        _drop_if_empty(Path(HydraConfig.get().runtime.output_dir))
-        if not sweep or e.code == 130:
-            raise
-        _SWEEP["failed"].append(int(e.code or 0))
-        wandb = sys.modules.get("wandb")  # a run stopped midway left its W&B run open
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish(exit_code=int(e.code or 0))
-
-
-def _drop_if_empty(run_dir: Path) -> None:
-    """A run refused before it wrote anything (a config, data or launch error) leaves no empty
-    run dir behind, nor an empty dated dir (runs/<date>/) above Hydra's default one. Rank 0
-    only: the others run in ``.``."""
-    if rank_from_env() == 0 and run_dir.resolve() != Path.cwd().resolve():
-        with contextlib.suppress(OSError):  # not empty, or already gone
-            if [p.name for p in run_dir.iterdir()] == [LOCK]:  # the run dir lock's file only
-                (run_dir / LOCK).unlink()
-            run_dir.rmdir()
-            if re.fullmatch(DATED_DIR, run_dir.parent.name):
-                run_dir.parent.rmdir()
-
-
-def _job(node: DictConfig) -> None:
-    run_dir = None
-    try:
-        cfg = validate(to_dataclass(node), world_size=world_size_from_env())
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        train(cfg, run_dir)
-    except ConfigError as e:
-        _exit(2, "config error", e)
-    except StreamError as e:  # the network: a later try may work
-        _exit(1, "data stream unreachable", e)
-    except DataError as e:
-        _exit(2, "data error", e)
-    except ckpt.CheckpointError as e:
-        _exit(2, "checkpoint error", e)
-    except (ckpt.Diverged, NoGradient) as e:  # the same again from a checkpoint: not requeued
-        _exit(2, "stopped", e)
-    except ckpt.SaveError as e:
-        _exit(1, "stopped", e)
-    except ckpt.Preempted as e:
-        _exit(ckpt.EXIT_PREEMPTED, "preempted", e)
-    except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
-        last = ckpt.latest_checkpoint(run_dir / "checkpoints") if run_dir else None
-        _exit(130, "interrupted", "stopped at once, unsaved; " + (
-            ckpt.go_on_from(last, run_dir) if last else "no checkpoint was written yet"
-        ))  # fmt: skip
-
-
 def main() -> None:
-    """Console entry. Ranks other than 0 must not create their own run dir: they start in
-    ``.`` (which exists, so Hydra creates nothing) and receive rank 0's dir by broadcast."""
-    if rank_from_env() > 0 and not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
-        sys.argv.append("hydra.run.dir=.")
-    args = sys.argv[1:]
-    for record in _SWEEP.values():
-        record.clear()
-    sweep = any(a in SWEEP_FLAGS for a in args) or "hydra.mode=MULTIRUN" in args
-    if sweep and "RANK" in os.environ:
-        _exit(2, "config error", "-m/--multirun: a sweep runs its jobs one after another in one "
-              "process, and a launcher's process group ends with the first job; start one launch "
-              "per sweep point (a shell loop over accelerate launch or sbatch), or sweep without "
-              "a launcher")  # fmt: skip
-    if "--help" in args or "-h" in args:  # Hydra's, with what each setting means
-        print(hydra_help_with_comments(_hydra_main), end="")
-        return
-    _check_overrides(args, sweep)
-    _hydra_main()
-    if failed := _SWEEP["failed"]:
-        _exit(max(failed), "sweep", f"{len(failed)} of the sweep's {len(_SWEEP['jobs'])} jobs "
-              "stopped (each one's reason is above); the others ran to their end")  # fmt: skip
+    """``llmtrain-train``: the command line, in llmtrain/cli.py."""
+    from llmtrain.cli import main as cli_main
 
-
-def _check_overrides(args: list[str], sweep: bool = False) -> None:
-    """Compose the config once before Hydra does: a typo, an unknown option or a wrong type
-    then exits 2 (and reaches LLMTRAIN_EXIT_FILE), which job scripts do not requeue; Hydra's
-    own report of the same error exits 1, like a crash. Hydra's other flags (--help, --cfg,
-    --config-dir ...) are left to Hydra; of hydra.* overrides the syntax is checked,
-    hydra.searchpath (the user's own config dirs) is used, and the run dir must be one that can
-    be made. A sweep is checked at every point (the first 256), not only its first job."""
-    if any(a.startswith("-") and a not in SWEEP_FLAGS for a in args):
-        return
-    dir_key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    run_dir = "multirun" if sweep else "runs"  # the defaults' first part, before ${now:...}
-    values: list[list[str]] = []  # each override's values: one, or every value of a sweep
-    for a in (a for a in args if not a.startswith("-")):
-        try:
-            (o,) = OverridesParser.create().parse_overrides([a])
-        except OverrideParseException as e:  # hydra.run.dir=runs/lr=3e-4, for one
-            _exit(2, "config error", f"{a}: {str(e).splitlines()[0]} (quote the value: '...')")
-        if o.key_or_group.split(".")[0].split("/")[0] == "hydra":
-            if o.key_or_group == "hydra.searchpath":
-                values.append([a])
-            elif o.key_or_group == dir_key:
-                run_dir = str(o.value())
-            continue
-        if sweep and o.is_sweep_override():
-            values.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
-        else:
-            values.append([a])
-    # A compose takes ~0.1 s (256 points: under half a minute); a bad value in a sweep's
-    # seventh job would otherwise be found after six whole runs.
-    for point in itertools.islice(itertools.product(*values), 256):
-        try:
-            load_config(list(point))
-        except ConfigError as e:
-            where = f" (in the sweep's job with {' '.join(point)})" if sweep else ""
-            _exit(2, "config error", f"{e}{where}")
-    # Hydra makes the run dir before the job starts: one it cannot make was a traceback.
-    if problem := _unmakeable(run_dir):
-        _exit(2, "config error", f"{dir_key}={run_dir}: {problem}; choose another {dir_key}")
-
-
-def _unmakeable(path: str) -> str | None:
-    """Why directory ``path`` cannot be made and written in (None: it can): its nearest
-    existing ancestor must be a directory this process may write."""
-    p = Path(path).expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        return f"{p} is a file, not a directory"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"{p} is not writable"
-    return None
+    cli_main()
 
 
 if __name__ == "__main__":

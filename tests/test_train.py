@@ -13,6 +13,7 @@ import torch
 import yaml
 from tiny import TINY
 
+import llmtrain.cli as cli_mod
 from llmtrain.checkpoint import Preempted, latest_checkpoint
 from llmtrain.config import ConfigError, config_to_dict, load_config
 from llmtrain.data import DataError
@@ -457,18 +458,17 @@ def test_an_fp16_overflow_is_skipped_and_lowers_the_loss_scale():
 def test_how_a_run_stops_decides_whether_job_scripts_requeue_it(tmp_path, monkeypatch, error, code):
     """A diverged run diverges again from the same checkpoint: 2, never requeued (it was 1)."""
     import llmtrain.checkpoint as ckpt
-    import llmtrain.train as train_mod
 
     def stop(cfg, run_dir):
         raise getattr(ckpt, error)("stopped")
 
-    monkeypatch.setattr(train_mod, "train", stop)
-    monkeypatch.setattr(train_mod.os, "_exit", sys.exit)  # 75 leaves with os._exit
+    monkeypatch.setattr(cli_mod, "train", stop)
+    monkeypatch.setattr(cli_mod.os, "_exit", sys.exit)  # 75 leaves with os._exit
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["llmtrain-train", "experiment=smoke", "hydra.run.dir=r"])
     monkeypatch.setenv("LLMTRAIN_EXIT_FILE", str(tmp_path / "exit"))
     with pytest.raises(SystemExit) as e:
-        train_mod.main()
+        cli_mod.main()
     assert e.value.code == code and (tmp_path / "exit").read_text().strip() == str(code)
 
 
@@ -488,12 +488,12 @@ def test_a_loss_that_reaches_no_parameter_stops_at_the_first_step(tmp_path, monk
     with pytest.raises(train_mod.NoGradient, match="step 1: every gradient is zero"):
         run_steps(tmp_path / "run", 3, [])
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
-    monkeypatch.setattr(train_mod, "train", lambda cfg, run_dir: (_ for _ in ()).throw(
+    monkeypatch.setattr(cli_mod, "train", lambda cfg, run_dir: (_ for _ in ()).throw(
         train_mod.NoGradient("zero")))  # fmt: skip
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["llmtrain-train", "experiment=smoke", "hydra.run.dir=r"])
     with pytest.raises(SystemExit) as e:
-        train_mod.main()
+        cli_mod.main()
     assert e.value.code == 2
 
 
@@ -532,18 +532,17 @@ def test_cli_help_says_what_each_setting_means(tmp_path):
 def test_an_error_every_rank_meets_is_printed_once(monkeypatch, capsys):
     """On two processes each config error and preemption message was printed twice; an error
     of one rank's own (its data, its disk) is still printed by that rank, naming it."""
-    import llmtrain.train as train_mod
     from llmtrain.data import DataError
 
     monkeypatch.setenv("RANK", "1")
     for error, printed in ((ConfigError("bad key"), ""), (DataError("bad file"), "(rank 1)")):
         with pytest.raises(SystemExit):
-            train_mod._exit(2, "error", error)
+            cli_mod._exit(2, "error", error)
         err = capsys.readouterr().err
         assert (printed in err) if printed else err == ""
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit):
-        train_mod._exit(2, "config error", ConfigError("bad key"))
+        cli_mod._exit(2, "config error", ConfigError("bad key"))
     assert capsys.readouterr().err == "llmtrain: config error: bad key\n"
 
 
@@ -555,7 +554,6 @@ def test_ctrl_c_says_what_it_does_and_a_second_one_leaves_without_a_traceback(
     import signal
 
     import llmtrain.checkpoint as ckpt
-    import llmtrain.train as train_mod
 
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -567,11 +565,11 @@ def test_ctrl_c_says_what_it_does_and_a_second_one_leaves_without_a_traceback(
     def interrupted(cfg, run_dir):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "train", interrupted)
+    monkeypatch.setattr(cli_mod, "train", interrupted)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["llmtrain-train", "experiment=smoke", "hydra.run.dir=r"])
     with pytest.raises(SystemExit) as e:
-        train_mod.main()
+        cli_mod.main()
     err = capfd.readouterr().err
     assert e.value.code == 130 and "llmtrain: interrupted: stopped at once, unsaved" in err
     assert "no checkpoint was written yet" in err and "Traceback" not in err
@@ -580,7 +578,6 @@ def test_ctrl_c_says_what_it_does_and_a_second_one_leaves_without_a_traceback(
 def test_a_sweep_goes_on_after_one_of_its_jobs_stops(tmp_path, monkeypatch, capsys):
     """`-m optim.lr=1e30,3e-4`: the first job diverged, exited 2, and the second never ran."""
     import llmtrain.checkpoint as ckpt
-    import llmtrain.train as train_mod
 
     lrs = []
 
@@ -589,14 +586,14 @@ def test_a_sweep_goes_on_after_one_of_its_jobs_stops(tmp_path, monkeypatch, caps
         if cfg.optim.lr > 1:
             raise ckpt.Diverged("5 consecutive non-finite steps")
 
-    monkeypatch.setattr(train_mod, "train", train)
+    monkeypatch.setattr(cli_mod, "train", train)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
         sys, "argv", ["llmtrain-train", "-m", "experiment=smoke", "optim.lr=1e30,3e-4"]
     )
     monkeypatch.setenv("LLMTRAIN_EXIT_FILE", str(tmp_path / "exit"))
     with pytest.raises(SystemExit) as e:
-        train_mod.main()
+        cli_mod.main()
     assert lrs == [1e30, 3e-4]
     assert e.value.code == 2 and (tmp_path / "exit").read_text().strip() == "2"
     assert "1 of the sweep's 2 jobs" in capsys.readouterr().err
@@ -605,9 +602,8 @@ def test_a_sweep_goes_on_after_one_of_its_jobs_stops(tmp_path, monkeypatch, caps
 def test_a_sweep_under_a_launcher_is_refused(tmp_path, monkeypatch, capsys):
     """Every job after the first crashed: the first one's end_training() ends the launcher's
     process group ("Default process group has not been initialized")."""
-    import llmtrain.train as train_mod
 
-    monkeypatch.setattr(train_mod, "train", lambda cfg, run_dir: pytest.fail("trained"))
+    monkeypatch.setattr(cli_mod, "train", lambda cfg, run_dir: pytest.fail("trained"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -615,7 +611,7 @@ def test_a_sweep_under_a_launcher_is_refused(tmp_path, monkeypatch, capsys):
         sys, "argv", ["llmtrain-train", "-m", "experiment=smoke", "dist=ddp", "optim.lr=1e-3,3e-4"]
     )
     with pytest.raises(SystemExit) as e:
-        train_mod.main()
+        cli_mod.main()
     assert e.value.code == 2 and "-m/--multirun" in capsys.readouterr().err
 
 
@@ -623,7 +619,7 @@ def test_the_override_check_sees_what_hydra_will_run(tmp_path, capsys):
     """The pre-check that makes a typo exit 2 dropped hydra.searchpath (the user's own configs:
     'Could not find experiment/mine'), composed a hydra.mode=MULTIRUN sweep as one run ('add
     --multirun'), and skipped -m sweeps (a typo there got Hydra's exit 1 and its '+key' advice)."""
-    from llmtrain.train import _check_overrides
+    from llmtrain.cli import _check_overrides
 
     mine = tmp_path / "myconf" / "experiment"
     mine.mkdir(parents=True)
@@ -651,17 +647,16 @@ def test_the_override_check_sees_what_hydra_will_run(tmp_path, capsys):
 
 
 def test_a_run_refused_before_it_wrote_anything_leaves_no_run_dir(tmp_path, monkeypatch):
-    import llmtrain.train as train_mod
 
     monkeypatch.chdir(tmp_path)
     args = ["llmtrain-train", "experiment=smoke", "data=local", "data.files=none.txt"]
     monkeypatch.setattr(sys, "argv", [*args, "hydra.run.dir=runs/refused"])
     with pytest.raises(SystemExit) as e:
-        train_mod.main()
+        cli_mod.main()
     assert e.value.code == 2 and (tmp_path / "runs").is_dir()
     assert not (tmp_path / "runs" / "refused").exists()  # Hydra made it; nothing went in
     # Hydra's default dir, runs/<date>/<time>: the dated dir above it goes too.
     monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(SystemExit) as e:
-        train_mod.main()
+        cli_mod.main()
     assert e.value.code == 2 and list((tmp_path / "runs").iterdir()) == []
