@@ -37,14 +37,14 @@ from llmtrain.config import (
 from llmtrain.data import DataError, StreamError
 from llmtrain.helptext import hydra_help_with_comments
 from llmtrain.run import LOCK
-from llmtrain.train import NoGradient, train
+from llmtrain.train import NoGradient, OutOfTime, train
 
 # Errors every rank meets alike (a config, a signal, a checkpoint they verified together) are
 # printed once, by rank 0; the others may be one rank's own (its data, its disk).
 ONE_RANK_ERRORS = (DataError, ckpt.SaveError)
 
 
-def _exit(code: int, what: str, error: Exception | str) -> None:
+def _exit(code: int, what: str, error: Exception | str, at_once: bool = True) -> None:
     """Print why, record the code for a job script, and exit. A launcher (torchrun, accelerate
     launch) reports its own status rather than its workers', so with ``LLMTRAIN_EXIT_FILE`` set
     (the sbatch scripts set it) the code also goes to that file: 75 requeues, 2 does not."""
@@ -56,7 +56,7 @@ def _exit(code: int, what: str, error: Exception | str) -> None:
     if path := os.environ.get("LLMTRAIN_EXIT_FILE"):
         with contextlib.suppress(OSError):
             Path(path).write_text(f"{code}\n")
-    if code == ckpt.EXIT_PREEMPTED:
+    if code == ckpt.EXIT_PREEMPTED and at_once:
         # os._exit: gloo's teardown race (DISTRIBUTED_CPU.md) must not turn the code the job
         # script requeues on into an abort; the logger is already finished.
         os._exit(code)
@@ -127,7 +127,11 @@ def _job(node: DictConfig) -> None:
     except ckpt.SaveError as e:
         _exit(1, "stopped", e)
     except ckpt.Preempted as e:
-        _exit(ckpt.EXIT_PREEMPTED, "preempted", e)
+        # trainer.max_time is each sweep job's own budget: the sweep goes on to its next job
+        # (one process: no launcher's teardown to race). A signal, or the Slurm job's end,
+        # ends the sweep at once.
+        go_on = isinstance(e, OutOfTime) and e.limit.why.startswith("trainer.max_time")
+        _exit(ckpt.EXIT_PREEMPTED, "preempted", e, at_once=not (go_on and _in_sweep()))
     except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
         last = ckpt.latest_checkpoint(run_dir / "checkpoints") if run_dir else None
         _exit(130, "interrupted", "stopped at once, unsaved; " + (

@@ -26,9 +26,11 @@ the model is the checkpoint's, and so is the tokenizer. Evaluating on a training
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -240,6 +242,22 @@ def batches_arg(value: str) -> int:
     return n
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 and ``sys.stdout`` point at stderr inside, so a handler that kept the
+    original stdout object (DeepSpeed's logger) writes there too."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="llmtrain-eval",
@@ -277,9 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = device_and_dtype(parser, args.device, args.dtype)
 
     try:
-        result = evaluate_checkpoint(
-            args.checkpoint, args.overrides, args.batches, args.batch_size, device, dtype
-        )
+        # --json: stdout holds the one object; what libraries print meanwhile (DeepSpeed's
+        # logger and zero_to_fp32 consolidating a ZeRO checkpoint) goes to stderr.
+        with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+            result = evaluate_checkpoint(
+                args.checkpoint, args.overrides, args.batches, args.batch_size, device, dtype
+            )
     except (OSError, ValueError, CheckpointError) as e:  # ConfigError, DataError: ValueErrors
         print(f"llmtrain-eval: error: {e}", file=sys.stderr)
         sys.exit(2)

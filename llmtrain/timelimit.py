@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Kept free before a Slurm job's end: after the save, the launcher exits and the job script
+# requeues the job (scontrol requeue, retried for up to 50 s). Slurm ends the job, its batch
+# script included, at SLURM_JOB_END_TIME: a save finished just before it was never requeued.
+SLURM_REQUEUE_MARGIN_S = 60
 DURATION_FORMS = "seconds, 90m, 12h, 2d, HH:MM:SS or D-HH:MM:SS"
 
 
@@ -61,8 +65,11 @@ def deadline(max_time: str | None, started: float | None = None, environ=os.envi
     if max_time not in (None, ""):
         found.append(Deadline(started + parse_duration(max_time), f"trainer.max_time={max_time}"))
     end = environ.get("SLURM_JOB_END_TIME", "")
-    if end.isdigit():
-        found.append(Deadline(float(end), "the Slurm job's end, SLURM_JOB_END_TIME"))
+    # One already past is stale (the environment keeps the end the job started with; a time
+    # limit raised since, by scontrol update, is not in it): the signals still stop the run.
+    if end.isdigit() and float(end) - SLURM_REQUEUE_MARGIN_S > started:
+        why = f"the Slurm job's end, SLURM_JOB_END_TIME, less {SLURM_REQUEUE_MARGIN_S} s to requeue"
+        found.append(Deadline(float(end) - SLURM_REQUEUE_MARGIN_S, why))
     return min(found, key=lambda d: d.at, default=None)
 
 

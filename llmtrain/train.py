@@ -24,7 +24,7 @@ from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
 from llmtrain.report import log_eval, log_sample, log_train
 from llmtrain.run import Run, run_dir_lock, setup
-from llmtrain.timelimit import Clock, deadline
+from llmtrain.timelimit import Clock, Deadline, deadline
 
 
 def batches(loader, stats: Throughput):
@@ -273,11 +273,20 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
             by = f"stopped before the time limit ({limit.why})"
         else:
             by = "stopped by a signal or the time limit on another rank"
-        raise ckpt.Preempted(
-            f"{by} after step {state.step}; "
-            + (ckpt.go_on_from(saved, run.run_dir) if saved else then)
+        message = f"{by} after step {state.step}; " + (
+            ckpt.go_on_from(saved, run.run_dir) if saved else then
         )
+        timed = out_of_time and not preempt.signal
+        raise OutOfTime(message, limit) if timed else ckpt.Preempted(message)
     return state
+
+
+class OutOfTime(ckpt.Preempted):
+    """This rank's time limit (trainer.max_time or the Slurm job's end) stopped the run."""
+
+    def __init__(self, message: str, limit: Deadline) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 def main() -> None:

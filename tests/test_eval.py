@@ -194,3 +194,22 @@ def test_a_two_process_runs_val_loss_is_the_one_process_one(tmp_path):
     run(_train_two_ranks, 2, str(tmp_path / "run"), tmp=tmp_path)
     result = evaluate_checkpoint(tmp_path / "run")
     assert result["step"] == 2 and result["val_loss"] == logged(tmp_path / "run")[2]
+
+
+def test_json_stdout_is_the_object_alone_when_loading_prints(run, capfd, monkeypatch):
+    """Consolidating a ZeRO checkpoint prints to stdout (DeepSpeed's logger, zero_to_fp32):
+    with --json that goes to stderr, and stdout parses as one JSON object."""
+    import llmtrain.eval as eval_module
+
+    real = eval_module.evaluate_checkpoint
+
+    def noisy(*args, **kwargs):
+        print("Processing zero checkpoint ...")  # zero_to_fp32's print()
+        os.write(1, b"[WARNING] [real_accelerator.py] Setting accelerator to CPU\n")  # a handler
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eval_module, "evaluate_checkpoint", noisy)
+    main([str(run), "--json"])
+    out, err = capfd.readouterr()
+    assert json.loads(out)["step"] == 2
+    assert "Processing zero checkpoint" in err and "Setting accelerator" in err

@@ -66,7 +66,11 @@ def test_the_deadline_is_the_earlier_of_max_time_and_the_slurm_jobs_end():
     slurm = {"SLURM_JOB_END_TIME": "2000"}
     assert deadline("1h", 100.0, environ=slurm).why.startswith("the Slurm job's end")
     assert deadline("10m", 100.0, environ=slurm).at == 700.0
+    # a save finished at the job's end leaves the job script no time to requeue the job
+    assert deadline("1h", 100.0, environ=slurm).at == 2000.0 - timelimit.SLURM_REQUEUE_MARGIN_S
     assert deadline(None, 100.0, environ={"SLURM_JOB_END_TIME": "Unknown"}) is None
+    # past at the start: stale (a time limit raised since); it would stop every step at once
+    assert deadline(None, 100.0, environ={"SLURM_JOB_END_TIME": "150"}) is None
 
 
 def test_the_clock_counts_the_steps_pauses_and_the_longest_save(monkeypatch):
@@ -109,7 +113,8 @@ def fake(monkeypatch) -> FakeTime:
     """A fake clock, and a Slurm job that ends 100 s after it starts."""
     fake = FakeTime()
     monkeypatch.setattr(timelimit, "time", fake)
-    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(BASE + 100)))
+    end = BASE + 100 + timelimit.SLURM_REQUEUE_MARGIN_S  # the job script's time to requeue
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(end)))
     return fake
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -597,6 +598,39 @@ def test_a_sweep_goes_on_after_one_of_its_jobs_stops(tmp_path, monkeypatch, caps
     assert lrs == [1e30, 3e-4]
     assert e.value.code == 2 and (tmp_path / "exit").read_text().strip() == "2"
     assert "1 of the sweep's 2 jobs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("max_time", "slurm_end", "ran"), [("1h", None, 2), ("1h", 600, 1)])
+def test_a_sweep_goes_on_after_max_time_stops_a_job(
+    tmp_path, monkeypatch, capsys, max_time, slurm_end, ran
+):
+    """trainer.max_time is each job's budget: its stop (exit 75) ended the whole sweep at once,
+    and the jobs after it never ran. A signal, or the Slurm job's end, still ends it."""
+    import llmtrain.train as train_mod
+    from llmtrain.timelimit import deadline
+
+    lrs = []
+
+    def train(cfg, run_dir):
+        lrs.append(cfg.optim.lr)
+        raise train_mod.OutOfTime("stopped before the time limit", deadline(max_time))
+
+    class ExitNow(BaseException):  # os._exit's, which would end pytest too
+        pass
+
+    def exit_now(code):
+        raise ExitNow(code)
+
+    monkeypatch.setattr(cli_mod, "train", train)
+    monkeypatch.setattr(cli_mod.os, "_exit", exit_now)
+    if slurm_end:  # in 10 minutes: the job's end is the earlier deadline
+        monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + slurm_end))
+    monkeypatch.chdir(tmp_path)
+    argv = ["llmtrain-train", "-m", "experiment=smoke", f"trainer.max_time={max_time}"]
+    monkeypatch.setattr(sys, "argv", [*argv, "optim.lr=1e-3,3e-4"])
+    with pytest.raises((SystemExit, ExitNow)) as e:
+        cli_mod.main()
+    assert len(lrs) == ran and e.value.args[0] == 75
 
 
 def test_a_sweep_under_a_launcher_is_refused(tmp_path, monkeypatch, capsys):
