@@ -49,6 +49,7 @@ from llmtrain.documents import (
     StreamError,
     holds_out,
     matched_files,
+    one_training_text_file,
     single_text_file,
     training_documents,
     validation_documents,
@@ -364,11 +365,12 @@ def build_dataloader(
         )
         source.check_tokenizer(cfg.tokenizer, tokenizer.vocab_size)
         return TokenLoader(source, cfg, kind="shards", seed=seed, **loader_args)
-    if train and world_size > 1 and (one := single_text_file(cfg)):
+    if train and world_size > 1 and (one := one_training_text_file(cfg)):
         raise DataError(
             f"data.files={one} is one document, and {world_size} ranks split a text corpus by "
             "documents. Token shards split by windows: llmtrain-prepare data=local "
-            f"data.files={one} out_dir=DIR, then train with data=shards data.path=DIR"
+            f"data.files={one}{f' data.val_files={cfg.val_files}' if cfg.val_files else ''} "
+            "out_dir=DIR, then train with data=shards data.path=DIR"
         )
     val_ds, heldout = validation_documents(cfg)
     if train:

@@ -9,6 +9,7 @@ drops (and counts) empty, undecodable and held-out documents.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -129,6 +130,8 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
         key = "data.files and data.val_files" if cfg.val_files else "data.files"
         path, kwargs = _builder(list(chain(*data_files.values())), key)
         kwargs["data_files"] = data_files
+        if path == "parquet":  # only the text: files whose other columns differ read as well
+            kwargs["columns"] = [cfg.text_column]
         if path != "text":  # an empty .txt is an empty document (skipped and counted)
             for f in chain(*data_files.values()):
                 if os.path.getsize(f) == 0:
@@ -161,36 +164,75 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
     except Exception as e:  # noqa: BLE001 -- a file datasets cannot parse: name it
         raise read_error(cfg, e) from e
     if ds.features is not None and cfg.text_column not in ds.features:
+        columns = ", ".join(ds.features)
+        if cfg.files:  # the file that lacks it (a parquet file is read for the column only)
+            for f in chain(*kwargs["data_files"].values()):
+                with contextlib.suppress(Exception):
+                    if (have := _columns(f)) is not None and cfg.text_column not in have:
+                        what, columns = f"{what}: {f}", ", ".join(have)
+                        break
         raise DataError(
-            f"data.text_column={cfg.text_column!r} is not a column of {what}; "
-            f"columns: {', '.join(ds.features)}"
+            f"data.text_column={cfg.text_column!r} is not a column of {what}; columns: {columns}"
         )
     return ds.select_columns([cfg.text_column]) if ds.features is not None else ds
 
 
-def _unreadable(f: str) -> str | None:
-    """Why local file ``f`` cannot be read as its builder reads it, or None."""
+def _unreadable(f: str, column: str, first: list[str] | None = None) -> str | None:
+    """Why local file ``f`` cannot be read as its builder reads it, or None. ``column`` is
+    data.text_column; ``first`` is the first file's columns, which datasets reads every JSON
+    file with (parquet files are read for ``column`` only)."""
     kind = BUILDERS.get(Path(f).suffix.lower())
     try:
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            pq.read_table(f)
-        elif kind == "json":
-            with open(f, encoding="utf-8") as fh:
-                text = fh.read()
-            try:
-                json.loads(text)  # one JSON document
-            except json.JSONDecodeError:
-                for i, line in enumerate(text.splitlines(), 1):  # else JSON Lines
-                    try:
-                        if line.strip():
-                            json.loads(line)
-                    except json.JSONDecodeError as e:
-                        return f"line {i} is not JSON ({e})"
+        columns = _columns(f)
+    except _BadLine as e:
+        return str(e)
     except Exception as e:  # noqa: BLE001 -- the reason is the message
         return f"{type(e).__name__}: {e}"
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        if pq.ParquetFile(f).metadata.num_rows == 0:  # datasets: "BatchSize must be > 0"
+            return "no rows (an empty .parquet)"
+    if columns is not None and column not in columns:
+        return f"no column {column!r} (data.text_column); its columns: {', '.join(columns)}"
+    if kind == "json" and first is not None and columns is not None and columns != first:
+        return (
+            f"its columns ({', '.join(columns)}) differ from the first file's "
+            f"({', '.join(first)}), and datasets reads every JSON file with the first one's; "
+            "give the files the same keys"
+        )
     return None
+
+
+class _BadLine(ValueError):
+    """A JSON Lines line that does not parse; the message says which."""
+
+
+def _columns(f: str) -> list[str] | None:
+    """The columns (keys) of a .parquet / .json / .jsonl file, sorted; None for text files.
+    Reads the whole file, so a corrupt one raises."""
+    kind = BUILDERS.get(Path(f).suffix.lower())
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return sorted(pq.read_table(f).column_names)
+    if kind != "json":
+        return None
+    with open(f, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        rows = [json.loads(text)]  # one JSON document
+    except json.JSONDecodeError:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):  # else JSON Lines
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise _BadLine(f"line {i} is not JSON ({e})") from None
+    if len(rows) == 1 and isinstance(rows[0], list):  # a JSON array of rows
+        rows = rows[0]
+    return sorted({k for r in rows if isinstance(r, dict) for k in r})
 
 
 def matched_files(cfg: DataConfig) -> str | None:
@@ -213,9 +255,12 @@ def read_error(cfg: DataConfig, e: BaseException) -> DataError:
     if cfg.files:
         for key in ("data.files", "data.val_files"):
             files = getattr(cfg, key.removeprefix("data."))
+            first = None
             for f in _expand(files, key) if files else []:
-                if (why := _unreadable(f)) is not None:
+                if (why := _unreadable(f, cfg.text_column, first)) is not None:
                     return DataError(f"{key}: {f}: {why}; fix or remove the file")
+                if first is None:
+                    first = _columns(f)
         return DataError(f"data.files={cfg.files!r}: reading failed: {type(e).__name__}: {e}")
     return DataError(f"data.path={cfg.path!r}: reading failed: {type(e).__name__}: {e}")
 
@@ -231,6 +276,20 @@ def single_text_file(cfg: DataConfig) -> str | None:
         return None
     files = _expand(cfg.files, "data.files")
     return files[0] if len(files) == 1 and _builder(files, "data.files")[0] == "text" else None
+
+
+def one_training_text_file(cfg: DataConfig) -> str | None:
+    """The file of a local corpus whose training text is one .txt file (one document), with
+    or without data.val_files: ranks, which split a text corpus by documents, cannot share it."""
+    if one := single_text_file(cfg):
+        return one
+    if not cfg.files or not cfg.val_files:
+        return None
+    held = {os.path.realpath(f) for f in _expand(cfg.val_files, "data.val_files")}
+    files = [f for f in _expand(cfg.files, "data.files") if os.path.realpath(f) not in held]
+    if len(files) == 1 and BUILDERS.get(Path(files[0]).suffix.lower()) == "text":
+        return files[0]
+    return None
 
 
 def validation_source(cfg: DataConfig) -> str:

@@ -319,6 +319,13 @@ def test_one_txt_file_trains_on_its_head_and_validates_on_its_tail(tmp_path):
     assert not train.reshuffles  # one file: every epoch reads it in the same order
     with pytest.raises(DataError, match="one document, and 2 ranks .* llmtrain-prepare"):
         build_dataloader(cfg, TOK, split="train", batch_size=2, rank=1, world_size=2)
+    # With its validation text in another file it is still one document: rank 1 got none and
+    # failed with "the corpus is empty or too small".
+    (tmp_path / "val.txt").write_text(text[:500])
+    with_val = replace(cfg, files=f"{tmp_path}/*.txt", val_files=str(tmp_path / "val.txt"))
+    one = r"input.txt is one document, and 2 ranks .* data.val_files="
+    with pytest.raises(DataError, match=one):
+        build_dataloader(with_val, TOK, split="train", batch_size=2, rank=1, world_size=2)
     assert "the last 0.1 of the text" in str(train.state_dict())
     quarter = build_dataloader(replace(cfg, val_fraction=0.25), TOK, split="val", batch_size=2)
     got = unwindow(list(quarter), 32)

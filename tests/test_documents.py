@@ -76,6 +76,38 @@ def test_read_error_names_the_broken_file_and_line(tmp_path):
     assert "bad.jsonl" in str(err) and "line 2" in str(err)
 
 
+def test_files_whose_other_columns_differ_read_and_one_without_the_text_is_named(tmp_path):
+    """A glob of .parquet files with the text column and other columns that differ (an
+    id in one, a url in another) failed on datasets' CastError; a file without the text column
+    (or a .jsonl with other keys) failed naming only the glob."""
+    pq.write_table(pa.table({"text": ["a doc", "b doc"], "id": [1, 2]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": ["c doc"], "url": ["u"]}), tmp_path / "b.parquet")
+    ds = load_documents(local(str(tmp_path / "*.parquet")), "train")
+    assert [row["text"] for row in ds] == ["a doc", "b doc", "c doc"]
+
+    pq.write_table(pa.table({"content": ["d doc"]}), tmp_path / "c.parquet")
+    cfg = local(str(tmp_path / "*.parquet"))
+    with pytest.raises(Exception) as e:
+        list(load_documents(cfg, "train"))
+    err = read_error(cfg, e.value)
+    assert "c.parquet: no column 'text' (data.text_column); its columns: content" in str(err)
+    with pytest.raises(DataError, match=r"/c.parquet; columns: content"):  # the first file
+        load_documents(local(str(tmp_path / "c.parquet")), "train")
+
+    (tmp_path / "c.parquet").unlink()
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c.parquet: no rows \(an empty .parquet\)"):
+        try:
+            list(load_documents(cfg, "train"))
+        except Exception as e:
+            raise read_error(cfg, e) from e
+
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "b", "meta": {"x": 1}}\n')
+    err = read_error(local(str(tmp_path / "*.jsonl")), ValueError("CastError"))
+    assert "b.jsonl: its columns (meta, text) differ from the first file's (text)" in str(err)
+
+
 class HTTPError(Exception):
     def __init__(self, status: int):
         super().__init__(f"HTTP {status}")
