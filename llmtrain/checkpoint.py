@@ -82,14 +82,15 @@ class Preempted(Exception):
     """A preemption signal stopped the run after a checkpoint; exit with EXIT_PREEMPTED."""
 
 
-def resume_overrides(run_dir: Path) -> str:
+def resume_overrides(run_dir: Path, key: str = "hydra.run.dir") -> str:
     """What to add to the same command to go on from ``run_dir``'s latest checkpoint, as shell
     words. The run dir is named: by default each start makes a new dated one, where
-    ``trainer.resume=auto`` alone would find nothing and start over."""
+    ``trainer.resume=auto`` alone would find nothing and start over. (A sweep's jobs go on
+    with ``key="hydra.sweep.dir"``, the dir holding theirs.)"""
     value = str(run_dir)
     if not re.fullmatch(r"[\w./+@%:-]+", value, flags=re.ASCII):  # Hydra would parse it
         value = "'" + value.replace("'", "\\'") + "'"
-    return f"trainer.resume=auto {shlex.quote('hydra.run.dir=' + value)}"
+    return f"trainer.resume=auto {shlex.quote(f'{key}={value}')}"
 
 
 def go_on_from(saved: Path, run_dir: Path) -> str:

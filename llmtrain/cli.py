@@ -131,12 +131,27 @@ def _job(node: DictConfig) -> None:
         # (one process: no launcher's teardown to race). A signal, or the Slurm job's end,
         # ends the sweep at once.
         go_on = isinstance(e, OutOfTime) and e.limit.why.startswith("trainer.max_time")
-        _exit(ckpt.EXIT_PREEMPTED, "preempted", e, at_once=not (go_on and _in_sweep()))
+        message = _sweep_advice(str(e), run_dir)
+        _exit(ckpt.EXIT_PREEMPTED, "preempted", message, at_once=not (go_on and _in_sweep()))
     except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
         last = ckpt.latest_checkpoint(run_dir / "checkpoints") if run_dir else None
         _exit(130, "interrupted", "stopped at once, unsaved; " + (
-            ckpt.go_on_from(last, run_dir) if last else "no checkpoint was written yet"
+            _sweep_advice(ckpt.go_on_from(last, run_dir), run_dir) if last
+            else "no checkpoint was written yet"
         ))  # fmt: skip
+
+
+def _sweep_advice(message: str, run_dir: Path | None) -> str:
+    """A sweep's job dirs are made by -m under hydra.sweep.dir, which ignores hydra.run.dir:
+    the way on is the same sweep again, in the same sweep dir, each job resuming its own."""
+    if run_dir is None or not _in_sweep():
+        return message
+    sweep = Path(HydraConfig.get().sweep.dir)
+    return message.replace(
+        f"add {ckpt.resume_overrides(run_dir)} to the same command",
+        f"run the same sweep (-m) again with {ckpt.resume_overrides(sweep, 'hydra.sweep.dir')}"
+        " (each job goes on in its own dir)",
+    )
 
 
 def main() -> None:

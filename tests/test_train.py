@@ -600,6 +600,30 @@ def test_a_sweep_goes_on_after_one_of_its_jobs_stops(tmp_path, monkeypatch, caps
     assert "1 of the sweep's 2 jobs" in capsys.readouterr().err
 
 
+def test_a_stopped_sweep_job_says_to_run_the_sweep_again(tmp_path, monkeypatch, capsys):
+    """-m ignores hydra.run.dir: the advice to add it went nowhere (a new dated sweep dir, every
+    job from step 0). The same sweep with trainer.resume=auto in its sweep dir goes on."""
+    import llmtrain.checkpoint as ckpt
+    import llmtrain.train as train_mod
+    from llmtrain.timelimit import deadline
+
+    def train(cfg, run_dir):
+        saved = run_dir / "checkpoints" / "step_0000001"
+        raise train_mod.OutOfTime("stopped; " + ckpt.go_on_from(saved, run_dir), deadline("1h"))
+
+    monkeypatch.setattr(cli_mod, "train", train)
+    monkeypatch.setattr(cli_mod.os, "_exit", sys.exit)  # the sweep's 75 leaves with os._exit
+    monkeypatch.chdir(tmp_path)
+    argv = ["llmtrain-train", "-m", "experiment=smoke", "trainer.max_time=1h", "hydra.sweep.dir=sw"]
+    monkeypatch.setattr(sys, "argv", [*argv, "optim.lr=1e-3,3e-4"])
+    with pytest.raises(SystemExit):
+        cli_mod.main()
+    err = capsys.readouterr().err
+    again = "run the same sweep (-m) again with trainer.resume=auto hydra.sweep.dir=sw "
+    assert err.count(again) == 2
+    assert "hydra.run.dir" not in err
+
+
 @pytest.mark.parametrize(("max_time", "slurm_end", "ran"), [("1h", None, 2), ("1h", 600, 1)])
 def test_a_sweep_goes_on_after_max_time_stops_a_job(
     tmp_path, monkeypatch, capsys, max_time, slurm_end, ran
