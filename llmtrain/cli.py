@@ -28,6 +28,7 @@ from llmtrain.config import (
     CONF_DIR,
     DATED_DIR,
     ConfigError,
+    compose_config,
     load_config,
     rank_from_env,
     to_dataclass,
@@ -169,6 +170,14 @@ def main() -> None:
               "per sweep point (a shell loop over accelerate launch or sbatch), or sweep without "
               "a launcher")  # fmt: skip
     if "--help" in args or "-h" in args:  # Hydra's, with what each setting means
+        # The overrides it shows applied are composed first: a typo is one line, not Hydra's
+        # traceback. Composed only: help needs no horizon, nor any value checked.
+        keys = [a for a in args if not a.startswith(("-", "hydra.")) or "searchpath" in a]
+        if not sweep:
+            try:
+                compose_config(keys)
+            except ConfigError as e:
+                _exit(2, "config error", e)
         print(hydra_help_with_comments(_hydra_main), end="")
         return
     _check_overrides(args, sweep)

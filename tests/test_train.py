@@ -507,6 +507,13 @@ def test_cli_help_lists_the_groups_a_user_picks_from(tmp_path):
     assert "_schema" not in groups  # the schemas are types, not options
 
 
+def test_cli_help_with_a_bad_override_says_which_in_one_line(tmp_path):
+    """It printed Hydra's traceback and exited 1, like a crash."""
+    out = cli(["--help", "experiment=smoke", "trainer.max_stepz=1"], tmp_path, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "Did you mean trainer.max_steps?" in out.stderr
+
+
 def test_cli_help_says_what_each_setting_means(tmp_path):
     """The composed config, overrides applied, with config.py's comment beside each setting (or
     above it, for a longer one); still YAML that reads back as the config."""
