@@ -457,18 +457,25 @@ def test_a_rollback_keeps_the_checkpoint_it_writes(two_checkpoints, tmp_path):
     assert ckpt.latest_checkpoint(root) == root / "step_0000003"
 
 
+def _roll_back_to_step_2(two_checkpoints, tmp_path, capsys, steps: int, every: int):
+    """A copy of a run that reached step 4, resumed from its step 2 and trained to ``steps``
+    saving every ``every``; the abandoned step 4 is removed at its first save."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    root = run_dir / "checkpoints"
+    overrides = [f"trainer.resume={root / 'step_0000002'}", f"trainer.ckpt_every={every}"]
+    train_mod.train(config(steps, *overrides), run_dir)
+    assert "removed step_0000004, the branch abandoned" in capsys.readouterr().out
+    return run_dir, root
+
+
 def test_after_a_rollback_auto_never_falls_back_onto_the_abandoned_branch(
     two_checkpoints, tmp_path, capsys
 ):
     """Resuming step 2 of a run that reached step 4 (the README's advice after a divergence):
     step 4 outlived the new branch's checkpoints, and once step 3 was damaged resume=auto
     'fell back' onto step 4, another history."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoints, run_dir)
-    root = run_dir / "checkpoints"
-    overrides = [f"trainer.resume={root / 'step_0000002'}", "trainer.ckpt_every=1"]
-    train_mod.train(config(3, *overrides), run_dir)
-    assert "removed step_0000004, the branch abandoned" in capsys.readouterr().out
+    run_dir, root = _roll_back_to_step_2(two_checkpoints, tmp_path, capsys, steps=3, every=1)
     assert [c.name for c in ckpt.complete_checkpoints(root)] == ["step_0000002", "step_0000003"]
     flip_byte(root / "step_0000003" / "model.safetensors")
     train_mod.train(config(3, "trainer.resume=auto"), run_dir)
@@ -481,12 +488,7 @@ def test_a_rollback_whose_first_save_is_past_the_abandoned_branch_removes_it(
     """Resuming step 2 of a run that reached step 4, first saving at step 5: pruning by step
     number kept the abandoned step 4 (as one of keep_last, beside the new step 5), so a damaged
     step 5 made resume=auto fall back onto another history."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoints, run_dir)
-    root = run_dir / "checkpoints"
-    overrides = [f"trainer.resume={root / 'step_0000002'}", "trainer.ckpt_every=10"]
-    train_mod.train(config(5, *overrides), run_dir)
-    assert "removed step_0000004, the branch abandoned" in capsys.readouterr().out
+    run_dir, root = _roll_back_to_step_2(two_checkpoints, tmp_path, capsys, steps=5, every=10)
     assert [c.name for c in ckpt.complete_checkpoints(root)] == ["step_0000002", "step_0000005"]
 
 
