@@ -360,12 +360,6 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
         "trainer.sample_every",
         f"must be >= 0 (0 = no sample text), got {t.sample_every}",
     )
-    _require(
-        t.sample_every == 0 or t.sample_tokens < m.context_length,
-        "trainer.sample_tokens",
-        f"{t.sample_tokens} leaves no room for the prompt in "
-        f"model.context_length={m.context_length}",
-    )
 
 
 def _check_batch(t: TrainerConfig, d: DataConfig, ws: int) -> None:

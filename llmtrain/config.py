@@ -155,7 +155,7 @@ class TrainerConfig:
     init_from: str | None = None
     sample_every: int = 0  # steps between generated samples on the console (0: none)
     sample_prompt: str = "The"  # "": start from end-of-text
-    sample_tokens: int = 48  # new tokens per sample
+    sample_tokens: int = 48  # new tokens per sample; past data.seq_len the context slides
     temperature: float = 0.8  # 0: greedy
     top_k: int = 50  # sample among the k likeliest tokens; 0: all
     # Wall-clock budget of this process's training (seconds, 90m, 12h, HH:MM:SS, D-HH:MM:SS):

@@ -360,29 +360,32 @@ class GPT(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         stop_id: int | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """Continue idx (B, T) by max_new_tokens -> (B, T + max_new_tokens), with a KV cache.
+        """Continue idx (B, T) by max_new_tokens -> (B, T + max_new_tokens).
 
+        Each new token is predicted from at most ``window`` tokens (default and at most
+        ``context_length``; a model trained on shorter windows does best with their length).
+        Within it a KV cache makes each new token one position's forward pass. Past it the
+        context slides, as nanoGPT crops it: each new token is predicted from the last
+        ``window`` tokens (a longer prompt's too), recomputed in full, since the cached keys
+        hold positions the window has moved past (a whole window per token: slower).
         temperature 0 is greedy. Only true vocabulary ids are ever produced. The caller sets
-        ``eval()`` (dropout) and autocast; the total length must fit ``context_length``. With
-        ``stop_id`` it returns early, shorter, once every row has produced that id (rows that
-        stopped before keep going until then: what follows the stop id is the caller's to drop).
+        ``eval()`` (dropout) and autocast. With ``stop_id`` it returns early, shorter, once every
+        row has produced that id (rows that stopped before keep going until then: what follows
+        the stop id is the caller's to drop).
         """
-        total = idx.size(1) + max_new_tokens
-        if total > self.cfg.context_length:
-            raise ValueError(
-                f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                f"exceeds model.context_length={self.cfg.context_length}; shorten the prompt "
-                "or generate fewer tokens"
-            )
-        cache = self.new_kv_cache(total)
+        window = window or self.cfg.context_length
+        if not 0 < window <= self.cfg.context_length:
+            raise ValueError(f"window {window}: must be in 1..{self.cfg.context_length}")
+        cache = self.new_kv_cache(min(idx.size(1) + max_new_tokens, window))
         out = idx
         stopped = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # (B, 1)
         # Every decoding step attends over one more cached key, a new shape: cuDNN attention
         # builds a plan per shape (~40 ms each on an H100 in bf16, 40x the step itself); the
         # flash and memory-efficient kernels take any length as it comes.
         with sdpa_kernel(DECODE_ATTENTION):
-            logits, _ = self(idx, kv_cache=cache, last_only=True)  # prefill: the whole prompt
+            logits, _ = self(idx[:, -window:], kv_cache=cache, last_only=True)  # the prompt
             for step in range(max_new_tokens):
                 last = logits[:, -1, : self.vocab_size]  # (B, vocab) padding ids cut off
                 next_id = sample_next(last, temperature, top_k, top_p, generator)  # (B, 1)
@@ -391,8 +394,12 @@ class GPT(nn.Module):
                     stopped |= next_id == stop_id
                     if stopped.all():
                         break
-                if step + 1 < max_new_tokens:
-                    logits, _ = self(next_id, kv_cache=cache)  # one position, cached keys reused
+                if step + 1 == max_new_tokens:
+                    break
+                if cache[0].pos < window:  # one position, the cached keys reused
+                    logits, _ = self(next_id, kv_cache=cache)
+                else:  # the window slides by one token
+                    logits, _ = self(out[:, -window:], last_only=True)
         return out
 
     def num_params(self, non_embedding: bool = False) -> int:

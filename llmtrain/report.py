@@ -49,7 +49,12 @@ def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> s
     model.eval()
     try:
         out = accelerator.unwrap_model(model).generate(
-            prompt, t.sample_tokens, temperature=t.temperature, top_k=t.top_k, generator=generator
+            prompt,
+            t.sample_tokens,
+            temperature=t.temperature,
+            top_k=t.top_k,
+            generator=generator,
+            window=cfg.data.seq_len,  # the training window: positions past it are untrained
         )
     finally:
         model.train()

@@ -46,7 +46,7 @@ from llmtrain.startup import (
     shard_notes,
     startup_report,
 )
-from llmtrain.tokenizer import Tokenizer, check_vocab, get_tokenizer
+from llmtrain.tokenizer import check_vocab, get_tokenizer
 
 LOCK = ".lock"
 
@@ -130,23 +130,6 @@ warnings.filterwarnings(
     message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
     category=FutureWarning,
 )
-
-
-def check_sample_length(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
-    """The eval sample (prompt + trainer.sample_tokens) fits the context, checked now: found at
-    the first eval, it would end the run before its first checkpoint."""
-    t, context = cfg.trainer, cfg.model.context_length
-    if not t.sample_every:
-        return
-    prompt = len(tokenizer.encode_prompt(t.sample_prompt))
-    if prompt + t.sample_tokens > context:
-        room = context - prompt
-        fix = f"set trainer.sample_tokens <= {room}, " if room > 0 else ""
-        raise ConfigError(
-            f"trainer.sample_prompt: its {prompt} tokens + trainer.sample_tokens="
-            f"{t.sample_tokens} exceed model.context_length={context}; shorten the prompt, "
-            f"{fix}or set trainer.sample_every=0"
-        )
 
 
 def build_model(cfg: TrainConfig) -> GPT:
@@ -268,7 +251,6 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     # Checked before any process group starts: a failing rank 0 then costs seconds, not a hang.
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     check_vocab(tokenizer, cfg.model.vocab_size)
-    check_sample_length(cfg, tokenizer)
     if rank_from_env() == 0:  # other ranks learn the run dir by broadcast
         resume.preflight_resume(cfg, run_dir)
     accelerator = build_accelerator(cfg, plan.grad_accum)

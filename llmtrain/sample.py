@@ -5,9 +5,13 @@
     llmtrain-sample runs/smoke --prompt "The meaning of life is" --num-samples 3 --seed 1
 
 Generation keeps a KV cache (one forward pass per new token over one position), so its cost grows
-linearly with the length. ``--temperature 0`` is greedy and ignores top-k/top-p; otherwise the
-next token is drawn from the ``top_k`` most likely and/or the smallest set holding ``top_p`` of
-the probability (Holtzman et al. 2020). All samples are one batch drawn from one seeded generator:
+linearly with the length. Each new token is predicted from at most ``--context-length`` tokens:
+by default the run's training window, ``data.seq_len`` (positions past it were never trained).
+Past that the context slides, as nanoGPT crops it: each new token is predicted from the last
+ones, recomputed in full.
+``--temperature 0`` is greedy and ignores top-k/top-p; otherwise the next token is drawn from the
+``top_k`` most likely and/or the smallest set holding ``top_p`` of the probability (Holtzman et
+al. 2020). All samples are one batch drawn from one seeded generator:
 the same seed gives the same text. A sample ends at the tokenizer's end-of-text token (the model
 would start an unrelated document after it) or after ``--max-new-tokens``.
 
@@ -64,19 +68,49 @@ def sample(
     num_samples: int = 1,
     stop_id: int | None = None,
     dtype: torch.dtype = torch.float32,
+    window: int | None = None,
 ) -> list[list[int]]:
-    """``num_samples`` continuations of ``prompt`` (new ids only), each cut after ``stop_id``."""
+    """``num_samples`` continuations of ``prompt`` (new ids only), each cut after ``stop_id``;
+    each token predicted from at most ``window`` tokens (default: model.context_length)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([prompt] * num_samples, device=device)  # (num_samples, T)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_id)
+        out = model.generate(
+            idx, max_new_tokens, temperature, top_k, top_p, generator, stop_id, window
+        )
     samples = []
     for row in out[:, len(prompt) :].tolist():
         if stop_id in row:
             row = row[: row.index(stop_id) + 1]
         samples.append(row)
     return samples
+
+
+def length_notes(cfg: TrainConfig, window: int, prompt_len: int, max_new: int) -> list[str]:
+    """What a user should know about a prompt and sample this long, each token predicted from
+    at most ``window`` tokens."""
+    trained = cfg.data.seq_len
+    why = "--context-length" if window != trained else "data.seq_len, the run's training window"
+    notes = []
+    if prompt_len > window:
+        notes.append(f"the prompt is {prompt_len} tokens; the model sees its last {window} ({why})")
+    if prompt_len + max_new > window:
+        notes.append(
+            f"past {window} tokens ({why}) the context slides: each new token is predicted from "
+            "the last ones, recomputed in full (slower than the cached tokens before it)"
+        )
+    used = min(prompt_len + max_new, window)
+    if cfg.model.position == "learned" and used > trained:
+        # model.context_length sizes the position table; training fills only its first
+        # data.seq_len rows, and the others keep their random initial values.
+        notes.append(
+            f"the run that wrote this checkpoint trained on windows of data.seq_len={trained} "
+            f"tokens; learned positions {trained}..{used - 1} were never trained "
+            f"(model.context_length={cfg.model.context_length} is the table's size), so the "
+            f"text may degrade: --context-length {trained} stays within them"
+        )
+    return notes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +125,14 @@ def main(argv: list[str] | None = None) -> None:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="tokens per sample (default: 100, or what fits in the context)",
+        help="tokens per sample (default: 100); past the context length, the context slides",
+    )
+    parser.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="tokens each new token is predicted from (default: data.seq_len the run trained "
+        "on; at most model.context_length)",
     )
     parser.add_argument("--temperature", type=float, default=0.8, help="default 0.8; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="default 50; 0 = no cut")
@@ -113,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--num-samples {args.num_samples}: must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.context_length is not None and args.context_length < 1:
+        parser.error(f"--context-length {args.context_length}: must be >= 1")
     if args.prompt_file is not None:
         if args.prompt:
             parser.error("--prompt and --prompt-file: give one of them")
@@ -127,31 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         model, cfg, ckpt = load_gpt(args.checkpoint, device)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
         prompt = tokenizer.encode_prompt(args.prompt)
-        room = cfg.model.context_length - len(prompt)
-        if room < 1:  # nothing could be generated; a longer prompt would fail in the model
+        window = args.context_length or min(cfg.data.seq_len, cfg.model.context_length)
+        if window > cfg.model.context_length:  # no position past it was ever trained
             parser.error(
-                f"--prompt: {len(prompt)} tokens, and model.context_length="
-                f"{cfg.model.context_length} leaves no room for a new token; shorten the prompt"
+                f"--context-length {window}: the model's model.context_length is "
+                f"{cfg.model.context_length}"
             )
-        max_new = args.max_new_tokens or min(100, room)
-        if max_new > room:  # a usage error, like the other arguments' (exit 2)
-            parser.error(
-                f"--max-new-tokens {max_new}: the prompt is {len(prompt)} tokens and "
-                f"model.context_length={cfg.model.context_length} leaves room for {room}; "
-                f"use --max-new-tokens {room} or less"
-            )
-        trained, total = cfg.data.seq_len, len(prompt) + max_new
-        if cfg.model.position == "learned" and total > trained:
-            # model.context_length sizes the position table; training fills only its first
-            # data.seq_len rows, and the others keep their random initial values.
-            print(
-                f"note: the run that wrote this checkpoint trained on windows of data.seq_len="
-                f"{trained} tokens; learned positions {trained}..{total - 1} were never trained "
-                f"(model.context_length={cfg.model.context_length} is the table's size), so the "
-                f"text past token {trained} may degrade: --max-new-tokens "
-                f"{max(1, trained - len(prompt))} stays within it",
-                file=sys.stderr,
-            )
+        max_new = args.max_new_tokens or 100
+        for note in length_notes(cfg, window, len(prompt), max_new):
+            print(f"note: {note}", file=sys.stderr)
         step = load_trainer_state(ckpt).step
         greedy = args.temperature == 0
         how = (
@@ -172,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             num_samples=args.num_samples,
             stop_id=tokenizer.eot_id,
             dtype=DTYPES[dtype],
+            window=window,
         )
     except (OSError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
         sys.exit(f"llmtrain-sample: error: {e}")

@@ -61,12 +61,6 @@ CASES = {
     "nan temperature": (["trainer.temperature=nan"], 1, "trainer.temperature", {}),
     "negative top_k": (["trainer.top_k=-1"], 1, "trainer.top_k", {}),
     "negative sample_every": (["trainer.sample_every=-5"], 1, "trainer.sample_every", {}),
-    "sample prompt longer than the context": (
-        ["trainer.sample_every=10", f"trainer.sample_prompt='{'Once upon a time. ' * 50}'"],
-        1,
-        "trainer.sample_prompt",
-        {},
-    ),
     "nccl on cpu": (["dist.backend=nccl"], 1, "dist.backend", {}),
     "unknown backend": (["dist.backend=mpi"], 1, "dist.backend", {}),
     "cuda attention kernel on cpu": (["trainer.attention=efficient"], 1, "trainer.attention", {}),

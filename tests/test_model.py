@@ -185,8 +185,9 @@ def test_num_params_counts_tied_weights_once():
 
 
 def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """nanoGPT's loop: every token from the last context_length tokens, recomputed."""
     for _ in range(n):
-        logits, _ = model(idx)
+        logits, _ = model(idx[:, -model.cfg.context_length :])
         idx = torch.cat((idx, logits[:, -1, : model.vocab_size].argmax(-1, keepdim=True)), 1)
     return idx
 
@@ -211,10 +212,16 @@ def test_cached_chunk_after_prefix_matches_full_forward(cfg):
     torch.testing.assert_close(torch.cat((first, rest), 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_generate_refuses_past_context_length():
-    model = build(GPT2_TINY)
-    with pytest.raises(ValueError, match="context_length"):
-        model.generate(tokens(GPT2_TINY, T=30), max_new_tokens=3)
+@TINY
+@pytest.mark.parametrize("prompt_len", [5, 32, 40], ids=["short", "context", "longer"])
+def test_generation_past_the_context_slides_its_window(cfg, prompt_len):
+    # context_length 32: 5 + 40 new tokens pass it after 27. A larger init makes the next token
+    # depend on the whole window (at 0.02 it is mostly the last token's embedding).
+    model = build(replace(cfg, init_std=0.5))
+    prompt = tokens(cfg, T=prompt_len)
+    out = model.generate(prompt, max_new_tokens=40, temperature=0)
+    assert out.shape == (2, prompt_len + 40)
+    assert torch.equal(out, greedy_without_cache(model, prompt, 40))
 
 
 def test_sampling_stays_in_true_vocab():

@@ -46,7 +46,7 @@ def test_sampling_and_evaluation_leave_training_randomness_alone():
     from llmtrain.tokenizer import get_tokenizer
 
     cfg = load_config(["experiment=smoke", "model.dropout=0.1"])
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, context_length=64, dropout=0.1))
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, context_length=128, dropout=0.1))
     accelerator = SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m)
     tokenizer = get_tokenizer("gpt2")
     val = build_dataloader(
@@ -57,6 +57,29 @@ def test_sampling_and_evaluation_leave_training_randomness_alone():
     sample_text(model, accelerator, tokenizer, cfg, seed=1)
     next(iter(val))
     assert torch.equal(torch.get_rng_state(), before) and model.training
+
+
+def test_a_sample_longer_than_the_training_window_slides_at_it():
+    """The sample past data.seq_len (it once had to fit the context) slides at the training
+    window: its tokens are predicted from at most data.seq_len tokens, the positions trained."""
+    from types import SimpleNamespace
+
+    from llmtrain.config import ModelConfig
+    from llmtrain.model import GPT
+    from llmtrain.report import sample_text
+    from llmtrain.tokenizer import get_tokenizer
+
+    cfg = load_config(["experiment=smoke", "data.seq_len=16", "trainer.sample_tokens=40"])
+    cfg.trainer.temperature = 0
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, context_length=32, init_std=0.5))
+    accelerator = SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m)
+    tokenizer = get_tokenizer("gpt2")
+    text = sample_text(model, accelerator, tokenizer, cfg, seed=1)
+    prompt = torch.tensor([tokenizer.encode_prompt("The")])
+    with torch.no_grad():
+        ids = model.eval().generate(prompt, 40, temperature=0, window=16)[0, 1:].tolist()
+    assert text == "The" + tokenizer.decode(ids)
 
 
 def test_shards_report_no_document_counts():

@@ -38,29 +38,6 @@ def test_compile_model_passes_the_mode(monkeypatch):
         assert calls == want
 
 
-def test_the_eval_sample_must_fit_the_context_with_its_prompt():
-    from llmtrain.config import ConfigError
-    from llmtrain.run import check_sample_length
-    from llmtrain.tokenizer import get_tokenizer
-
-    tok = get_tokenizer("gpt2")
-    cfg = load_config(["experiment=smoke", "trainer.sample_tokens=255"])  # context 256
-    check_sample_length(cfg, tok)  # "The" is one token
-    cfg.trainer.sample_prompt = ""  # an empty prompt starts from end-of-text: one token too
-    check_sample_length(cfg, tok)
-    cfg.trainer.sample_prompt = "The cat"
-    with pytest.raises(ConfigError, match=r"its 2 tokens .* trainer.sample_tokens <= 254, or set"):
-        check_sample_length(cfg, tok)
-    cfg.trainer.sample_every = 0  # no sample, nothing to fit
-    check_sample_length(cfg, tok)
-    cfg.trainer.sample_every, cfg.trainer.sample_prompt = (
-        50,
-        "word " * 300,
-    )  # 301 tokens: the trailing space is one
-    with pytest.raises(ConfigError, match=r"its 301 tokens .* shorten the prompt, or set"):
-        check_sample_length(cfg, tok)  # no sample_tokens would fit: not offered
-
-
 def test_accelerate_s_per_file_save_logs_stay_off_the_console(caplog):
     """FSDP2 saves logged four INFO lines per checkpoint, at the scratch .tmp path."""
     import logging

@@ -166,7 +166,6 @@ def test_cli_prints_samples(tmp_path_factory, model):
         (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
         (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
         (["--num-samples", "0"], "--num-samples 0: must be >= 1"),
-        (["--max-new-tokens", "5000"], "context_length=256 leaves room for 255; use --max-new"),
     ],
 )
 def test_cli_bad_arguments_fail_clearly(tmp_path_factory, capsys, args, message):
@@ -200,11 +199,12 @@ def test_tiny_temperature_is_greedy(model):
     "args, message",
     [
         (["--temperature", "nan"], "--temperature nan: must be >= 0"),
-        (["--prompt", " hello" * 256], "--prompt: 256 tokens, and model.context_length=256 leaves"),
-        (["--prompt", " hello" * 300], "--prompt: 300 tokens, and model.context_length=256 leaves"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
+        (["--context-length", "0"], "--context-length 0: must be >= 1"),
+        (["--context-length", "257"], "--context-length 257: the model's model.context_length is"),
     ],
 )
-def test_cli_unusable_prompt_or_temperature_fails_clearly(tmp_path_factory, capsys, args, message):
+def test_cli_unusable_temperature_or_length_fails_clearly(tmp_path_factory, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main([str(smoke_run(tmp_path_factory, "gpt2")), "--temperature", "0"] + args)
     assert e.value.code == 2
@@ -229,31 +229,36 @@ def test_prefill_computes_the_last_position_s_logits_only(model):
 
 
 def test_cli_says_when_generation_goes_past_the_trained_positions(tmp_path_factory, capsys):
-    """The smoke run trains at data.seq_len=64 with a 256-row learned position table: 100
-    tokens went through 40 positions whose rows never left their random init, in silence."""
+    """The smoke run trains at data.seq_len=64 with a 256-row learned position table: the
+    context slides at 64 unless --context-length asks for more, and then 100 tokens go through
+    40 positions whose rows never left their random init."""
     run = str(smoke_run(tmp_path_factory, "gpt2"))
-    main([run, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "100"])
+    args = [run, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "100"]
+    main(args)
+    err = capsys.readouterr().err
+    assert "past 64 tokens (data.seq_len, the run's training window) the context slides" in err
+    assert "never trained" not in err
+    main([*args, "--context-length", "256"])
     err = capsys.readouterr().err
     assert "data.seq_len=64 tokens; learned positions 64..104 were never trained" in err
-    assert "--max-new-tokens 59 stays within it" in err
-    main([run, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "59"])
-    assert "never trained" not in capsys.readouterr().err
+    assert "--context-length 64 stays within them" in err
+    assert "slides" not in err
 
 
-def test_cli_continues_a_prompt_file(tmp_path_factory, tmp_path, capsys):
-    """nanoGPT's start='FILE:prompt.txt': the file's text, newlines kept, as the prompt."""
-    run = str(smoke_run(tmp_path_factory, "gpt2"))
-    prompt = tmp_path / "prompt.txt"
-    prompt.write_text("ROMEO:\nWhat light")
-    args = ["--temperature", "0", "--max-new-tokens", "4"]
-    main([run, "--prompt-file", str(prompt), *args])
-    from_file = capsys.readouterr().out
-    main([run, "--prompt", "ROMEO:\nWhat light", *args])
-    assert from_file == capsys.readouterr().out and "ROMEO:\nWhat light" in from_file
-    for bad, message in (
-        (["--prompt-file", str(tmp_path / "none.txt")], "--prompt-file"),
-        (["--prompt-file", str(prompt), "--prompt", "x"], "give one of them"),
-    ):
-        with pytest.raises(SystemExit) as e:
-            main([run, *bad, *args])
-        assert e.value.code == 2 and message in capsys.readouterr().err
+@pytest.mark.parametrize("words", [2, 300], ids=["prompt", "prompt-past-context"])
+def test_cli_generates_past_the_context_length(tmp_path_factory, capsys, words):
+    """model.context_length=256: past it the context slides (nanoGPT crops it) instead of
+    refusing; --context-length says how far."""
+    run = smoke_run(tmp_path_factory, "gpt2")
+    prompt = " hello" * words
+    main([str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "300",
+          "--context-length", "256"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "past 256 tokens (--context-length) the context slides" in err
+    assert ("the prompt is 300 tokens; the model sees its last 256" in err) == (words == 300)
+    model, _, _ = load_gpt(run)
+    ids = sample(model, TOK.encode_prompt(prompt), 300, temperature=0, stop_id=EOT, window=256)[0]
+    ended = ids[-1] == EOT
+    assert len(ids) == 300 or ended
+    text = prompt + TOK.decode(ids[:-1] if ended else ids) + ("\n[end of text]" if ended else "")
+    assert out == f"=== sample 1/1 ===\n{text}\n"
