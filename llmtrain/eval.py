@@ -21,6 +21,8 @@ data, or of that group), type-checked the same way. The windows stay the run's
 Only ``data.*``, ``trainer.eval_batches`` and ``trainer.micro_batch_size`` can be overridden:
 the model is the checkpoint's, and so is the tokenizer. Evaluating on a training split
 (``data.val_split=train``) is allowed here.
+
+``--hellaswag [JSONL]`` gives the checkpoint's HellaSwag accuracy instead (llmtrain/hellaswag.py).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from llmtrain.config import ConfigError, TrainConfig, compose_config
 from llmtrain.consolidate import DTYPES
 from llmtrain.data import build_dataloader
 from llmtrain.documents import validation_source
+from llmtrain.hellaswag import HELLASWAG_VAL, hellaswag_checkpoint
 from llmtrain.integrity import CheckpointError
 from llmtrain.metrics import format_loss, format_ppl, perplexity
 from llmtrain.report import evaluate
@@ -289,10 +292,29 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--hellaswag",
+        nargs="?",
+        const=HELLASWAG_VAL,
+        default=None,
+        metavar="JSONL",
+        help="HellaSwag accuracy instead (validation split, from its GitHub URL, or a local "
+        "copy of hellaswag_val.jsonl); --batch-size is then examples per batch (default 8)",
+    )
+    parser.add_argument(
+        "--examples", type=int, default=None, help="with --hellaswag: the first N (default: all)"
+    )
     args = parser.parse_intermixed_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.examples is not None and (args.hellaswag is None or args.examples < 1):
+        parser.error(f"--examples {args.examples}: a count >= 1, with --hellaswag")
+    if args.hellaswag is not None and (args.overrides or args.batches is not None):
+        parser.error("--hellaswag reads its own examples: no data overrides or --batches")
     device, dtype = device_and_dtype(parser, args.device, args.dtype)
+    if args.hellaswag is not None:
+        _main_hellaswag(args, device, dtype)
+        return
 
     try:
         # --json: stdout holds the one object; what libraries print meanwhile (DeepSpeed's
@@ -326,6 +348,27 @@ def main(argv: list[str] | None = None) -> None:
         f"step {result['step']}: val_loss {format_loss(result['val_loss']).strip()} | "
         f"val_ppl {format_ppl(result['val_ppl']).strip()} | {result['tokens']:,} tokens "
         f"({how} of {result['batch_size']} x {result['seq_len']} tokens)"
+    )
+
+
+def _main_hellaswag(args: argparse.Namespace, device: str, dtype: str) -> None:
+    try:
+        with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+            result = hellaswag_checkpoint(
+                args.checkpoint, args.hellaswag, args.examples, args.batch_size or 8, device, dtype
+            )
+    except (OSError, ValueError, CheckpointError) as e:
+        print(f"llmtrain-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{result['checkpoint']} (step {result['step']}) on {device}/{dtype}: "
+          f"HellaSwag from {result['source']}", file=sys.stderr)  # fmt: skip
+    right = round(result["acc_norm"] * result["examples"])
+    print(
+        f"step {result['step']}: hellaswag acc_norm {result['acc_norm']:.4f} "
+        f"({right:,}/{result['examples']:,}) | acc {result['acc']:.4f} (chance 0.25)"
     )
 
 

@@ -1,0 +1,162 @@
+"""HellaSwag scoring: each ending's loss is the one its own forward pass gives, batching changes
+no answer, acc is the summed loss and acc_norm the mean, a row past the window keeps its
+ending; llmtrain-eval --hellaswag reads a file or a URL (downloaded once)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import TINY
+
+import llmtrain.hellaswag as hs
+from llmtrain.config import ModelConfig, load_config
+from llmtrain.eval import main
+from llmtrain.hellaswag import Example, ending_losses, hellaswag, load_examples
+from llmtrain.model import GPT
+from llmtrain.tokenizer import get_tokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+SAMPLE = ASSETS / "hellaswag_sample.jsonl"
+TOK = get_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)  # a larger init: each ending's loss depends on its context
+    cfg = ModelConfig(name="t", n_layer=2, n_head=2, n_embd=32, context_length=64, init_std=0.5)
+    return GPT(cfg).eval()
+
+
+@torch.no_grad()
+def own_forward(model: GPT, tokens: list[int], start: int) -> tuple[float, int]:
+    """Summed loss of tokens[start:] given what precedes each, from a forward pass of its own."""
+    logits, _ = model(torch.tensor([tokens]))
+    loss = F.cross_entropy(
+        logits[0, :-1, : model.vocab_size], torch.tensor(tokens[1:]), reduction="none"
+    )
+    return loss[start - 1 :].sum().item(), len(tokens) - start
+
+
+def test_each_ending_s_loss_is_its_own_forward_pass_s(model):
+    """Three examples' twelve rows in one padded batch, each as if alone."""
+    examples = load_examples(str(SAMPLE))[:3]
+    total, count = ending_losses(model, TOK, examples, window=64)
+    assert total.shape == count.shape == (3, 4)
+    for i, example in enumerate(examples):
+        ctx = TOK.encode(example.ctx)
+        for j, ending in enumerate(example.endings):
+            want, n = own_forward(model, ctx + TOK.encode(" " + ending), len(ctx))
+            assert count[i, j] == n
+            assert total[i, j].item() == pytest.approx(want, rel=1e-4)
+
+
+def test_a_row_past_the_window_loses_the_start_of_its_context(model):
+    example = load_examples(str(SAMPLE))[3]
+    ctx, ending = TOK.encode(example.ctx), TOK.encode(" " + example.endings[1])
+    window = len(ending) + 4  # four context tokens left
+    total, count = ending_losses(model, TOK, [example], window=window)
+    want, n = own_forward(model, (ctx + ending)[-window:], 4)
+    assert count[0, 1] == n == len(ending)
+    assert total[0, 1].item() == pytest.approx(want, rel=1e-4)
+
+
+def test_batching_changes_no_answer(model):
+    examples = load_examples(str(SAMPLE))
+    scores = {size: hellaswag(model, TOK, examples, 64, batch_size=size) for size in (1, 3, 8)}
+    assert scores[1] == scores[3] == scores[8]
+    total, count = ending_losses(model, TOK, examples, window=64)
+    labels = torch.tensor([ex.label for ex in examples])
+    assert scores[1]["acc_norm"] == ((total / count).argmin(1) == labels).float().mean().item()
+    assert scores[1]["acc"] == (total.argmin(1) == labels).float().mean().item()
+    assert scores[1]["examples"] == 8
+
+
+def test_acc_sums_the_loss_and_acc_norm_takes_its_mean_per_token(monkeypatch):
+    """Ending 1 has the least loss in all (one token), ending 0 the least per token."""
+    losses = torch.tensor([[4.0, 3.0, 18.0, 18.0]]), torch.tensor([[4, 1, 9, 9]])
+    monkeypatch.setattr(hs, "ending_losses", lambda *args: losses)
+    example = Example("ctx", ("a", "b", "c", "d"), label=0)
+    assert hellaswag(None, TOK, [example], 64) == {"acc": 0.0, "acc_norm": 1.0, "examples": 1}
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ('{"ctx": "a", "endings": ["b", "c", "d"], "label": 0}', "line 2 has 3 endings"),
+        ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}', "and label 4; HellaSwag"),
+        ('{"ctx": "a", "label": 0}', "line 2 is not a HellaSwag example (KeyError: 'endings')"),
+        ("not json", "line 2 is not a HellaSwag example (JSONDecodeError"),
+    ],
+)
+def test_a_row_that_is_not_hellaswag_is_named(tmp_path, line, says):
+    path = tmp_path / "h.jsonl"
+    path.write_text(SAMPLE.read_text().splitlines()[0] + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"--hellaswag {path}: " + ".*" + says[:20]):
+        load_examples(str(path))
+    assert len(load_examples(str(path), limit=1)) == 1  # the first N are read, no more
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """Two steps and a checkpoint (~5 s)."""
+    from llmtrain.train import train
+
+    run = tmp_path_factory.mktemp("hellaswag-run")
+    cfg = [*TINY, "trainer.batch_tokens=256", "trainer.max_steps=2", "trainer.ckpt_every=2"]
+    train(load_config([*cfg, "trainer.eval_every=2", "trainer.sample_every=0"]), run)
+    return run
+
+
+def eval_json(argv: list[str], capsys) -> dict:
+    main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_reads_a_url_once_and_then_its_cached_copy(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLMTRAIN_CACHE", str(tmp_path / "cache"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(ASSETS))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/{SAMPLE.name}"
+    try:
+        from_url = eval_json([str(run), "--hellaswag", url], capsys)
+    finally:
+        server.shutdown()
+        server.server_close()
+    cached = tmp_path / "cache" / "hellaswag" / SAMPLE.name
+    assert cached.read_bytes() == SAMPLE.read_bytes()
+    assert eval_json([str(run), "--hellaswag", url], capsys) == from_url  # server gone: cache
+    from_file = eval_json([str(run), "--hellaswag", str(SAMPLE)], capsys)
+    assert {**from_url, "source": None} == {**from_file, "source": None}
+    assert from_url["examples"] == 8 and from_url["step"] == 2
+    two = eval_json([str(run), "--hellaswag", str(SAMPLE), "--examples", "2"], capsys)
+    assert two["examples"] == 2
+
+
+def test_cli_prints_the_accuracy(run, capsys):
+    main([str(run), "--hellaswag", str(SAMPLE), "--batch-size", "3"])
+    out = capsys.readouterr().out
+    assert out.startswith("step 2: hellaswag acc_norm 0.") and "/8) | acc 0." in out
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--examples", "3"], "--examples 3: a count >= 1, with --hellaswag"),
+        (["--hellaswag", str(SAMPLE), "--examples", "0"], "--examples 0: a count >= 1"),
+        (["--hellaswag", str(SAMPLE), "data=sample"], "no data overrides or --batches"),
+        (["--hellaswag", "missing.jsonl"], "--hellaswag missing.jsonl: no such file"),
+    ],
+)
+def test_cli_refusals_exit_2(run, capsys, args, says):
+    with pytest.raises(SystemExit) as e:
+        main([str(run), *args])
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
