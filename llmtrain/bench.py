@@ -118,6 +118,7 @@ def bench_config(overrides: list[str], steps: int, warmup: int) -> TrainConfig:
         eval_at_start=False,
         ckpt_every=NEVER,
         sample_every=0,
+        hellaswag_every=0,
         resume="none",
     )
     cfg.logger = dataclasses.replace(cfg.logger, name="none")

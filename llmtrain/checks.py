@@ -300,6 +300,9 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
         "max_bad_steps",
     )
     _require(t.loss_chunk >= 0, "trainer.loss_chunk", "must be >= 0 (0 = the plain loss)")
+    every, examples = t.hellaswag_every, t.hellaswag_examples
+    _require(every >= 0, "trainer.hellaswag_every", f"must be >= 0 (0 = never), got {every}")
+    _require(examples >= 0, "trainer.hellaswag_examples", f"must be >= 0 (0 = all), got {examples}")
     # numpy's and datasets' generators take non-negative seeds (data order, shuffling), and the
     # shuffle's per-epoch seed (seed * 100_003 + epoch) must fit datasets' int64 epoch counter.
     _require(0 <= t.seed < 2**32, "trainer.seed", f"must be in [0, 2**32), got {t.seed}")

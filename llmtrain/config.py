@@ -158,6 +158,11 @@ class TrainerConfig:
     sample_tokens: int = 48  # new tokens per sample; past data.seq_len the context slides
     temperature: float = 0.8  # 0: greedy
     top_k: int = 50  # sample among the k likeliest tokens; 0: all
+    # HellaSwag accuracy (hellaswag.py), llm.c's zero-shot benchmark for GPT-2, every N steps
+    # and at step 0 with eval_at_start (0: never)
+    hellaswag_every: int = 0
+    hellaswag_data: str | None = None  # null: the validation file, downloaded once; or its path
+    hellaswag_examples: int = 0  # the first N examples; 0: all 10,042
     # Wall-clock budget of this process's training (seconds, 90m, 12h, HH:MM:SS, D-HH:MM:SS):
     # it stops a step early enough to save, exits 75 and resume=auto goes on. Under Slurm the
     # job's end (SLURM_JOB_END_TIME) is a deadline too.

@@ -12,6 +12,7 @@ llm.c reports) and by their summed loss (``acc``). The examples are the validati
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import urllib.parse
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from llmtrain.checkpoint import load_trainer_state
 from llmtrain.consolidate import DTYPES
+from llmtrain.documents import DataError, StreamError
 from llmtrain.model import GPT
 from llmtrain.sample import load_gpt
 from llmtrain.tokenizer import Tokenizer, get_tokenizer
@@ -39,7 +41,7 @@ class Example:
     label: int
 
 
-def cached_download(url: str) -> Path:
+def cached_download(url: str, key: str = "--hellaswag") -> Path:
     """The file at ``url``, downloaded once into $LLMTRAIN_CACHE (default ~/.cache/llmtrain)."""
     root = Path(os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain")
     path = root / "hellaswag" / Path(urllib.parse.urlparse(url).path).name
@@ -53,18 +55,22 @@ def cached_download(url: str) -> Path:
         os.replace(partial, path)
     except OSError as e:  # urllib's errors are OSErrors
         partial.unlink(missing_ok=True)
-        raise OSError(
-            f"--hellaswag {url}: cannot download it ({e}); offline, download "
+        raise StreamError(
+            f"{key} {url}: cannot download it ({e}); offline, download "
             "hellaswag_val.jsonl where there is network and give its path"
         ) from e
     return path
 
 
-def load_examples(source: str = HELLASWAG_VAL, limit: int | None = None) -> list[Example]:
-    """The first ``limit`` examples (None: all) of HellaSwag JSON lines at a URL or path."""
-    path = cached_download(source) if "://" in source else Path(source)
+def load_examples(
+    source: str = HELLASWAG_VAL, limit: int | None = None, key: str = "--hellaswag"
+) -> list[Example]:
+    """The first ``limit`` examples (None: all) of HellaSwag JSON lines at a URL or path;
+    ``key`` is the option that named it, for the errors (DataError, or StreamError: a failed
+    download, worth another try)."""
+    path = cached_download(source, key) if "://" in source else Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"--hellaswag {source}: no such file")
+        raise DataError(f"{key} {source}: no such file")
     examples = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -76,18 +82,18 @@ def load_examples(source: str = HELLASWAG_VAL, limit: int | None = None) -> list
                 row = json.loads(line)
                 example = Example(row["ctx"], tuple(row["endings"]), int(row["label"]))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(
-                    f"--hellaswag {source}: line {number} is not a HellaSwag example "
+                raise DataError(
+                    f"{key} {source}: line {number} is not a HellaSwag example "
                     f"({type(e).__name__}: {e}); each line holds ctx, endings and label"
                 ) from None
             if len(example.endings) != 4 or not 0 <= example.label < 4:
-                raise ValueError(
-                    f"--hellaswag {source}: line {number} has {len(example.endings)} endings "
+                raise DataError(
+                    f"{key} {source}: line {number} has {len(example.endings)} endings "
                     f"and label {example.label}; HellaSwag has four, labelled 0-3"
                 )
             examples.append(example)
     if not examples:
-        raise ValueError(f"--hellaswag {source}: no examples in it")
+        raise DataError(f"{key} {source}: no examples in it")
     return examples
 
 
@@ -105,12 +111,16 @@ def _rows(example: Example, tokenizer: Tokenizer, window: int) -> list[tuple[lis
 
 @torch.no_grad()
 def ending_losses(
-    model: GPT, tokenizer: Tokenizer, examples: list[Example], window: int
+    model: GPT,
+    tokenizer: Tokenizer,
+    examples: list[Example],
+    window: int,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss and token count of each ending, (len(examples), endings) each: one forward
     pass over the examples' rows, right-padded (a causal model never reads the padding)."""
     rows = [row for ex in examples for row in _rows(ex, tokenizer, window)]
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     length = max(len(tokens) for tokens, _ in rows)
     idx = torch.zeros(len(rows), length, dtype=torch.long)
     scored = torch.zeros(len(rows), length, dtype=torch.bool)  # the positions of the ending
@@ -134,18 +144,32 @@ def hellaswag(
     examples: list[Example],
     window: int,
     batch_size: int = 8,
+    accelerator: Any = None,
 ) -> dict[str, float | int]:
     """``acc_norm`` (mean loss per token), ``acc`` (summed loss) and ``examples``, over
-    ``batch_size`` examples per forward pass. The caller sets ``eval()`` and autocast."""
-    correct = torch.zeros(2, dtype=torch.long)  # (acc, acc_norm)
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        total, count = ending_losses(model, tokenizer, batch, window)
-        labels = torch.tensor([ex.label for ex in batch])
-        correct[0] += (total.argmin(1).cpu() == labels).sum()
-        correct[1] += ((total / count).argmin(1).cpu() == labels).sum()
-    n = len(examples)
-    return {"acc": correct[0].item() / n, "acc_norm": correct[1].item() / n, "examples": n}
+    ``batch_size`` examples per forward pass. The caller sets ``eval()`` and autocast.
+
+    With an ``accelerator``, each process scores every world_size-th example and the counts
+    are summed; all take the same number of forward passes (a ZeRO-3 or FSDP2 model gathers
+    its weights in each, together), one with no examples left scoring one it does not count.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    share = examples[rank::world]
+    batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # (acc, acc_norm, examples)
+    for b in range(batches):
+        batch = share[b * batch_size : (b + 1) * batch_size]
+        total, count = ending_losses(model, tokenizer, batch or examples[:1], window, device)
+        if batch:
+            labels = torch.tensor([ex.label for ex in batch], device=device)
+            counts[0] += (total.argmin(1) == labels).sum()
+            counts[1] += ((total / count).argmin(1) == labels).sum()
+            counts[2] += len(batch)
+    if accelerator:
+        counts = accelerator.reduce(counts, reduction="sum")
+    acc, acc_norm, n = counts.tolist()
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "examples": n}
 
 
 def hellaswag_checkpoint(

@@ -1,8 +1,9 @@
 """``llmtrain-plot RUN_DIR``: one PNG of a run's curves from ``RUN_DIR/metrics.jsonl``.
 
 The trainer writes one JSON object per line: train records (``step``, ``tokens``, ``loss``,
-``ppl``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``, ...) and eval records (``step``,
-``tokens``, ``val_loss``, ``val_ppl``). Any key may be missing or null; a panel with nothing to
+``ppl``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``, ...), eval records (``step``,
+``tokens``, ``val_loss``, ``val_ppl``) and, with trainer.hellaswag_every, HellaSwag records
+(``hellaswag_acc_norm``, ``hellaswag_acc``). Any key may be missing or null; a panel with nothing to
 draw says so instead of failing.
 """
 
@@ -159,6 +160,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     ]
     if not by_tokens:
         panels.pop(1)
+    if any("hellaswag_acc" in r for r in records):  # trainer.hellaswag_every
+        accuracy = [("hellaswag_acc_norm", "acc_norm", "val"), ("hellaswag_acc", "acc", "val")]
+        panels.append((accuracy, "step", "HellaSwag", "accuracy (chance 0.25)", False))
     cols = 2
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(12, 3.6 * rows), squeeze=False)

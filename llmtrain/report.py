@@ -9,6 +9,7 @@ import torch
 
 from llmtrain.config import TrainConfig
 from llmtrain.documents import STATS
+from llmtrain.hellaswag import hellaswag
 from llmtrain.metrics import (
     Throughput,
     console_line,
@@ -126,6 +127,26 @@ def log_eval(run: Run) -> None:
             f"data: training documents skipped so far: {docs['empty']:,} empty, "
             f"{docs['undecodable']:,} undecodable ({docs['documents']:,} used)"
         )
+
+
+def log_hellaswag(run: Run) -> None:
+    """HellaSwag accuracy (llmtrain/hellaswag.py), each rank scoring a share of the examples,
+    on the model without torch.compile: its rows' lengths vary from batch to batch."""
+    model = run.accelerator.unwrap_model(run.model)
+    model.eval()
+    try:
+        scores = hellaswag(
+            model, run.tokenizer, run.hellaswag, run.cfg.data.seq_len, accelerator=run.accelerator
+        )
+    finally:
+        model.train()
+    right, n = round(scores["acc_norm"] * scores["examples"]), scores["examples"]
+    run.log(
+        {"step": run.state.step, "tokens": run.state.tokens,
+         "hellaswag_acc_norm": scores["acc_norm"], "hellaswag_acc": scores["acc"]},
+        f"hellaswag step {run.state.step}: acc_norm {scores['acc_norm']:.4f} ({right:,}/{n:,}) "
+        f"| acc {scores['acc']:.4f}",
+    )  # fmt: skip
 
 
 def log_sample(run: Run) -> None:

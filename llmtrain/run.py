@@ -33,6 +33,8 @@ from llmtrain.config import (
 from llmtrain.consolidate import load_data_state, load_state
 from llmtrain.data import build_dataloader
 from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
+from llmtrain.documents import DataError
+from llmtrain.hellaswag import HELLASWAG_VAL, Example, load_examples
 from llmtrain.hf import is_hf_source, read_hf_weights
 from llmtrain.integrity import safe_loading
 from llmtrain.metrics import MetricsFile, Pace, build_logger, device_peak_tflops, receipt
@@ -196,6 +198,7 @@ class Run:
     # A rollback's abandoned branch (main process): removed at this run's first save, also
     # where that save's step is past theirs (pruning by step number alone then kept them).
     abandoned: list[Path] = field(default_factory=list)
+    hellaswag: list[Example] = field(default_factory=list)  # trainer.hellaswag_every's examples
 
     @property
     def is_main(self) -> bool:
@@ -251,6 +254,13 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     # Checked before any process group starts: a failing rank 0 then costs seconds, not a hang.
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     check_vocab(tokenizer, cfg.model.vocab_size)
+    t, hellaswag = cfg.trainer, []
+    if t.hellaswag_every:  # every process reads the file (a download: once a node, cached)
+        source, key = t.hellaswag_data or HELLASWAG_VAL, "trainer.hellaswag_data"
+        try:
+            hellaswag = load_examples(source, t.hellaswag_examples or None, key)
+        except DataError as e:  # StreamError too: a failed download is worth another try
+            raise type(e)(f"{e}; or trainer.hellaswag_every=0 for none") from e
     if rank_from_env() == 0:  # other ranks learn the run dir by broadcast
         resume.preflight_resume(cfg, run_dir)
     accelerator = build_accelerator(cfg, plan.grad_accum)
@@ -352,12 +362,17 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     run = Run(
         cfg, plan, accelerator, model, optimizer, tokenizer, train_loader, val_loader, state,
         run_dir, run_receipt, metrics_file, logger, peak, Pace(start_step=state.step),
-        epoch=train_loader.epoch, abandoned=abandoned,
+        epoch=train_loader.epoch, abandoned=abandoned, hellaswag=hellaswag,
     )  # fmt: skip
     run.say(startup_report(cfg, plan, params, run_dir, accelerator.device))
     windows = getattr(train_loader.source, "windows", None)  # shards: a pass's, all ranks'
     for note in plan_notes(cfg, plan) + shard_notes(cfg) + passes_notes(plan, windows):
         run.say(note)
+    if hellaswag:
+        run.say(
+            f"  hellaswag  every {t.hellaswag_every:,} steps: {len(hellaswag):,} examples, rows "
+            f"cut to {cfg.data.seq_len} tokens"
+        )
     if resume_from is None and init_from is None and cfg.trainer.resume == "auto":
         run.say(
             f"  resume     auto: no checkpoint in {run.ckpt_root}; from step 0 (to go "

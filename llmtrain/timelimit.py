@@ -79,7 +79,8 @@ class Clock:
     def __init__(self, limit: Deadline | None) -> None:
         self.limit = limit
         self.step_s = 0.0  # the last step's time, its evaluation, sample and save left out
-        self.took = {"eval": 0.0, "sample": 0.0, "save": 0.0}  # the last (save: the longest)
+        # The last evaluation, HellaSwag and sample took, and the longest save.
+        self.took = {"eval": 0.0, "hellaswag": 0.0, "sample": 0.0, "save": 0.0}
         self._last = time.monotonic()
         self._paused = 0.0
 

@@ -22,7 +22,7 @@ from llmtrain.dist import is_deepspeed, process_scope
 from llmtrain.metrics import Throughput
 from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
-from llmtrain.report import log_eval, log_sample, log_train
+from llmtrain.report import log_eval, log_hellaswag, log_sample, log_train
 from llmtrain.run import Run, run_dir_lock, setup
 from llmtrain.timelimit import Clock, Deadline, deadline
 
@@ -165,16 +165,26 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
         end = step == plan.max_steps
         return [
             kind
-            for kind, every in (("eval", t.eval_every), ("sample", t.sample_every))
+            for kind, every in (
+                ("eval", t.eval_every),
+                ("hellaswag", t.hellaswag_every),
+                ("sample", t.sample_every),
+            )
             if every and (step % every == 0 or end)
         ] + (["save"] if step % t.ckpt_every == 0 else [])
 
     stop = False  # a preemption signal reached some rank, or the time limit is near
     out_of_time = False
     clock = Clock(limit)
+
+    def report(kind: str) -> None:  # timed: the time limit counts it in the next step's need
+        with clock.pause(kind):
+            {"eval": log_eval, "hellaswag": log_hellaswag, "sample": log_sample}[kind](run)
+
     if t.eval_at_start and state.step == 0:  # the baseline (a fine-tune's starting point)
-        with clock.pause("eval"):
-            log_eval(run)
+        for kind in ("eval", "hellaswag"):
+            if kind in due(0):
+                report(kind)
         throughput.reset()
     first_step = True
     last_good = (lr_at(max(0, state.step - 1), cfg.optim, plan.max_steps), float("nan"))
@@ -229,12 +239,9 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
             throughput.reset()
         # An evaluation, sample or save: seconds to minutes in which a signal may come.
         pauses = due(state.step)
-        if "eval" in pauses:
-            with clock.pause("eval"):
-                log_eval(run)
-        if "sample" in pauses:
-            with clock.pause("sample"):
-                log_sample(run)
+        for kind in ("eval", "hellaswag", "sample"):
+            if kind in pauses:
+                report(kind)
         if "save" in pauses:
             with clock.pause("save"):
                 if save() is not None:

@@ -9,6 +9,7 @@ import http.server
 import json
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -78,12 +79,35 @@ def test_batching_changes_no_answer(model):
     assert scores[1]["examples"] == 8
 
 
-def test_acc_sums_the_loss_and_acc_norm_takes_its_mean_per_token(monkeypatch):
+def test_acc_sums_the_loss_and_acc_norm_takes_its_mean_per_token(model, monkeypatch):
     """Ending 1 has the least loss in all (one token), ending 0 the least per token."""
     losses = torch.tensor([[4.0, 3.0, 18.0, 18.0]]), torch.tensor([[4, 1, 9, 9]])
     monkeypatch.setattr(hs, "ending_losses", lambda *args: losses)
     example = Example("ctx", ("a", "b", "c", "d"), label=0)
-    assert hellaswag(None, TOK, [example], 64) == {"acc": 0.0, "acc_norm": 1.0, "examples": 1}
+    assert hellaswag(model, TOK, [example], 64) == {"acc": 0.0, "acc_norm": 1.0, "examples": 1}
+
+
+def test_ranks_share_the_examples_and_take_the_same_number_of_passes(model, monkeypatch):
+    """8 examples on 3 ranks: 3, 3 and 2, in batches of 2. Every rank makes 2 forward passes
+    (a sharded model's are collective); rank 2's second scores an example it does not count."""
+    examples = load_examples(str(SAMPLE))
+    whole = hellaswag(model, TOK, examples, 64, batch_size=2)
+    passes = []
+    real = hs.ending_losses
+    monkeypatch.setattr(hs, "ending_losses", lambda *args: passes.append(1) or real(*args))
+    shares = []
+    for rank in range(3):
+        passes.clear()
+        accelerator = SimpleNamespace(  # reduce: this rank's own counts
+            process_index=rank, num_processes=3, device=torch.device("cpu"),
+            reduce=lambda counts, reduction: counts,
+        )  # fmt: skip
+        shares.append(hellaswag(model, TOK, examples, 64, 2, accelerator))
+        assert len(passes) == 2
+    assert [share["examples"] for share in shares] == [3, 3, 2]
+    for key in ("acc", "acc_norm"):
+        right = sum(share[key] * share["examples"] for share in shares)
+        assert round(right) == round(whole[key] * 8)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +136,55 @@ def run(tmp_path_factory) -> Path:
     cfg = [*TINY, "trainer.batch_tokens=256", "trainer.max_steps=2", "trainer.ckpt_every=2"]
     train(load_config([*cfg, "trainer.eval_every=2", "trainer.sample_every=0"]), run)
     return run
+
+
+def logged(run: Path) -> dict[int, tuple[float, float]]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: (r["hellaswag_acc_norm"], r["hellaswag_acc"])
+            for r in map(json.loads, lines) if "hellaswag_acc" in r}  # fmt: skip
+
+
+IN_TRAINING = [
+    *TINY,
+    "trainer.batch_tokens=256",
+    "trainer.max_steps=4",
+    "trainer.ckpt_every=4",
+    "trainer.sample_every=0",
+    "trainer.eval_at_start=true",
+    "trainer.hellaswag_every=2",
+    f"trainer.hellaswag_data={SAMPLE}",
+]
+
+
+def test_training_logs_hellaswag_and_llmtrain_eval_gives_it_again(tmp_path, capsys):
+    from llmtrain.hellaswag import hellaswag_checkpoint
+    from llmtrain.train import train
+
+    train(load_config(IN_TRAINING), tmp_path)
+    assert "  hellaswag  every 2 steps: 8 examples" in capsys.readouterr().out
+    scores = logged(tmp_path)
+    assert sorted(scores) == [0, 2, 4]
+    again = hellaswag_checkpoint(str(tmp_path), str(SAMPLE))
+    assert again["step"] == 4 and scores[4] == (again["acc_norm"], again["acc"])
+
+
+def _train_two_ranks(run_dir: str) -> None:
+    from llmtrain.train import train
+
+    cfg = [*IN_TRAINING, "dist=zero3", "trainer.batch_tokens=512", "trainer.max_steps=2"]
+    train(load_config(cfg, world_size=2), Path(run_dir))
+
+
+@pytest.mark.distributed
+def test_two_ranks_share_the_examples_under_zero3(tmp_path):
+    """Each rank scores half of the examples, its weights gathered in each forward pass."""
+    from dist_worker import run as fork_run
+
+    from llmtrain.hellaswag import hellaswag_checkpoint
+
+    fork_run(_train_two_ranks, 2, str(tmp_path / "run"), tmp=tmp_path)
+    again = hellaswag_checkpoint(str(tmp_path / "run"), str(SAMPLE))
+    assert logged(tmp_path / "run")[2] == (again["acc_norm"], again["acc"])
 
 
 def eval_json(argv: list[str], capsys) -> dict:

@@ -90,3 +90,20 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert f"cannot write {out}" in err and "--out" in err
+
+
+def test_a_hellaswag_panel_where_the_run_logged_it(tmp_path, monkeypatch):
+    import llmtrain.plot as plot
+
+    titles = []
+    draw = plot._draw
+    monkeypatch.setattr(plot, "_draw", lambda ax, r, k, x, title, *a: titles.append(title)
+                        or draw(ax, r, k, x, title, *a))  # fmt: skip
+    write_metrics(tmp_path)
+    assert main([str(tmp_path)]) == 0 and "HellaSwag" not in titles
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        for step in (0, 100, 200):
+            f.write(json.dumps({"step": step, "hellaswag_acc_norm": 0.25 + step / 2000,
+                                "hellaswag_acc": 0.25}) + "\n")  # fmt: skip
+    titles.clear()
+    assert main([str(tmp_path)]) == 0 and titles[-1] == "HellaSwag"

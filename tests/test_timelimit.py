@@ -85,7 +85,7 @@ def test_the_clock_counts_the_steps_pauses_and_the_longest_save(monkeypatch):
     with clock.pause("eval"):
         fake.now += 5
     clock.step_done()  # only the pauses passed since the last step: no time of its own
-    assert (clock.step_s, clock.took) == (0, {"eval": 5, "sample": 0, "save": 30})
+    assert (clock.step_s, clock.took) == (0, {"eval": 5, "hellaswag": 0, "sample": 0, "save": 30})
     fake.now += 10
     clock.step_done()
     assert clock.step_s == 10
