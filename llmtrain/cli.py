@@ -170,14 +170,17 @@ def main() -> None:
               "per sweep point (a shell loop over accelerate launch or sbatch), or sweep without "
               "a launcher")  # fmt: skip
     if "--help" in args or "-h" in args:  # Hydra's, with what each setting means
+        if sweep:  # Hydra's help cannot compose a sweep ("ambiguous value"): its first job's
+            args = sys.argv[1:] = _first_job(args)
         # The overrides it shows applied are composed first: a typo is one line, not Hydra's
         # traceback. Composed only: help needs no horizon, nor any value checked.
         keys = [a for a in args if not a.startswith(("-", "hydra.")) or "searchpath" in a]
-        if not sweep:
-            try:
-                compose_config(keys)
-            except ConfigError as e:
-                _exit(2, "config error", e)
+        try:
+            compose_config(keys)
+        except ConfigError as e:
+            _exit(2, "config error", e)
+        if sweep:
+            print(f"(the sweep's first job: {' '.join(keys)})")
         print(hydra_help_with_comments(_hydra_main), end="")
         return
     _check_overrides(args, sweep)
@@ -185,6 +188,23 @@ def main() -> None:
     if failed := _SWEEP["failed"]:
         _exit(max(failed), "sweep", f"{len(failed)} of the sweep's {len(_SWEEP['jobs'])} jobs "
               "stopped (each one's reason is above); the others ran to their end")  # fmt: skip
+
+
+def _first_job(args: list[str]) -> list[str]:
+    """A sweep's command line as its first job's: no -m, each swept key at its first value."""
+    job = []
+    for a in args:
+        if a in SWEEP_FLAGS or a == "hydra.mode=MULTIRUN":
+            continue
+        if not a.startswith("-"):
+            try:
+                (o,) = OverridesParser.create().parse_overrides([a])
+            except OverrideParseException:  # composing it reports the error
+                o = None
+            if o is not None and o.is_sweep_override():
+                a = f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+        job.append(a)
+    return job
 
 
 def _check_overrides(args: list[str], sweep: bool = False) -> None:

@@ -514,6 +514,14 @@ def test_cli_help_with_a_bad_override_says_which_in_one_line(tmp_path):
     assert "Did you mean trainer.max_steps?" in out.stderr
 
 
+def test_cli_help_for_a_sweep_shows_its_first_job(tmp_path):
+    """Hydra's help printed an "ambiguous value" traceback for a swept override."""
+    out = cli(["--help", "-m", "experiment=smoke", "optim.lr=1e-3,2e-3"], tmp_path, timeout=60)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.startswith("(the sweep's first job: experiment=smoke optim.lr=0.001)")
+    assert re.search(r"\n  lr: 0.001 +# the peak learning rate", out.stdout)
+
+
 def test_cli_help_says_what_each_setting_means(tmp_path):
     """The composed config, overrides applied, with config.py's comment beside each setting (or
     above it, for a longer one); still YAML that reads back as the config."""
