@@ -132,7 +132,7 @@ def log_eval(run: Run) -> None:
 def log_hellaswag(run: Run) -> None:
     """HellaSwag accuracy (llmtrain/hellaswag.py), each rank scoring a share of the examples,
     on the model without torch.compile: its rows' lengths vary from batch to batch."""
-    model = run.accelerator.unwrap_model(run.model)
+    model = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
     model.eval()
     try:
         scores = hellaswag(

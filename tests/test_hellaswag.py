@@ -168,6 +168,26 @@ def test_training_logs_hellaswag_and_llmtrain_eval_gives_it_again(tmp_path, caps
     assert again["step"] == 4 and scores[4] == (again["acc_norm"], again["acc"])
 
 
+def test_training_scores_the_model_without_torch_compile(model, monkeypatch):
+    """Rows' lengths vary by batch: a compiled model would recompile for each new shape."""
+    from accelerate import Accelerator
+
+    import llmtrain.report as report
+
+    scored = []
+    monkeypatch.setattr(report, "hellaswag", lambda m, *a, **k: scored.append(m) or
+                        {"acc": 0.0, "acc_norm": 0.0, "examples": 1})  # fmt: skip
+    run = SimpleNamespace(
+        model=torch.compile(model),  # as trainer.compile=true prepares it (compiled lazily)
+        accelerator=SimpleNamespace(unwrap_model=functools.partial(Accelerator.unwrap_model, None)),
+        tokenizer=TOK, hellaswag=[], cfg=load_config(["experiment=smoke"]),
+        state=SimpleNamespace(step=0, tokens=0), log=lambda *a: None,
+    )  # fmt: skip
+    report.log_hellaswag(run)
+    assert scored == [model] and model.training  # back in training mode for the loop
+    model.eval()  # as the fixture's other users expect it
+
+
 def _train_two_ranks(run_dir: str) -> None:
     from llmtrain.train import train
 
