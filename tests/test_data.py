@@ -133,6 +133,8 @@ def test_fineweb_code_path_holds_out_documents(where):
     docs = docs_of(list((root / "data" / "train").glob("*.parquet")))
     val = unwindow(list(build_dataloader(cfg, TOK, split="val", batch_size=4)), 32)
     assert val == stream_of(docs[:5])[: len(val)]
+    workers = build_dataloader(replace(cfg, num_workers=2), TOK, split="val", batch_size=4)
+    assert unwindow(list(workers), 32) == val  # the same 5 documents, not 5 per worker
     loader = build_dataloader(cfg, TOK, split="train", batch_size=8)
     train = unwindow(take(loader, 20), 32)
     assert train == stream_of(docs[5:])[: len(train)]
@@ -221,6 +223,15 @@ def check_disjoint_and_cover(world_size: int) -> None:
     assert total - covered < slots * 33 and len(ref) - len(found) <= slots
 
 
+def test_training_batches_come_from_the_workers_in_turn():
+    """Each worker reads its own shards: a worker passed over would leave its share of the
+    corpus untrained (only the other one's position would move)."""
+    loader = build_dataloader(small(num_workers=2), TOK, split="train", batch_size=4, seed=7)
+    turns = [loader.state_dict()["next"] for _ in zip(range(6), loader, strict=False)]
+    assert turns == [1, 0, 1, 0, 1, 0]
+    assert all(loader.state_dict()["workers"])  # both positions moved
+
+
 def write_txt_corpus(root: Path, n: int = 12) -> str:
     docs = [d for d in docs_of(list((SAMPLE_DIR / "data" / "validation").glob("*.parquet")))][:n]
     for i, d in enumerate(docs):
@@ -277,6 +288,44 @@ def test_epochs_reshuffle_and_count(tmp_path):
     epochs = [order[i : i + 5] for i in range(0, len(order) - 4, 5)][:3]
     assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 5 for e in epochs), order
     assert len({tuple(e) for e in epochs}) > 1, epochs  # not the same order every epoch
+    other = build_dataloader(cfg, TOK, split="train", batch_size=4, seed=2)
+    other_text = TOK.decode(unwindow(take(other, 120), 16))
+    other_order = [int(m) for m in re.findall(r"\[doc(\d)\]", other_text)]
+    assert other_order != order  # trainer.seed draws the orders
+
+
+def test_a_pass_that_ends_at_a_window_s_end_keeps_that_window(tmp_path):
+    """Only a final partial window is dropped: 16 tokens and EOT are one whole window of
+    seq_len=16 (+1)."""
+    (tmp_path / "train.txt").write_text("hello " * 100)
+    (tmp_path / "val.txt").write_text("hello" + " hello" * 15)
+    cfg = small(files=str(tmp_path / "train.txt"), val_files=str(tmp_path / "val.txt"), seq_len=16)
+    [(x, y)] = list(build_dataloader(cfg, TOK, split="val", batch_size=4))
+    assert x.shape == (1, 16) and y[0].tolist() == stream_of(["hello" + " hello" * 15])[1:]
+
+
+def test_a_worker_that_never_reads_a_document_stops_after_empty_epochs(tmp_path, monkeypatch):
+    """Shuffled epochs deal files out afresh, so an empty epoch may be followed by a full one;
+    a worker that has read nothing in EMPTY_EPOCHS of them in a row stops (here every document
+    is held out), rather than looping over empty epochs forever."""
+    from llmtrain import packing
+
+    for i in range(2):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    cfg = small(files=str(tmp_path / "*.txt"), val_split=None, val_docs=2, seq_len=16)
+    epochs = []
+    hf_epoch = packing.PackedDocuments._hf_epoch
+
+    def counted(self, epoch: int) -> int:
+        epochs.append(epoch)
+        assert len(epochs) <= 2 * packing.EMPTY_EPOCHS, "the empty stream never ends"
+        return hf_epoch(self, epoch)
+
+    monkeypatch.setattr(packing.PackedDocuments, "_hf_epoch", counted)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=1, rank=0, world_size=2)
+    with pytest.raises(DataError, match="Every document was held out"):
+        next(iter(loader))
+    assert epochs == list(range(packing.EMPTY_EPOCHS))
 
 
 def test_missing_file(tmp_path):
@@ -449,6 +498,23 @@ def test_resume_refuses_a_change_that_moves_the_position(key, value, name):
         k: v for k, v in state.items() if k not in ("tokenize_batch", "stride", "shuffle", "seed")
     }
     build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1).load_state_dict(old)
+
+
+def test_resume_refuses_as_many_other_held_out_documents(tmp_path):
+    """A corpus whose first documents differ (here the sample with its first file's rows
+    reversed) holds out as many, other documents: the position would go on in another
+    stream."""
+    shutil.copytree(SAMPLE_DIR / "data" / "train", tmp_path / "data" / "train")
+    first = sorted((tmp_path / "data" / "train").glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), first)
+    cfg = small(num_workers=0, val_split=None, val_docs=3)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2, seed=1)
+    take(loader, 3)
+    other = build_dataloader(replace(cfg, path=str(tmp_path)), TOK, split="train", batch_size=2,
+                             seed=1)  # fmt: skip
+    with pytest.raises(DataError, match=r"held-out validation .* exact resume needs"):
+        other.load_state_dict(loader.state_dict())
 
 
 @pytest.mark.parametrize("change", [{"val_docs": 10}, {"text_column": "url"}])

@@ -434,6 +434,32 @@ def test_consolidated_export_matches_training(mode, shards, tmp_path):
         torch.testing.assert_close(weights[name], t, msg=name)
 
 
+def _verify(ckpt: str) -> str | None:
+    from llmtrain.integrity import verify
+
+    torch.distributed.init_process_group("gloo")
+    return verify(Path(ckpt))
+
+
+@pytest.mark.distributed
+def test_a_file_one_rank_hashed_damaged_is_every_rank_s_answer(tmp_path):
+    """The ranks share the hashing: a damaged file in rank 1's share must be rank 0's answer
+    too, or one rank resumes from the checkpoint while the other falls back past it."""
+    from dist_worker import run as fork_run
+
+    from llmtrain.integrity import assign, digest, write_manifest
+
+    ckpt = tmp_path / "step_0000001"
+    ckpt.mkdir()
+    (ckpt / "a.bin").write_bytes(b"a" * 300)
+    (ckpt / "b.bin").write_bytes(b"b" * 200)
+    write_manifest(ckpt, digest(ckpt, ["a.bin", "b.bin"]))
+    assert assign([("a.bin", 300), ("b.bin", 200)], 2) == [["a.bin"], ["b.bin"]]
+    (ckpt / "b.bin").write_bytes(b"c" * 200)  # the same size, other bytes
+    problems = fork_run(_verify, 2, str(ckpt), tmp=tmp_path / "out")
+    assert problems[0] == problems[1] and "b.bin does not match its sha256" in problems[0]
+
+
 def test_world_size_change_needs_a_global_window_order():
     from llmtrain.consolidate import redistribute_data_state
 

@@ -1,5 +1,6 @@
 import json
 import math
+import time
 from dataclasses import replace
 
 import pytest
@@ -9,6 +10,7 @@ from llmtrain.metrics import (
     MetricsFile,
     NullLogger,
     Pace,
+    Throughput,
     build_logger,
     console_line,
     device_peak_tflops,
@@ -45,6 +47,20 @@ def test_flops_swiglu_and_gqa():
     d, kv_dim, ffn = 2048, 8 * 64, 8192
     per_layer = 2 * d * d + 2 * d * kv_dim + 3 * d * ffn
     assert matmul_params(cfg) == 16 * per_layer + d * 50304
+    narrow = load_config(["model=llama-1b", "model.ffn_hidden=5632", "trainer.max_steps=1"])
+    assert matmul_params(cfg) - matmul_params(narrow.model) == 16 * 3 * d * (ffn - 5632)
+
+
+def test_throughput_is_the_current_interval_s(monkeypatch):
+    """tokens/s and the data-wait fraction over the time since the last reset only."""
+    now = [102.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    meter = Throughput(start=100.0, tokens=4000, data_wait=0.5)
+    assert meter.read() == (2000.0, 0.25)
+    meter.reset()
+    meter.tokens += 1000
+    now[0] = 106.0
+    assert meter.read() == (250.0, 0.0)
 
 
 def test_mfu_against_peak_table():
@@ -91,6 +107,7 @@ def test_metrics_file_after_resume_holds_each_step_once(tmp_path):
     with path.open("a") as torn:
         torn.write('{"step": 8, "lo')
     f = MetricsFile(path, resumed_at=5)
+    assert f.logged_past == 7  # the steps 6 and 7 the resume trains again (the torn 8 is not)
     for step in range(6, 9):
         f.write({"step": step, "loss": -float(step)})
     f.close()
@@ -255,6 +272,7 @@ def test_eta_leaves_the_first_interval_out_once_past_it():
     pace = Pace(start=0.0, start_step=0)
     assert pace.eta(10, 1000, now=40.0) == pytest.approx(4.0 * 990)  # all it knows yet
     assert pace.eta(20, 1000, now=50.0) == pytest.approx(1.0 * 980)  # since step 10
+    assert pace.eta(30, 1000, now=70.0) == pytest.approx(1.5 * 970)  # still since step 10
     assert pace.eta(1000, 1000, now=1030.0) == 0.0
     resumed = Pace(start=0.0, start_step=500)  # a resume: steps count from its checkpoint
     assert resumed.eta(510, 1000, now=20.0) == pytest.approx(2.0 * 490)

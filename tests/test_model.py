@@ -207,9 +207,8 @@ def test_cached_chunk_after_prefix_matches_full_forward(cfg):
     idx = tokens(cfg, T=10)
     full, _ = model(idx)
     cache = model.new_kv_cache(10)
-    first, _ = model(idx[:, :4], kv_cache=cache)
-    rest, _ = model(idx[:, 4:], kv_cache=cache)
-    torch.testing.assert_close(torch.cat((first, rest), 1), full, atol=1e-5, rtol=1e-5)
+    chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 4), (4, 6), (6, 10))]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-5)  # 2 tokens too
 
 
 @TINY
@@ -222,6 +221,17 @@ def test_generation_past_the_context_slides_its_window(cfg, prompt_len):
     out = model.generate(prompt, max_new_tokens=40, temperature=0)
     assert out.shape == (2, prompt_len + 40)
     assert torch.equal(out, greedy_without_cache(model, prompt, 40))
+
+
+def test_a_batch_stops_once_every_row_has_produced_the_stop_id():
+    model = build(GPT2_TINY)
+    prompt = tokens(GPT2_TINY, T=4)
+    greedy = model.generate(prompt, 12, temperature=0)
+    stop = int(greedy[0, 4])  # row 0 stops at its first new token
+    ends = [row.index(stop) + 1 if stop in row else 12 for row in greedy[:, 4:].tolist()]
+    assert ends[1] > 1  # row 1 goes on after it
+    out = model.generate(prompt, 12, temperature=0, stop_id=stop)
+    assert torch.equal(out, greedy[:, : 4 + max(ends)])
 
 
 def test_sampling_stays_in_true_vocab():

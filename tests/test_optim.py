@@ -36,6 +36,8 @@ def test_a_one_step_decay_still_decays():
     only at step max_steps, which is never trained."""
     cfg = OptimConfig(lr=1e-3, warmup_steps=0, schedule="wsd", decay_fraction=0.1, min_lr_ratio=0)
     assert [lr_at(s, cfg, 10) for s in (8, 9)] == [1e-3, 0.0]
+    rounded_to_none = OptimConfig(lr=1e-3, warmup_steps=0, schedule="wsd", decay_fraction=0.04)
+    assert lr_at(9, rounded_to_none, 10) == pytest.approx(1e-4)  # 0.4 steps: one all the same
     cosine = OptimConfig(lr=1e-3, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0)
     assert lr_at(11, cosine, 12) == 0.0
 
@@ -45,9 +47,11 @@ def test_constant_schedule():
     assert [lr_at(s, cfg, 10) for s in (0, 5, 9)] == [2e-3] * 3
 
 
-def test_set_lr_writes_every_group():
+def test_the_config_s_settings_and_set_lr_reach_every_group():
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=100, context_length=8))
-    opt = build_optimizer(model, OptimConfig(weight_decay=0.1), "cpu")
+    cfg = OptimConfig(weight_decay=0.1, beta1=0.8, beta2=0.99, eps=1e-6)
+    opt = build_optimizer(model, cfg, "cpu")
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [(g["betas"], g["eps"]) for g in opt.param_groups] == [((0.8, 0.99), 1e-6)] * 2
     set_lr(opt, 0.123)
     assert [g["lr"] for g in opt.param_groups] == [0.123, 0.123]

@@ -32,7 +32,7 @@ from llmtrain import checkpoint as ckpt
 from llmtrain import resume
 from llmtrain.config import DataConfig, load_config
 from llmtrain.data import DataError, build_dataloader
-from llmtrain.integrity import CheckpointError, check_pickle, safe_loading, verify
+from llmtrain.integrity import CheckpointError, check_files, check_pickle, safe_loading, verify
 from llmtrain.metrics import NullLogger
 from llmtrain.optim import lr_at
 from llmtrain.sample import load_gpt
@@ -150,14 +150,14 @@ def test_a_kill_just_after_the_rename_resumes_from_the_new_checkpoint(tmp_path, 
     """`latest` was written after the rename: a kill in between left it naming step 2 beside a
     complete step 4; resume=auto went back to step 2 and its next save deleted step 4 as 'the
     branch abandoned when this run resumed an earlier step'."""
-    root, fsync = tmp_path / "checkpoints", ckpt.fsync_dir
+    root, rename = tmp_path / "checkpoints", os.replace
 
-    def dies_after_the_rename(path):
-        fsync(path)
-        if path == root and (root / "step_0000004").is_dir():
+    def dies_after_the_rename(src, dst):
+        rename(src, dst)
+        if Path(dst) == root / "step_0000004":
             raise Killed
 
-    monkeypatch.setattr(ckpt, "fsync_dir", dies_after_the_rename)
+    monkeypatch.setattr(ckpt.os, "replace", dies_after_the_rename)
     with pytest.raises(Killed):
         train_mod.train(config(4, "trainer.ckpt_every=2"), tmp_path)
     assert verify(root / "step_0000004") is None
@@ -654,6 +654,17 @@ def test_compiled_checkpoints_load_under_the_model_s_own_names(two_checkpoints, 
         assert torch.equal(model.state_dict()[name], value), name
 
 
+def test_the_quick_check_finds_a_truncated_file_without_hashing(tmp_path):
+    """init_from and the tools check sizes only before reading weights (hashing billions of
+    parameters takes minutes): a short or missing file must fail there already."""
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    entries = {"model.safetensors": {"size": 12, "sha256": "0" * 64}}
+    problem = check_files(tmp_path, entries, hashed=False)
+    assert problem is not None and "has 10 bytes, the manifest says 12" in problem
+    gone = {"optimizer.bin": entries["model.safetensors"]}  # named, not a FileNotFoundError
+    assert check_files(tmp_path, gone, hashed=False) == f"{tmp_path / 'optimizer.bin'} is missing"
+
+
 def test_every_checkpoint_damaged_is_an_error(two_checkpoints, tmp_path):
     root = tmp_path / "checkpoints"
     shutil.copytree(two_checkpoints / "checkpoints", root)
@@ -730,6 +741,14 @@ def test_a_run_that_diverges_before_any_checkpoint_says_to_start_again(tmp_path,
     cfg = config(10, "trainer.max_bad_steps=2")
     with pytest.raises(ckpt.Diverged, match="No checkpoint was written; .* start again"):
         train_mod.train(cfg, tmp_path)
+
+
+def test_an_inf_weight_is_found_as_a_nan_is():
+    model = torch.nn.Linear(2, 2)
+    assert ckpt.nonfinite_parameter(model) is None
+    with torch.no_grad():
+        model.bias[1] = float("-inf")
+    assert ckpt.nonfinite_parameter(model) == "bias"
 
 
 def test_nan_weights_are_never_saved(tmp_path, monkeypatch):
@@ -836,6 +855,24 @@ def test_on_save_error_continue_keeps_training_and_saves_later(tmp_path, monkeyp
     assert "not saved" in capsys.readouterr().out
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000006"]
+
+
+def test_a_disk_with_less_room_than_the_last_checkpoint_is_refused_before_writing(
+    tmp_path, monkeypatch
+):
+    """A write that fails halfway through DeepSpeed's save could leave the other ranks waiting
+    in a collective: the save is refused first when the last checkpoint would not fit."""
+    last = tmp_path / "step_0000002"
+    last.mkdir()
+    (last / ckpt.TRAINER_STATE).write_text("{}")
+    (last / "manifest.json").write_text(json.dumps(
+        {"version": 1, "files": {"model.safetensors": {"size": 5 * 10**9, "sha256": "0" * 64}}}
+    ))  # fmt: skip
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=4 * 10**9))
+    assert "4.00 GB free, the last checkpoint took 5.00 GB" in ckpt._free_space_problem(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=6 * 10**9))
+    assert ckpt._free_space_problem(tmp_path) is None
 
 
 class full_as_writers_say:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from tiny import TINY
 
 from llmtrain.checkpoint import TRAINER_STATE
-from llmtrain.config import ConfigError, ModelConfig
-from llmtrain.resume import check_compatible, resume_candidates
+from llmtrain.config import ConfigError, ModelConfig, load_config
+from llmtrain.resume import changes_values, check_compatible, resume_candidates
+from llmtrain.startup import Plan
 
 
 def fake_checkpoints(root, *steps, latest=None):
@@ -18,6 +20,7 @@ def fake_checkpoints(root, *steps, latest=None):
         d.mkdir(parents=True)
         (d / TRAINER_STATE).write_text("{}")
     (root / "step_0000099.tmp").mkdir()  # an interrupted save is never a candidate
+    (root / "step_0000098").mkdir()  # nor a step dir without its trainer state
     if latest is not None:
         (root / "latest").write_text(f"step_{latest:07d}\n")
     return root
@@ -65,6 +68,12 @@ def test_another_shape_names_every_key_that_differs(tmp_path):
     message = str(e.value)
     assert "model.n_layer" in message and "model.mlp" in message
     assert "model.n_head" not in message
+    shapes = dict(n_layer=13, n_head=16, n_kv_head=4, n_embd=1024, ffn_hidden=1000,
+                  vocab_size=50000, vocab_pad_multiple=128, position="rope", norm="rmsnorm",
+                  mlp="swiglu", bias=False, tie_embeddings=False)  # fmt: skip
+    for key, value in shapes.items():  # each alone gives some weight another shape
+        with pytest.raises(ConfigError, match=f"model.{key}: checkpoint"):
+            check_compatible(saved, dataclasses.replace(saved, **{key: value}), tmp_path)
 
 
 def test_settings_that_do_not_change_the_shape_may_change(tmp_path):
@@ -145,3 +154,17 @@ def test_an_fp16_resume_needs_the_checkpoints_loss_scale(tmp_path):
         check_resumable(saved, fp16, tmp_path)
     (tmp_path / "scaler.pt").touch()
     check_resumable(saved, fp16, tmp_path)
+
+
+def test_a_resume_names_what_it_trains_differently():
+    """Each optimizer setting a resume changes is named, and so is another lr at the first
+    step it trains again (the steps from the checkpoint's, 0-based, up to ``upto``)."""
+    fast = [*TINY, "trainer.batch_tokens=256", "optim.warmup_steps=1"]
+    saved = load_config([*fast, "trainer.max_steps=4"])
+    plan = Plan.from_config(saved, 1).resumed(saved, 2, 2 * saved.trainer.batch_tokens)
+    changed = dict(weight_decay=0.5, beta1=0.8, beta2=0.9, eps=1e-6, grad_clip=0.5)
+    for key, value in changed.items():
+        other = load_config([*fast, "trainer.max_steps=4", f"optim.{key}={value}"])
+        assert changes_values(saved, other, plan, 4) == [f"optim.{key}"]
+    longer = load_config([*fast, "trainer.max_steps=8"])  # the cosine stretched from step 2 on
+    assert changes_values(saved, longer, dataclasses.replace(plan, max_steps=8), 3) == ["the lr"]

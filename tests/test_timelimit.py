@@ -15,7 +15,7 @@ import llmtrain.timelimit as timelimit
 import llmtrain.train as train_mod
 from llmtrain import checkpoint as ckpt
 from llmtrain.config import ConfigError, load_config
-from llmtrain.timelimit import Clock, Deadline, deadline, parse_duration
+from llmtrain.timelimit import Clock, Deadline, deadline, format_duration, parse_duration
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -46,6 +46,14 @@ BASE = 1_000_000_000.0  # the fake clock's start; the deadline is 100 s after it
 )
 def test_durations_read_as_seconds(text, seconds):
     assert parse_duration(text) == seconds
+
+
+def test_durations_print_as_slurm_writes_them():
+    assert [format_duration(s) for s in (30, 85800, 129600)] == [
+        "0:00:30",
+        "23:50:00",
+        "1-12:00:00",  # the days kept
+    ]
 
 
 @pytest.mark.parametrize("text", ["abc", "12:00", "1h30m", "-5", "1:60:00", ""])
