@@ -40,7 +40,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -106,9 +106,11 @@ class TrainerState:
     bad_steps: int = 0  # consecutive non-finite steps skipped (resets on a good step)
     skipped_steps: int = 0  # non-finite steps skipped over the whole run
     # The log interval in progress (its steps' mean losses summed), so the first line after
-    # a resume averages the same steps as an uninterrupted run's.
+    # a resume averages the same steps as an uninterrupted run's: the ranks' mean, and each
+    # rank's own sum (rank order), which a resume on as many processes goes on with.
     interval_loss: float = 0.0
     interval_steps: int = 0
+    interval_losses: list[float] = field(default_factory=list)
     init_from: str | None = None  # the checkpoint whose weights the run started from, if any
 
 
@@ -275,10 +277,7 @@ def save_checkpoint(
         try:
             ckpt_root.mkdir(parents=True, exist_ok=True)
             for stale in [*ckpt_root.glob("step_*.tmp"), ckpt_root / "latest.tmp"]:
-                if stale.is_dir():  # a crashed save's leftover
-                    shutil.rmtree(stale)
-                elif stale.exists():
-                    stale.unlink()
+                remove_leftover(stale)
             error = _free_space_problem(ckpt_root)
             if error is None:
                 tmp.mkdir()
@@ -335,6 +334,19 @@ def save_checkpoint(
         prune(ckpt_root, final, keep_last, abandoned)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_leftover(stale: Path) -> None:
+    """Remove a crashed save's (or removal's) leftover. One that cannot go (a checkpoint made
+    read-only, then rotated out by keep_last) is named and left: it stopped every later save."""
+    try:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    except OSError as e:
+        print(f"checkpoint: cannot remove the leftover {stale} ({e.strerror or e}); remove it "
+              "by hand", flush=True)  # fmt: skip
 
 
 def prune(

@@ -148,17 +148,21 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
     stream = batches(run.train_loader, throughput)
     # Each step's mean loss, summed over the log interval (a sum of micro-batch losses would
     # depend on grad_accum, which a resume may change); a resume goes on with the interval
-    # the checkpoint was in.
-    loss_sum = torch.tensor(state.interval_loss, device=accelerator.device)
+    # the checkpoint was in: each rank with its own sum where the process count is the saved
+    # one (every rank going on with the ranks' mean logged the interval's loss an ulp off).
+    own = len(state.interval_losses) == accelerator.num_processes
+    partial = state.interval_losses[accelerator.process_index] if own else state.interval_loss
+    loss_sum = torch.tensor(partial, device=accelerator.device)
     step_loss = torch.zeros((), device=accelerator.device)
     interval_steps, last_saved = state.interval_steps, state.step
     model.train()
 
     def save(final: bool = False):
-        # Every rank saves; the interval's loss is kept as the ranks' mean (log_train's too),
-        # so a resume on another number of processes goes on with it as well.
-        partial = accelerator.reduce(loss_sum.clone(), reduction="mean")
-        state.interval_loss, state.interval_steps = partial.item(), interval_steps
+        # Every rank saves; the interval's loss is kept per rank and as the ranks' mean
+        # (log_train's too), so a resume on another number of processes goes on with it as well.
+        sums = accelerator.gather(loss_sum.reshape(1))  # (world,) in rank order
+        state.interval_losses, state.interval_steps = sums.tolist(), interval_steps
+        state.interval_loss = sums.mean().item()
         return run.save(final=final)
 
     def due(step: int) -> list[str]:  # what follows the step's training

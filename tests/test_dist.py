@@ -537,3 +537,46 @@ def test_real_accelerate_launch_trains_and_resumes_auto(tmp_path):
     assert "gcc " not in out.stdout + out.stderr and "is deprecated" not in out.stderr
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]  # one metrics file across the restart
     assert (run_dir / "checkpoints" / "step_0000004" / "pytorch_model").is_dir()  # ZeRO shards
+
+
+# Each rank's training loss at steps 1 and 2: float32 values whose ranks' mean at step 1,
+# carried into step 2, rounds the interval's sum otherwise than the ranks' own sums do.
+STEP_LOSSES = {0: (9.0, 10 + 3 * 2**-20), 1: (10 + 2**-20, 10 + 2**-20)}
+
+
+def _train_with_losses(run_dir: str, overrides: list[str], start: int) -> None:
+    """Runs in each worker: train from step ``start`` with the loss values of STEP_LOSSES (the
+    gradients are the model's own)."""
+    import llmtrain.model as model_mod
+    import llmtrain.train as train_mod
+
+    rank, step = int(os.environ["RANK"]), [start]
+    forward = model_mod.GPT.forward
+
+    def fixed(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        if self.training:  # value STEP_LOSSES', gradient loss's
+            loss = STEP_LOSSES[rank][step[0]] + (loss - loss.detach())
+        return logits, loss
+
+    def done(state, throughput) -> None:
+        step[0] = state.step
+
+    model_mod.GPT.forward = fixed
+    train_mod.train(load_config(FAST + overrides, world_size=2), Path(run_dir), step_hook=done)
+
+
+@pytest.mark.distributed
+def test_a_resume_inside_a_log_interval_logs_its_loss_bitwise(shards, tmp_path):
+    """The interval's partial loss was saved as the ranks' mean and every rank resumed with it:
+    the line ending the interval then summed (m + x0) + (m + x1) for (a0 + x0) + (a1 + x1), a
+    float32 ulp off the uninterrupted run's (8.61285629 for 8.61285553 in a kill test)."""
+    from dist_worker import run as fork_run
+
+    args = [f"data.path={shards}", "dist=ddp", "trainer.log_every=2", "trainer.max_steps=2"]
+    args += ["trainer.ckpt_every=1"]
+    fork_run(_train_with_losses, 2, str(tmp_path / "full"), args, 0, tmp=tmp_path)
+    saved = tmp_path / "full" / "checkpoints" / "step_0000001"
+    resumed = [*args, f"trainer.resume={saved}"]
+    fork_run(_train_with_losses, 2, str(tmp_path / "resumed"), resumed, 1, tmp=tmp_path)
+    assert losses(tmp_path / "resumed")[2] == losses(tmp_path / "full")[2]  # bitwise

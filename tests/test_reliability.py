@@ -187,6 +187,27 @@ def test_a_kill_while_pruning_leaves_nothing_the_next_save_keeps(tmp_path, monke
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000006"]
 
 
+def test_a_leftover_that_cannot_be_removed_does_not_stop_saving(tmp_path, monkeypatch, capsys):
+    """A checkpoint made read-only (chmod -R a-w, to keep it) is renamed to step_N.tmp by
+    keep_last, which cannot empty it; the next save's removal of that leftover then raised, and
+    every later save failed ('receipt.json: Permission denied (the run dir is not writable')."""
+    root, rmtree = tmp_path / "checkpoints", shutil.rmtree
+
+    def read_only_step_2(path, *args, ignore_errors: bool = False, **kwargs):
+        if Path(path).name.startswith("step_0000002"):
+            if not ignore_errors:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "receipt.json")
+            return
+        rmtree(path, *args, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", read_only_step_2)
+    cfg = config(6, "trainer.ckpt_every=2", "trainer.keep_last=1")
+    assert train_mod.train(cfg, tmp_path).step == 6
+    assert f"cannot remove the leftover {root / 'step_0000002.tmp'}" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002.tmp", "step_0000006"]
+    assert verify(root / "step_0000006") is None
+
+
 # --- 2. preemption: SIGTERM / SIGUSR1 -> finish the step, save, exit 75 -------------------------
 
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
