@@ -19,6 +19,8 @@
 #                                #   autotuning is minutes; run alone)                  <=10 min
 #   bash benchmarks/h100.sh 8    # where the compiled step's time goes now (profile_step.py),
 #                                #   plain head and fused loss                           ~3 min
+#   bash benchmarks/h100.sh 9    # one HellaSwag evaluation's cost (hellaswag_cost.py,
+#                                #   synthetic rows), gpt2-small and llama-1b            ~3 min
 # The wheels travel in .whl/ (git-ignored via .git/info/exclude, named in the call's carry);
 # each call then starts with (the 2026-11-24 session's exact preamble):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -115,6 +117,12 @@ case $PART in
   P="python3 benchmarks/profile_step.py model=gpt2-small data.seq_len=1024 --micro 32 --compile"
   $P 2>&1 | tee "$OUT/profile-gpt2-compile.log"
   $P trainer.loss_chunk=8192 2>&1 | tee "$OUT/profile-gpt2-compile-losschunk.log"
+  ;;
+9)
+  # trainer.hellaswag_every's cost (gpt2-124m-fineweb evaluates every 1,000 steps), eager bf16.
+  for model in gpt2-small llama-1b; do
+    python3 benchmarks/hellaswag_cost.py --model $model 2>&1 | tee "$OUT/hellaswag-$model.log"
+  done
   ;;
 esac
 tail -n +$((N0 + 1)) $R > "$OUT/new-$PART.jsonl" 2>/dev/null || true
