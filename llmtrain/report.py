@@ -48,15 +48,16 @@ def sample_text(model, accelerator, tokenizer, cfg: TrainConfig, seed: int) -> s
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
     prompt = torch.tensor([tokenizer.encode_prompt(t.sample_prompt)], device=accelerator.device)
     model.eval()
-    try:
-        out = accelerator.unwrap_model(model).generate(
-            prompt,
-            t.sample_tokens,
-            temperature=t.temperature,
-            top_k=t.top_k,
-            generator=generator,
-            window=cfg.data.seq_len,  # the training window: positions past it are untrained
-        )
+    try:  # autocast: a compiled model's wraps the compiled forward, not the eager generate's
+        with accelerator.autocast():
+            out = accelerator.unwrap_model(model).generate(
+                prompt,
+                t.sample_tokens,
+                temperature=t.temperature,
+                top_k=t.top_k,
+                generator=generator,
+                window=cfg.data.seq_len,  # the training window: past it, untrained positions
+            )
     finally:
         model.train()
     return t.sample_prompt + tokenizer.decode(out[0, prompt.size(1) :].tolist())
@@ -131,13 +132,20 @@ def log_eval(run: Run) -> None:
 
 def log_hellaswag(run: Run) -> None:
     """HellaSwag accuracy (llmtrain/hellaswag.py), each rank scoring a share of the examples,
-    on the model without torch.compile: its rows' lengths vary from batch to batch."""
+    on the model without torch.compile: its rows' lengths vary from batch to batch. In the
+    training precision: with trainer.compile, Accelerate's autocast wraps the compiled model's
+    forward, which the eager model's leaves out (it scored in fp32)."""
     model = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
     model.eval()
     try:
-        scores = hellaswag(
-            model, run.tokenizer, run.hellaswag, run.cfg.data.seq_len, accelerator=run.accelerator
-        )
+        with run.accelerator.autocast():
+            scores = hellaswag(
+                model,
+                run.tokenizer,
+                run.hellaswag,
+                run.cfg.data.seq_len,
+                accelerator=run.accelerator,
+            )
     finally:
         model.train()
     right, n = round(scores["acc_norm"] * scores["examples"]), scores["examples"]

@@ -255,7 +255,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     check_vocab(tokenizer, cfg.model.vocab_size)
     t, hellaswag = cfg.trainer, []
-    if t.hellaswag_every:  # every process reads the file (a download: once a node, cached)
+    if t.hellaswag_every:  # every process reads it (the first start downloads it into the cache)
         source, key = t.hellaswag_data or HELLASWAG_VAL, "trainer.hellaswag_data"
         try:
             hellaswag = load_examples(source, t.hellaswag_examples or None, key)

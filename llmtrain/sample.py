@@ -100,7 +100,7 @@ def length_notes(cfg: TrainConfig, window: int, prompt_len: int, max_new: int) -
             f"past {window} tokens ({why}) the context slides: each new token is predicted from "
             "the last ones, recomputed in full (slower than the cached tokens before it)"
         )
-    used = min(prompt_len + max_new, window)
+    used = min(prompt_len + max_new - 1, window)  # positions read: the last token is not
     if cfg.model.position == "learned" and used > trained:
         # model.context_length sizes the position table; training fills only its first
         # data.seq_len rows, and the others keep their random initial values.

@@ -4,6 +4,7 @@ ending; llmtrain-eval --hellaswag reads a file or a URL (downloaded once)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -179,13 +180,45 @@ def test_training_scores_the_model_without_torch_compile(model, monkeypatch):
                         {"acc": 0.0, "acc_norm": 0.0, "examples": 1})  # fmt: skip
     run = SimpleNamespace(
         model=torch.compile(model),  # as trainer.compile=true prepares it (compiled lazily)
-        accelerator=SimpleNamespace(unwrap_model=functools.partial(Accelerator.unwrap_model, None)),
+        accelerator=SimpleNamespace(
+            unwrap_model=functools.partial(Accelerator.unwrap_model, None),
+            autocast=contextlib.nullcontext,
+        ),
         tokenizer=TOK, hellaswag=[], cfg=load_config(["experiment=smoke"]),
         state=SimpleNamespace(step=0, tokens=0), log=lambda *a: None,
     )  # fmt: skip
     report.log_hellaswag(run)
     assert scored == [model] and model.training  # back in training mode for the loop
     model.eval()  # as the fixture's other users expect it
+
+
+def test_training_scores_hellaswag_in_the_training_precision(model, monkeypatch):
+    """With trainer.compile and bf16, Accelerate's autocast wraps the compiled model's forward:
+    the eager model it unwraps to scored in fp32, not as llmtrain-eval --dtype bf16 does."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    import llmtrain.report as report
+
+    precision = []
+    monkeypatch.setattr(report, "hellaswag", lambda *a, **k: precision.append(
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")) or
+        {"acc": 0.0, "acc_norm": 0.0, "examples": 1})  # fmt: skip
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        run = SimpleNamespace(
+            model=accelerator.prepare(torch.compile(model)),  # as trainer.compile=true has it
+            accelerator=accelerator, tokenizer=TOK, hellaswag=[],
+            cfg=load_config(["experiment=smoke"]), state=SimpleNamespace(step=0, tokens=0),
+            log=lambda *a: None,
+        )  # fmt: skip
+        report.log_hellaswag(run)
+    finally:
+        model.eval()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+        GradientState._reset_state()
+    assert precision == [torch.bfloat16]
 
 
 def _train_two_ranks(run_dir: str) -> None:

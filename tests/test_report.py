@@ -1,5 +1,6 @@
 """What the loop reports: validation loss, and a generated sample."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -47,7 +48,9 @@ def test_sampling_and_evaluation_leave_training_randomness_alone():
 
     cfg = load_config(["experiment=smoke", "model.dropout=0.1"])
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, context_length=128, dropout=0.1))
-    accelerator = SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m)
+    accelerator = SimpleNamespace(
+        device=torch.device("cpu"), unwrap_model=lambda m: m, autocast=contextlib.nullcontext
+    )
     tokenizer = get_tokenizer("gpt2")
     val = build_dataloader(
         dataclasses.replace(cfg.data, num_workers=1, pin_memory=False), tokenizer, split="val",
@@ -73,13 +76,46 @@ def test_a_sample_longer_than_the_training_window_slides_at_it():
     cfg.trainer.temperature = 0
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, context_length=32, init_std=0.5))
-    accelerator = SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m)
+    accelerator = SimpleNamespace(
+        device=torch.device("cpu"), unwrap_model=lambda m: m, autocast=contextlib.nullcontext
+    )
     tokenizer = get_tokenizer("gpt2")
     text = sample_text(model, accelerator, tokenizer, cfg, seed=1)
     prompt = torch.tensor([tokenizer.encode_prompt("The")])
     with torch.no_grad():
         ids = model.eval().generate(prompt, 40, temperature=0, window=16)[0, 1:].tolist()
     assert text == "The" + tokenizer.decode(ids)
+
+
+def test_a_compiled_run_samples_in_the_training_precision():
+    """With trainer.compile and bf16, Accelerate's autocast wraps the compiled model's forward;
+    generate runs on the eager model under it, which sampled in fp32."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from llmtrain.config import ModelConfig
+    from llmtrain.model import GPT
+    from llmtrain.report import sample_text
+    from llmtrain.tokenizer import get_tokenizer
+
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, context_length=128))
+    precision = []
+
+    def generate(prompt, *args, **kwargs):
+        precision.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return prompt
+
+    model.generate = generate
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        prepared = accelerator.prepare(torch.compile(model))  # as trainer.compile=true has it
+        sample_text(prepared, accelerator, get_tokenizer("gpt2"), load_config(["experiment=smoke"]),
+                    seed=1)  # fmt: skip
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+        GradientState._reset_state()
+    assert precision == [torch.bfloat16]
 
 
 def test_shards_report_no_document_counts():

@@ -240,7 +240,7 @@ def test_cli_says_when_generation_goes_past_the_trained_positions(tmp_path_facto
     assert "never trained" not in err
     main([*args, "--context-length", "256"])
     err = capsys.readouterr().err
-    assert "data.seq_len=64 tokens; learned positions 64..104 were never trained" in err
+    assert "data.seq_len=64 tokens; learned positions 64..103 were never trained" in err
     assert "--context-length 64 stays within them" in err
     assert "slides" not in err
 
