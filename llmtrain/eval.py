@@ -22,7 +22,8 @@ Only ``data.*``, ``trainer.eval_batches`` and ``trainer.micro_batch_size`` can b
 the model is the checkpoint's, and so is the tokenizer. Evaluating on a training split
 (``data.val_split=train``) is allowed here.
 
-``--hellaswag [JSONL]`` gives the checkpoint's HellaSwag accuracy instead (llmtrain/hellaswag.py).
+``--hellaswag`` (``--hellaswag-data JSONL``: a local copy) gives the checkpoint's HellaSwag
+accuracy instead (llmtrain/hellaswag.py).
 """
 
 from __future__ import annotations
@@ -294,25 +295,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--hellaswag",
-        nargs="?",
-        const=HELLASWAG_VAL,
+        action="store_true",
+        help="HellaSwag accuracy instead (its validation split); --batch-size is then examples "
+        "per batch (default 8)",
+    )
+    parser.add_argument(
+        "--hellaswag-data",
         default=None,
         metavar="JSONL",
-        help="HellaSwag accuracy instead (validation split, from its GitHub URL, or a local "
-        "copy of hellaswag_val.jsonl); --batch-size is then examples per batch (default 8)",
+        help="a local copy of hellaswag_val.jsonl, or a URL (default: downloaded once from the "
+        "HellaSwag repository); implies --hellaswag",
     )
     parser.add_argument(
         "--examples", type=int, default=None, help="with --hellaswag: the first N (default: all)"
     )
     args = parser.parse_intermixed_args(argv)
+    args.hellaswag = args.hellaswag or args.hellaswag_data is not None
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.examples is not None and (args.hellaswag is None or args.examples < 1):
+    if args.examples is not None and (not args.hellaswag or args.examples < 1):
         parser.error(f"--examples {args.examples}: a count >= 1, with --hellaswag")
-    if args.hellaswag is not None and (args.overrides or args.batches is not None):
+    if args.hellaswag and (args.overrides or args.batches is not None):
         parser.error("--hellaswag reads its own examples: no data overrides or --batches")
     device, dtype = device_and_dtype(parser, args.device, args.dtype)
-    if args.hellaswag is not None:
+    if args.hellaswag:
         _main_hellaswag(args, device, dtype)
         return
 
@@ -354,8 +360,9 @@ def main(argv: list[str] | None = None) -> None:
 def _main_hellaswag(args: argparse.Namespace, device: str, dtype: str) -> None:
     try:
         with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+            source = args.hellaswag_data or HELLASWAG_VAL
             result = hellaswag_checkpoint(
-                args.checkpoint, args.hellaswag, args.examples, args.batch_size or 8, device, dtype
+                args.checkpoint, source, args.examples, args.batch_size or 8, device, dtype
             )
     except (OSError, ValueError, CheckpointError) as e:
         print(f"llmtrain-eval: error: {e}", file=sys.stderr)

@@ -41,7 +41,7 @@ class Example:
     label: int
 
 
-def cached_download(url: str, key: str = "--hellaswag") -> Path:
+def cached_download(url: str, key: str = "--hellaswag-data") -> Path:
     """The file at ``url``, downloaded once into $LLMTRAIN_CACHE (default ~/.cache/llmtrain)."""
     root = Path(os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain")
     path = root / "hellaswag" / Path(urllib.parse.urlparse(url).path).name
@@ -63,7 +63,7 @@ def cached_download(url: str, key: str = "--hellaswag") -> Path:
 
 
 def load_examples(
-    source: str = HELLASWAG_VAL, limit: int | None = None, key: str = "--hellaswag"
+    source: str = HELLASWAG_VAL, limit: int | None = None, key: str = "--hellaswag-data"
 ) -> list[Example]:
     """The first ``limit`` examples (None: all) of HellaSwag JSON lines at a URL or path;
     ``key`` is the option that named it, for the errors (DataError, or StreamError: a failed

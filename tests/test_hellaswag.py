@@ -1,6 +1,6 @@
 """HellaSwag scoring: each ending's loss is the one its own forward pass gives, batching changes
 no answer, acc is the summed loss and acc_norm the mean, a row past the window keeps its
-ending; llmtrain-eval --hellaswag reads a file or a URL (downloaded once)."""
+ending; llmtrain-eval --hellaswag reads a URL (downloaded once) or a file."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def test_ranks_share_the_examples_and_take_the_same_number_of_passes(model, monk
 def test_a_row_that_is_not_hellaswag_is_named(tmp_path, line, says):
     path = tmp_path / "h.jsonl"
     path.write_text(SAMPLE.read_text().splitlines()[0] + "\n" + line + "\n")
-    with pytest.raises(ValueError, match=f"--hellaswag {path}: " + ".*" + says[:20]):
+    with pytest.raises(ValueError, match=f"--hellaswag-data {path}: " + ".*" + says[:20]):
         load_examples(str(path))
     assert len(load_examples(str(path), limit=1)) == 1  # the first N are read, no more
 
@@ -252,22 +252,28 @@ def test_cli_reads_a_url_once_and_then_its_cached_copy(run, tmp_path, monkeypatc
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/{SAMPLE.name}"
     try:
-        from_url = eval_json([str(run), "--hellaswag", url], capsys)
+        from_url = eval_json([str(run), "--hellaswag-data", url], capsys)
     finally:
         server.shutdown()
         server.server_close()
     cached = tmp_path / "cache" / "hellaswag" / SAMPLE.name
     assert cached.read_bytes() == SAMPLE.read_bytes()
-    assert eval_json([str(run), "--hellaswag", url], capsys) == from_url  # server gone: cache
-    from_file = eval_json([str(run), "--hellaswag", str(SAMPLE)], capsys)
+    assert eval_json([str(run), "--hellaswag-data", url], capsys) == from_url  # server gone: cache
+    from_file = eval_json([str(run), "--hellaswag-data", str(SAMPLE)], capsys)
     assert {**from_url, "source": None} == {**from_file, "source": None}
     assert from_url["examples"] == 8 and from_url["step"] == 2
-    two = eval_json([str(run), "--hellaswag", str(SAMPLE), "--examples", "2"], capsys)
+    two = eval_json([str(run), "--hellaswag-data", str(SAMPLE), "--examples", "2"], capsys)
     assert two["examples"] == 2
 
 
+def test_cli_takes_the_flag_before_the_checkpoint(run, capsys):
+    """--hellaswag took a path once: `llmtrain-eval --hellaswag RUN` read RUN as the file."""
+    before = eval_json(["--hellaswag", str(run), "--hellaswag-data", str(SAMPLE)], capsys)
+    assert before == eval_json([str(run), "--hellaswag-data", str(SAMPLE)], capsys)
+
+
 def test_cli_prints_the_accuracy(run, capsys):
-    main([str(run), "--hellaswag", str(SAMPLE), "--batch-size", "3"])
+    main([str(run), "--hellaswag-data", str(SAMPLE), "--batch-size", "3"])
     out = capsys.readouterr().out
     assert out.startswith("step 2: hellaswag acc_norm 0.") and "/8) | acc 0." in out
 
@@ -276,9 +282,9 @@ def test_cli_prints_the_accuracy(run, capsys):
     "args, says",
     [
         (["--examples", "3"], "--examples 3: a count >= 1, with --hellaswag"),
-        (["--hellaswag", str(SAMPLE), "--examples", "0"], "--examples 0: a count >= 1"),
-        (["--hellaswag", str(SAMPLE), "data=sample"], "no data overrides or --batches"),
-        (["--hellaswag", "missing.jsonl"], "--hellaswag missing.jsonl: no such file"),
+        (["--hellaswag-data", str(SAMPLE), "--examples", "0"], "--examples 0: a count >= 1"),
+        (["--hellaswag-data", str(SAMPLE), "data=sample"], "no data overrides or --batches"),
+        (["--hellaswag-data", "missing.jsonl"], "--hellaswag-data missing.jsonl: no such file"),
     ],
 )
 def test_cli_refusals_exit_2(run, capsys, args, says):
