@@ -41,6 +41,7 @@ from llmtrain.config import (
     PACKAGE_DIR,
     ConfigError,
     TrainConfig,
+    cache_root,
     load_config,
     rank_from_env,
     validate,
@@ -56,8 +57,7 @@ NEVER = 10**9  # an interval past any bench horizon: no log, eval or checkpoint 
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain"
-    return Path(root) / "sample-shards"
+    return cache_root() / "sample-shards"
 
 
 def make_sample_shards(out: Path) -> Path:

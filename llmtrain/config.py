@@ -32,6 +32,13 @@ CONF_DIR = next(
     ),
     PACKAGE_DIR.parent / "conf",
 )
+
+
+def cache_root() -> Path:
+    """Where llmtrain keeps what it builds or downloads: $LLMTRAIN_CACHE, or ~/.cache/llmtrain."""
+    return Path(os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain")
+
+
 # The date level of Hydra's default run dirs, runs/<date>/<time> (conf/train.yaml).
 DATED_DIR = r"\d{4}-\d{2}-\d{2}"
 

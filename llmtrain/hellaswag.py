@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.checkpoint import load_trainer_state
+from llmtrain.config import cache_root
 from llmtrain.consolidate import DTYPES
 from llmtrain.documents import DataError, StreamError
 from llmtrain.model import GPT
@@ -43,8 +44,7 @@ class Example:
 
 def cached_download(url: str, key: str = "--hellaswag-data") -> Path:
     """The file at ``url``, downloaded once into $LLMTRAIN_CACHE (default ~/.cache/llmtrain)."""
-    root = Path(os.environ.get("LLMTRAIN_CACHE") or Path.home() / ".cache" / "llmtrain")
-    path = root / "hellaswag" / Path(urllib.parse.urlparse(url).path).name
+    path = cache_root() / "hellaswag" / Path(urllib.parse.urlparse(url).path).name
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
