@@ -149,7 +149,7 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     log_every: int = 10  # steps per console line and metrics record
     eval_every: int = 250  # steps between validation loss / perplexity
-    eval_batches: int = 20  # validation micro-batches per evaluation (every rank the same)
+    eval_batches: int = 20  # validation micro-batches per evaluation, split among ranks
     eval_at_start: bool = True  # also before a new run's first step: the loss it starts from
     ckpt_every: int = 1000  # steps between checkpoints (a run also saves at its end)
     keep_last: int = 3  # checkpoints kept; older ones are deleted after a save

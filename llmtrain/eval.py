@@ -11,8 +11,9 @@ By default it reads the validation data of the checkpoint's own saved config, in
 ``trainer.eval_batches`` batches of ``trainer.micro_batch_size`` windows of ``data.seq_len``
 tokens, exactly as the training run evaluated (the same loader, the same
 :func:`llmtrain.report.evaluate`): the ``val_loss`` it prints equals the one the run logged for
-that step in ``metrics.jsonl`` (one process, same precision). ``--batches N`` / ``--batch-size B``
-change how much; ``--batches all`` (or 0) reads the whole validation split.
+that step in ``metrics.jsonl`` (same precision; a run on several processes split the batches
+among them and added the sums in another order, so to float rounding). ``--batches N`` /
+``--batch-size B`` change how much; ``--batches all`` (or 0) reads the whole validation split.
 
 Other data: Hydra overrides after the checkpoint, composed as ``llmtrain-train`` composes them
 (``data=NAME`` takes ``conf/data/NAME.yaml``; ``data.KEY=VALUE`` changes one key of the run's
@@ -159,6 +160,8 @@ class _Counted:
 
 class _OneProcess:
     """What :func:`llmtrain.report.evaluate` needs of an Accelerator, for one process."""
+
+    process_index, num_processes = 0, 1
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -372,6 +375,9 @@ def _main_hellaswag(args: argparse.Namespace, device: str, dtype: str) -> None:
         return
     print(f"{result['checkpoint']} (step {result['step']}) on {device}/{dtype}: "
           f"HellaSwag from {result['source']}", file=sys.stderr)  # fmt: skip
+    if args.examples and result["examples"] < args.examples:
+        print(f"--examples {args.examples:,}: the file has {result['examples']:,}; all of them "
+              "scored", file=sys.stderr)  # fmt: skip
     right = round(result["acc_norm"] * result["examples"])
     print(
         f"step {result['step']}: hellaswag acc_norm {result['acc_norm']:.4f} "

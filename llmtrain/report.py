@@ -24,15 +24,31 @@ from llmtrain.run import Run
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, val_loader, n_batches: int) -> float:
-    """Mean validation loss per token over the first ``n_batches`` batches and every rank (a
-    pass's last batch may be smaller: it counts for its tokens, not as a whole batch)."""
+def evaluate(model, accelerator, val_loader, n_batches: int | None) -> float:
+    """Mean validation loss per token over the first ``n_batches`` batches (None: the whole
+    split; a pass's last batch may be smaller: it counts for its tokens, not as a whole batch).
+
+    Every process reads the same batches and runs every world_size-th of them, and the sums
+    are added: one process's loss, in a world_size-th of the time. All run the same number of
+    forward passes (a ZeRO-3 or FSDP2 forward gathers the weights together): one whose share
+    is a batch short runs the first batch again and does not count it."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, loss = model(x.to(device), y.to(device), return_logits=False)
+        return loss.float()
+
     model.eval()
-    total = torch.zeros(2, device=accelerator.device)  # (loss x tokens, tokens)
+    total = torch.zeros(2, device=device)  # (loss x tokens, tokens)
+    first, read = None, 0
     for x, y in islice(val_loader, n_batches):
-        _, loss = model(x.to(accelerator.device), y.to(accelerator.device), return_logits=False)
-        total[0] += loss.float() * y.numel()
-        total[1] += y.numel()
+        if read % world == rank:
+            total[0] += loss_of(x, y) * y.numel()
+            total[1] += y.numel()
+        first, read = first or (x, y), read + 1
+    if first is not None and (read - 1) % world < rank:  # a pass short of the others
+        loss_of(*first)
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     if total[1] == 0:

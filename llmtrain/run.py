@@ -369,9 +369,12 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     for note in plan_notes(cfg, plan) + shard_notes(cfg) + passes_notes(plan, windows):
         run.say(note)
     if hellaswag:
+        every = "every step" if t.hellaswag_every == 1 else f"every {t.hellaswag_every:,} steps"
+        asked = t.hellaswag_examples
+        short = f" (all the file has, of {asked:,} asked)" if len(hellaswag) < asked else ""
         run.say(
-            f"  hellaswag  every {t.hellaswag_every:,} steps: {len(hellaswag):,} examples, rows "
-            f"cut to {cfg.data.seq_len} tokens"
+            f"  hellaswag  {every}: {len(hellaswag):,} examples{short}, rows cut to "
+            f"{cfg.data.seq_len} tokens"
         )
     if resume_from is None and init_from is None and cfg.trainer.resume == "auto":
         run.say(

@@ -225,19 +225,25 @@ def _train_two_ranks(run_dir: str) -> None:
     from llmtrain.train import train
 
     cfg = [*IN_TRAINING, "dist=zero3", "trainer.batch_tokens=512", "trainer.max_steps=2"]
+    cfg += ["trainer.eval_batches=3"]  # the validation batches too: rank 1 runs one uncounted
     train(load_config(cfg, world_size=2), Path(run_dir))
 
 
 @pytest.mark.distributed
 def test_two_ranks_share_the_examples_under_zero3(tmp_path):
-    """Each rank scores half of the examples, its weights gathered in each forward pass."""
+    """Each rank scores half of the examples, and runs half of the validation batches, its
+    weights gathered in each forward pass."""
     from dist_worker import run as fork_run
 
+    from llmtrain.eval import evaluate_checkpoint
     from llmtrain.hellaswag import hellaswag_checkpoint
 
     fork_run(_train_two_ranks, 2, str(tmp_path / "run"), tmp=tmp_path)
     again = hellaswag_checkpoint(str(tmp_path / "run"), str(SAMPLE))
     assert logged(tmp_path / "run")[2] == (again["acc_norm"], again["acc"])
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    val = [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r and r["step"] == 2]
+    assert val == [pytest.approx(evaluate_checkpoint(tmp_path / "run")["val_loss"], rel=1e-6)]
 
 
 def eval_json(argv: list[str], capsys) -> dict:
@@ -276,6 +282,21 @@ def test_cli_prints_the_accuracy(run, capsys):
     main([str(run), "--hellaswag-data", str(SAMPLE), "--batch-size", "3"])
     out = capsys.readouterr().out
     assert out.startswith("step 2: hellaswag acc_norm 0.") and "/8) | acc 0." in out
+
+
+def test_more_examples_than_the_file_has_are_named(run, capsys, tmp_path):
+    """--examples 100 of an 8-example file scored 8 without a word; so did training's."""
+    from llmtrain.train import train
+
+    main([str(run), "--hellaswag-data", str(SAMPLE), "--examples", "100"])
+    assert "--examples 100: the file has 8; all of them scored" in capsys.readouterr().err
+    cfg = [*IN_TRAINING, "trainer.max_steps=1", "trainer.hellaswag_every=1"]
+    train(
+        load_config([*cfg, "trainer.hellaswag_examples=20", "trainer.eval_at_start=false"]),
+        tmp_path,
+    )
+    out = capsys.readouterr().out
+    assert "  hellaswag  every step: 8 examples (all the file has, of 20 asked), rows cut" in out
 
 
 @pytest.mark.parametrize(

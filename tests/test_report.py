@@ -28,10 +28,69 @@ def test_validation_loss_is_per_token_and_reads_only_the_batches_it_uses():
             y = torch.full((rows, 8), value)
             yield y.long(), y.long()
 
-    accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t)
+    accelerator = SimpleNamespace(
+        device=torch.device("cpu"), process_index=0, num_processes=1, reduce=lambda t, reduction: t
+    )
     loss = evaluate(MeanOfTargets(), accelerator, val_loader(), n_batches=2)
     assert loss == pytest.approx((4 * 1.0 + 1 * 6.0) / 5)  # a mean of batch means: 3.5
     assert fetched == [4, 1]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n_batches", [1, 2, 5, 6, None])
+def test_processes_share_the_validation_batches(world, n_batches):
+    """Each process runs every world-th batch, so each batch counts once and the loss is one
+    process's; all run the same number of forward passes (under ZeRO-3 or FSDP2 each gathers
+    the weights with the others'), one a batch short running an uncounted pass."""
+    import threading
+    from types import SimpleNamespace
+
+    from llmtrain.report import evaluate
+
+    class MeanOfTargets(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x, y, return_logits=True):
+            self.seen.append(int(y[0, 0]))
+            return None, y.float().mean()
+
+    def val_loader():  # batch i: rows of value i; the last of six has 1 row, not 4
+        for i in range(6):
+            yield torch.full((1 if i == 5 else 4, 8), i), torch.full((1 if i == 5 else 4, 8), i)
+
+    barrier, shares = threading.Barrier(world), [None] * world
+
+    def reduce(tensor, reduction):  # every rank's sum, as a collective
+        shares[rank_of[threading.get_ident()]] = tensor.clone()
+        barrier.wait()
+        return sum(shares)
+
+    rank_of, models, losses = {}, [MeanOfTargets() for _ in range(world)], [None] * world
+
+    def rank(r):
+        rank_of[threading.get_ident()] = r
+        acc = SimpleNamespace(device=torch.device("cpu"), process_index=r, num_processes=world,
+                              reduce=reduce)  # fmt: skip
+        losses[r] = evaluate(models[r], acc, val_loader(), n_batches)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    one = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1,
+                          reduce=lambda t, reduction: t)  # fmt: skip
+    expected = evaluate(MeanOfTargets(), one, val_loader(), n_batches)
+    assert losses == [pytest.approx(expected, rel=1e-6)] * world
+    n = n_batches or 6
+    passes = -(-n // world)
+    assert [len(m.seen) for m in models] == [passes] * world
+    counted = [i for r, m in enumerate(models) for i in m.seen[: len(range(r, n, world))]]
+    assert sorted(counted) == list(range(n))  # each batch run by one process
+    for r, m in enumerate(models):
+        assert m.seen[: len(range(r, n, world))] == list(range(r, n, world))
 
 
 def test_sampling_and_evaluation_leave_training_randomness_alone():
