@@ -20,10 +20,8 @@ fails the save on every rank and leaves the previous checkpoint and ``latest`` a
 Weights with a NaN or inf are never saved. Which checkpoint a run resumes from, and whether it
 is intact and fits the model, is ``llmtrain/resume.py``.
 
-SIGTERM, SIGUSR1 (Slurm's warning before a preemption or the time limit) and SIGINT (Ctrl-C;
-a second one stops at once) only set a flag; the loop finishes its step, every rank agrees at
-the same step, saves, and the process exits with :data:`EXIT_PREEMPTED` so the job script
-requeues it.
+A signal (a preemption, Ctrl-C) or the time limit stops a run with one more save:
+``llmtrain/signals.py``, ``llmtrain/timelimit.py``.
 """
 
 from __future__ import annotations
@@ -36,17 +34,15 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from llmtrain.config import TrainConfig, config_from_dict, config_to_yaml, rank_from_env
+from llmtrain.config import TrainConfig, config_from_dict, config_to_yaml
 from llmtrain.integrity import (
     MANIFEST,
     CheckpointError,
@@ -65,8 +61,6 @@ from llmtrain.integrity import (
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TRAINER_STATE = "trainer_state.json"
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped by a signal, checkpoint saved, requeue me
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 T = TypeVar("T")
 
 
@@ -76,10 +70,6 @@ class SaveError(RuntimeError):
 
 class Diverged(RuntimeError):
     """Training went non-finite beyond recovery; the message names the last good checkpoint."""
-
-
-class Preempted(Exception):
-    """A preemption signal stopped the run after a checkpoint; exit with EXIT_PREEMPTED."""
 
 
 def resume_overrides(run_dir: Path, key: str = "hydra.run.dir") -> str:
@@ -380,43 +370,6 @@ def prune(
 
 def _step(ckpt: Path) -> int:
     return int(STEP_DIR.match(ckpt.name).group(1))
-
-
-class Preemption:
-    """Whether a preemption signal arrived (and which); set by the handler, read by the loop."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        # A flag: the loop finishes its step and saves. print() here could re-enter buffered
-        # I/O; os.write is one unbuffered call.
-        self.signal = signal.Signals(signum).name
-        if signum == signal.SIGINT:  # Ctrl-C saves; a second Ctrl-C stops at once, unsaved
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            if rank_from_env() == 0:
-                os.write(2, b"\nllmtrain: Ctrl-C: stopping after this step with a checkpoint; "
-                         b"Ctrl-C again quits without saving\n")  # fmt: skip
-
-
-@contextlib.contextmanager
-def preemption_signals() -> Iterator[Preemption]:
-    """SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) set a flag while inside (the main thread only;
-    elsewhere a no-op), and the previous handlers come back after."""
-    flag = Preemption()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {s: signal.signal(s, flag._handle) for s in PREEMPT_SIGNALS}
-    try:
-        yield flag
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def saved_config(ckpt: Path) -> TrainConfig:

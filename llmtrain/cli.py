@@ -38,6 +38,7 @@ from llmtrain.config import (
 from llmtrain.data import DataError, StreamError
 from llmtrain.helptext import hydra_help_with_comments
 from llmtrain.run import LOCK
+from llmtrain.signals import EXIT_PREEMPTED, Preempted
 from llmtrain.train import NoGradient, OutOfTime, train
 
 # Errors every rank meets alike (a config, a signal, a checkpoint they verified together) are
@@ -57,7 +58,7 @@ def _exit(code: int, what: str, error: Exception | str, at_once: bool = True) ->
     if path := os.environ.get("LLMTRAIN_EXIT_FILE"):
         with contextlib.suppress(OSError):
             Path(path).write_text(f"{code}\n")
-    if code == ckpt.EXIT_PREEMPTED and at_once:
+    if code == EXIT_PREEMPTED and at_once:
         # os._exit: gloo's teardown race (DISTRIBUTED_CPU.md) must not turn the code the job
         # script requeues on into an abort; the logger is already finished.
         os._exit(code)
@@ -127,13 +128,13 @@ def _job(node: DictConfig) -> None:
         _exit(2, "stopped", e)
     except ckpt.SaveError as e:
         _exit(1, "stopped", e)
-    except ckpt.Preempted as e:
+    except Preempted as e:
         # trainer.max_time is each sweep job's own budget: the sweep goes on to its next job
         # (one process: no launcher's teardown to race). A signal, or the Slurm job's end,
         # ends the sweep at once.
         go_on = isinstance(e, OutOfTime) and e.limit.why.startswith("trainer.max_time")
         message = _sweep_advice(str(e), run_dir)
-        _exit(ckpt.EXIT_PREEMPTED, "preempted", message, at_once=not (go_on and _in_sweep()))
+        _exit(EXIT_PREEMPTED, "preempted", message, at_once=not (go_on and _in_sweep()))
     except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
         last = ckpt.latest_checkpoint(run_dir / "checkpoints") if run_dir else None
         _exit(130, "interrupted", "stopped at once, unsaved; " + (

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from llmtrain.checkpoint import PREEMPT_SIGNALS
 from llmtrain.config import DataConfig
 from llmtrain.documents import (
     SAMPLE_DIR,
@@ -55,6 +54,7 @@ from llmtrain.documents import (
     validation_documents,
 )
 from llmtrain.packing import PackedDocuments
+from llmtrain.signals import PREEMPT_SIGNALS
 from llmtrain.tokenizer import Tokenizer
 
 __all__ = [

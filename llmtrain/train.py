@@ -24,6 +24,7 @@ from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
 from llmtrain.report import log_eval, log_hellaswag, log_sample, log_train
 from llmtrain.run import Run, run_dir_lock, setup
+from llmtrain.signals import Preempted, preemption_signals, stop_with_launcher
 from llmtrain.timelimit import Clock, Deadline, deadline
 
 
@@ -89,16 +90,17 @@ def train(
     ``llmtrain-bench`` times the loop's own steps); ``final_save=False`` skips the checkpoint a
     run otherwise writes at its end.
 
-    SIGTERM or SIGUSR1 make every rank finish its step, save, and raise ``ckpt.Preempted``;
+    SIGTERM or SIGUSR1 make every rank finish its step, save, and raise ``Preempted``;
     so does the time limit (trainer.max_time, a Slurm job's end) a step before it.
     """
     limit = deadline(cfg.trainer.max_time)
     with (
         run_dir_lock(run_dir),
-        ckpt.preemption_signals() as preempt,
+        preemption_signals() as preempt,
         process_scope(),
         attention_kernel(cfg.trainer.attention),
     ):
+        stop_with_launcher()  # its SIGTERM: a preemption, now that the handler is in place
         return _train(cfg, run_dir, preempt, limit, step_hook, final_save)
 
 
@@ -288,11 +290,11 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
             ckpt.go_on_from(saved, run.run_dir) if saved else then
         )
         timed = out_of_time and not preempt.signal
-        raise OutOfTime(message, limit) if timed else ckpt.Preempted(message)
+        raise OutOfTime(message, limit) if timed else Preempted(message)
     return state
 
 
-class OutOfTime(ckpt.Preempted):
+class OutOfTime(Preempted):
     """This rank's time limit (trainer.max_time or the Slurm job's end) stopped the run."""
 
     def __init__(self, message: str, limit: Deadline) -> None:

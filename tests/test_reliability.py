@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -37,6 +38,7 @@ from llmtrain.metrics import NullLogger
 from llmtrain.optim import lr_at
 from llmtrain.sample import load_gpt
 from llmtrain.shards import read_shard, write_shard
+from llmtrain.signals import EXIT_PREEMPTED, Preempted, preemption_signals
 from llmtrain.startup import Plan
 from llmtrain.tokenizer import get_tokenizer
 
@@ -233,7 +235,7 @@ def test_sigterm_saves_exits_75_and_resumes_and_leaks_no_credentials(tmp_path, c
     wait_for(logged_at_least(run_dir, 2), proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == ckpt.EXIT_PREEMPTED == 75, err[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED == 75, err[-3000:]
     assert "preempted: stopped by SIGTERM" in err
 
     stopped = steps_logged(run_dir)[-1]
@@ -268,7 +270,7 @@ def test_a_sigterm_to_the_whole_process_group_still_saves(tmp_path):
     wait_for(logged_at_least(run_dir, 2), proc)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == ckpt.EXIT_PREEMPTED, err[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     stopped = ckpt.load_trainer_state(ckpt.latest_checkpoint(run_dir / "checkpoints")).step
     assert stopped >= 2 and "preempted: stopped by SIGTERM" in err
 
@@ -288,7 +290,7 @@ def test_the_resume_advice_names_the_run_dir_as_the_shell_and_hydra_read_it(tmp_
 def test_ctrl_c_saves_like_a_preemption_and_a_second_ctrl_c_stops_at_once():
     """Ctrl-C used to kill a workstation run with a traceback and no checkpoint."""
     before = signal.getsignal(signal.SIGINT)
-    with ckpt.preemption_signals() as flag:
+    with preemption_signals() as flag:
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.requested and flag.signal == "SIGINT"  # the loop saves at the step's end
         with pytest.raises(KeyboardInterrupt):
@@ -313,7 +315,7 @@ def _signal_one_rank(run_dir: str, steps: int, resume: str) -> dict:
     try:
         state = tm.train(cfg, Path(run_dir))
         return {"preempted": False, "step": state.step}
-    except ckpt.Preempted as e:
+    except Preempted as e:
         return {"preempted": True, "message": str(e)}
 
 
@@ -359,7 +361,7 @@ def _signal_one_rank_while(run_dir: str, pause: str) -> dict:
     try:
         tm.train(cfg, Path(run_dir))
         return {"preempted": False}
-    except ckpt.Preempted as e:
+    except Preempted as e:
         return {"preempted": True, "message": str(e)}
 
 
@@ -378,25 +380,31 @@ def test_a_signal_during_an_evaluation_or_a_save_stops_at_that_step(tmp_path, pa
     assert steps_logged(run_dir) == [1, 2]
 
 
+def launch_two_ranks(run_dir: Path, shell: str) -> subprocess.Popen:
+    """``accelerate launch`` of a 1000-step ddp run on 2 CPU processes, after ``shell``
+    (``exec`` at its end), in a session of its own."""
+    args = [*FAST, "dist=ddp", "trainer.batch_tokens=512", "trainer.max_steps=1000"]
+    args += ["trainer.ckpt_every=1000", f"hydra.run.dir={run_dir}"]
+    launch = ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "cpu.yaml")]
+    line = " ".join([*launch, "-m", "llmtrain.train", *args])
+    return subprocess.Popen(
+        ["bash", "-c", f"{shell} {line}"],
+        env={**env(), "PYTHONWARNINGS": "ignore"},
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_real_accelerate_launch_sigusr1_exits_75_on_every_rank(tmp_path):
     """As Slurm does it: USR1 to every process of the step; the launcher ignores it (the sbatch
     scripts trap it), the two training processes save one checkpoint and exit 75."""
     run_dir = tmp_path / "run"
-    args = [*FAST, "dist=ddp", "trainer.batch_tokens=512", "trainer.max_steps=1000"]
-    args += ["trainer.ckpt_every=1000", f"hydra.run.dir={run_dir}"]
-    launch = ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "cpu.yaml")]
-    line = " ".join([*launch, "-m", "llmtrain.train", *args])
-    proc = subprocess.Popen(
-        ["bash", "-c", f"trap '' USR1; exec {line}"],
-        env={**env(), "PYTHONWARNINGS": "ignore"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = launch_two_ranks(run_dir, "trap '' USR1; exec")
     try:
         wait_for(logged_at_least(run_dir, 2), proc, timeout=200)
         # Slurm signals every process of the step, whatever its process group (torch's agent
@@ -412,6 +420,33 @@ def test_real_accelerate_launch_sigusr1_exits_75_on_every_rank(tmp_path):
     assert err.count("exitcode  : 75") == 2  # torch's agent reports each worker's code...
     assert proc.returncode == 1  # ...and exits 1 itself: a job script sees 1, not 75
     stopped = steps_logged(run_dir)[-1]
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == f"step_{stopped:07d}"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_training_processes_stop_and_save_when_the_launcher_is_killed(tmp_path):
+    """kill -9 of accelerate launch: torch's agent starts the workers in sessions of their own,
+    so they went on training unseen, holding the run dir's lock. The launcher's death now
+    reaches them as SIGTERM: both save one checkpoint and exit."""
+    run_dir = tmp_path / "run"
+    proc = launch_two_ranks(run_dir, "exec")
+    workers = []
+    try:
+        wait_for(logged_at_least(run_dir, 2), proc, timeout=200)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2, workers
+        proc.kill()
+        _, still = psutil.wait_procs(workers, timeout=120)
+        assert not still, "the training processes outlived their launcher"
+        out, err = proc.communicate(timeout=30)  # the workers held the pipes open until now
+    finally:
+        for p in [proc, *workers]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                p.kill()
+    assert err.count("preempted: stopped by SIGTERM") == 1, err[-3000:]  # said once, by rank 0
+    stopped = steps_logged(run_dir)[-1]
+    assert stopped < 1000
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == f"step_{stopped:07d}"
 
 

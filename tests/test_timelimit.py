@@ -15,6 +15,7 @@ import llmtrain.timelimit as timelimit
 import llmtrain.train as train_mod
 from llmtrain import checkpoint as ckpt
 from llmtrain.config import ConfigError, load_config
+from llmtrain.signals import Preempted
 from llmtrain.timelimit import Clock, Deadline, deadline, format_duration, parse_duration
 
 pytestmark = pytest.mark.timeout(240)
@@ -156,7 +157,7 @@ def test_the_run_stops_while_a_save_as_long_as_the_last_one_fits(tmp_path, monke
     ends at 80. Counting no save time, it would start step 5 at 90 and be killed mid-save."""
     _slow(monkeypatch, fake, "save", 25)
     run_dir = tmp_path / "run"
-    with pytest.raises(ckpt.Preempted, match="before the time limit .the Slurm job's end"):
+    with pytest.raises(Preempted, match="before the time limit .the Slurm job's end"):
         _train(fake, run_dir, "trainer.ckpt_every=2", "trainer.eval_every=1000")
     assert fake.now == BASE + 80
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_0000003"
@@ -169,7 +170,7 @@ def test_an_evaluation_due_next_counts_as_long_as_the_last_one(tmp_path, monkeyp
     goes on to its end with trainer.resume=auto once the job has time again."""
     _slow(monkeypatch, fake, "log_eval", 30)
     run_dir = tmp_path / "run"
-    with pytest.raises(ckpt.Preempted, match="time limit"):
+    with pytest.raises(Preempted, match="time limit"):
         _train(fake, run_dir, "trainer.eval_every=3")
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_0000005"
     assert steps_logged(run_dir) == [1, 2, 3, 4, 5]
@@ -183,6 +184,6 @@ def test_max_time_stops_the_run_too(tmp_path, monkeypatch, fake):
     """45 s from the start: step 4 ends at 40 s and step 5 would end at 50."""
     monkeypatch.delenv("SLURM_JOB_END_TIME")
     run_dir = tmp_path / "run"
-    with pytest.raises(ckpt.Preempted, match=r"time limit \(trainer.max_time=45\) after step 4;"):
+    with pytest.raises(Preempted, match=r"time limit \(trainer.max_time=45\) after step 4;"):
         _train(fake, run_dir, "trainer.max_time=45", "trainer.eval_every=1000")
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step_0000004"

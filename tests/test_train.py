@@ -15,10 +15,11 @@ import yaml
 from tiny import TINY
 
 import llmtrain.cli as cli_mod
-from llmtrain.checkpoint import Preempted, latest_checkpoint
+from llmtrain.checkpoint import latest_checkpoint
 from llmtrain.config import ConfigError, config_to_dict, load_config
 from llmtrain.data import DataError
 from llmtrain.sample import load_gpt
+from llmtrain.signals import Preempted
 from llmtrain.train import train
 
 FAST = [
@@ -459,9 +460,10 @@ def test_an_fp16_overflow_is_skipped_and_lowers_the_loss_scale():
 def test_how_a_run_stops_decides_whether_job_scripts_requeue_it(tmp_path, monkeypatch, error, code):
     """A diverged run diverges again from the same checkpoint: 2, never requeued (it was 1)."""
     import llmtrain.checkpoint as ckpt
+    import llmtrain.signals
 
     def stop(cfg, run_dir):
-        raise getattr(ckpt, error)("stopped")
+        raise getattr(ckpt, error, None) or getattr(llmtrain.signals, error)("stopped")
 
     monkeypatch.setattr(cli_mod, "train", stop)
     monkeypatch.setattr(cli_mod.os, "_exit", sys.exit)  # 75 leaves with os._exit
@@ -569,11 +571,11 @@ def test_ctrl_c_says_what_it_does_and_a_second_one_leaves_without_a_traceback(
     KeyboardInterrupt traceback."""
     import signal
 
-    import llmtrain.checkpoint as ckpt
+    from llmtrain.signals import Preemption
 
     previous = signal.getsignal(signal.SIGINT)
     try:
-        ckpt.Preemption()._handle(signal.SIGINT, None)
+        Preemption()._handle(signal.SIGINT, None)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert "stopping after this step with a checkpoint; Ctrl-C again" in capfd.readouterr().err
