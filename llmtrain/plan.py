@@ -64,6 +64,8 @@ class MemoryPlan:
     optim_bytes: float
     gather_bytes: float  # zero3/fsdp2: one gathered layer (bf16 params + grads)
     cpu_bytes_per_node: float
+    cpu_start_bytes_per_node: float  # fp32 models built before sharding (+ init_from's weights)
+    init_from: bool
     activation_checkpointing: bool
     activation_bytes: float  # as configured
     activation_bytes_no_ckpt: float
@@ -194,6 +196,10 @@ def plan(
         optim_bytes=gpu["optim"],
         gather_bytes=gather,
         cpu_bytes_per_node=gpn * sum(cpu.values()),
+        # Every process builds GPT(cfg.model) on the CPU in fp32 and shards it in prepare();
+        # trainer.init_from reads a full fp32 state dict beside it (llmtrain/run.py).
+        cpu_start_bytes_per_node=gpn * 4 * total * (2 if t.init_from else 1),
+        init_from=bool(t.init_from),
         activation_checkpointing=t.activation_checkpointing,
         activation_bytes=act_on if t.activation_checkpointing else act_off,
         activation_bytes_no_ckpt=act_off,
@@ -306,6 +312,11 @@ def format_plan(p: MemoryPlan) -> str:
             f"  CPU per node  {_gib(p.cpu_bytes_per_node)}   offloaded states of "
             f"{p.gpus_per_node} GPU(s); have 1.5x this (DeepSpeed's margin for buffers)"
         )
+    weights = ", and the trainer.init_from weights beside it" if p.init_from else ""
+    lines.append(
+        f"  CPU at start  {_gib(p.cpu_start_bytes_per_node)}   {p.gpus_per_node} process(es) "
+        f"per node each build the fp32 model before sharding it{weights}"
+    )
     share = 100 * p.headroom_bytes / p.gpu_mem_bytes
     if p.fits:
         verdict = f"fits: {p.headroom_bytes / GiB:.2f} GiB headroom ({share:.0f}%)"

@@ -246,3 +246,35 @@ def test_cli_refuses_a_vocab_that_is_not_the_tokenizer_s(capsys):
     argv = ["experiment=smoke", "model.vocab_size=1000"]
     assert main(argv) == 2
     assert "set model.vocab_size=50257" in capsys.readouterr().err
+
+
+def test_cli_says_what_building_the_model_takes_on_the_cpu(capsys, tmp_path):
+    """Every process builds the fp32 model on the CPU before sharding it: llama-8b on an 8-GPU
+    node is 8 x 4 x 7.39B bytes of host memory at start, twice that with trainer.init_from."""
+    argv = ["--gpus", "8", "--gpu-mem", "80", "model=llama-8b", "dist=zero3"]
+    main(argv)
+    assert (
+        "  CPU at start     220.29 GiB   8 process(es) per node each build"
+        in capsys.readouterr().out
+    )
+    main([*argv, f"trainer.init_from={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "  CPU at start     440.58 GiB" in out and "the trainer.init_from weights beside" in out
+
+
+def test_the_cpu_at_start_is_what_building_the_model_takes():
+    """Measured: a fresh process's resident memory grows by the plan's per-process figure
+    when it builds gpt2-medium (355M parameters) as training does."""
+    import subprocess
+    import sys
+
+    build = (
+        "import psutil; from llmtrain.config import load_config; from llmtrain.run import "
+        "build_model; cfg = load_config(['experiment=smoke', 'model=gpt2-medium']); "
+        "before = psutil.Process().memory_info().rss; model = build_model(cfg); "
+        "print(psutil.Process().memory_info().rss - before)"
+    )
+    grew = int(subprocess.run([sys.executable, "-c", build], capture_output=True, text=True,
+                              check=True).stdout)  # fmt: skip
+    planned = plan(cfg_for("model=gpt2-medium"), world_size=1).cpu_start_bytes_per_node
+    assert grew == pytest.approx(planned, rel=0.1)
