@@ -17,12 +17,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from llmtrain import PARENT_PID
 from llmtrain.config import rank_from_env
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped by a signal, checkpoint saved, requeue me
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_PARENT = os.getppid()  # at import: the process that started this one
+_PARENT = PARENT_PID  # the process that started this one
 
 
 class Preempted(Exception):

@@ -92,3 +92,12 @@ def test_a_process_not_started_by_torchrun_outlives_its_parent():
     finally:
         proc.kill()
         proc.communicate(timeout=30)
+
+
+def test_the_launchers_pid_is_read_before_torch_is_imported():
+    """A launcher that died during the worker's 1.3 s torch import went unnoticed: the parent
+    was read after it, as the reaper."""
+    code = "import sys, llmtrain; print('torch' in sys.modules, llmtrain.PARENT_PID)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()  # fmt: skip
+    assert out == ["False", str(os.getpid())]
