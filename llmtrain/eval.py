@@ -25,6 +25,9 @@ the model is the checkpoint's, and so is the tokenizer. Evaluating on a training
 
 ``--hellaswag`` (``--hellaswag-data JSONL``: a local copy) gives the checkpoint's HellaSwag
 accuracy instead (llmtrain/hellaswag.py).
+
+Under ``accelerate launch -m llmtrain.eval`` (or torchrun) each process holds the whole model
+and evaluates a share of the batches or examples; the sums are added and rank 0 prints.
 """
 
 from __future__ import annotations
@@ -158,16 +161,32 @@ class _Counted:
             yield x, y
 
 
-class _OneProcess:
-    """What :func:`llmtrain.report.evaluate` needs of an Accelerator, for one process."""
+class Processes:
+    """What :func:`llmtrain.report.evaluate` and :func:`llmtrain.hellaswag.hellaswag` need of
+    an Accelerator: under a launcher (``accelerate launch``, torchrun: ``WORLD_SIZE`` > 1)
+    each process takes its share of the batches or examples and the process group adds the
+    sums; alone, one process takes all. No model is wrapped: each process holds it whole."""
 
-    process_index, num_processes = 0, 1
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: str, alone: bool = False) -> None:
+        self.num_processes = 1 if alone else int(os.environ.get("WORLD_SIZE", "1"))
+        self.process_index = int(os.environ.get("RANK", "0")) if self.num_processes > 1 else 0
+        if device == "cuda" and self.num_processes > 1:
+            torch.cuda.set_device(local := int(os.environ.get("LOCAL_RANK", "0")))
+            device = f"cuda:{local}"
+        self.device = torch.device(device)
+        if self.num_processes > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
 
     def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        if self.num_processes > 1:
+            torch.distributed.all_reduce(tensor)
         return tensor
+
+    def end(self) -> None:
+        """Every process at the same point, then the group goes (a launched run's last act)."""
+        if self.num_processes > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def evaluate_checkpoint(
@@ -177,11 +196,15 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     device: str = "cpu",
     dtype: str = "fp32",
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Validation loss of the checkpoint ``path`` names (of a run dir, its newest intact one).
 
     ``batches``: None = the run's trainer.eval_batches, 0 = the whole validation split;
-    ``batch_size``: None = the run's trainer.micro_batch_size."""
+    ``batch_size``: None = the run's trainer.micro_batch_size; ``processes``: those a
+    launcher started (llmtrain-eval's :class:`Processes`), each evaluating a share of the
+    batches, or None: this process alone."""
+    processes = processes or Processes(device, alone=True)
     check_overrides(overrides)  # before minutes of reading a large checkpoint
     model, saved, ckpt = load_gpt(path, "cpu")
     cfg = eval_config(saved, overrides)
@@ -194,7 +217,7 @@ def evaluate_checkpoint(
     check_eval_config(cfg)
     if cfg.trainer.loss_chunk:  # the run evaluated through the fused head + loss too
         model.enable_chunked_loss(cfg.trainer.loss_chunk)
-    model = model.to(device)
+    model = model.to(processes.device)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     loader = build_dataloader(
         cfg.data,
@@ -206,7 +229,7 @@ def evaluate_checkpoint(
     counted = _Counted(loader)
     n = cfg.trainer.eval_batches or None  # 0: every batch of the split
     with torch.autocast(torch.device(device).type, DTYPES[dtype], enabled=dtype != "fp32"):
-        val_loss = evaluate(model, _OneProcess(torch.device(device)), counted, n)
+        val_loss = evaluate(model, processes, counted, n)
     d = cfg.data
     return {
         "checkpoint": str(ckpt),
@@ -220,6 +243,7 @@ def evaluate_checkpoint(
         "seq_len": d.seq_len,
         "device": device,
         "dtype": dtype,
+        "processes": processes.num_processes,
         "data": {
             "name": d.name,
             "source": d.source,
@@ -321,20 +345,35 @@ def main(argv: list[str] | None = None) -> None:
     if args.hellaswag and (args.overrides or args.batches is not None):
         parser.error("--hellaswag reads its own examples: no data overrides or --batches")
     device, dtype = device_and_dtype(parser, args.device, args.dtype)
-    if args.hellaswag:
-        _main_hellaswag(args, device, dtype)
-        return
+    processes = Processes(device)
+    (_main_hellaswag if args.hellaswag else _main_loss)(args, device, dtype, processes)
+    processes.end()
 
+
+def _failed(e: Exception, processes: Processes) -> None:
+    rank = f" (rank {processes.process_index})" if processes.process_index else ""
+    print(f"llmtrain-eval{rank}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _on(device: str, dtype: str, processes: Processes) -> str:
+    n = processes.num_processes
+    return f"{device}/{dtype}" + (f" x {n} processes" if n > 1 else "")
+
+
+def _main_loss(args: argparse.Namespace, device: str, dtype: str, processes: Processes) -> None:
     try:
         # --json: stdout holds the one object; what libraries print meanwhile (DeepSpeed's
         # logger and zero_to_fp32 consolidating a ZeRO checkpoint) goes to stderr.
         with _stdout_to_stderr() if args.json else contextlib.nullcontext():
             result = evaluate_checkpoint(
-                args.checkpoint, args.overrides, args.batches, args.batch_size, device, dtype
-            )
+                args.checkpoint, args.overrides, args.batches, args.batch_size, device, dtype,
+                processes,
+            )  # fmt: skip
     except (OSError, ValueError, CheckpointError) as e:  # ConfigError, DataError: ValueErrors
-        print(f"llmtrain-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _failed(e, processes)
+    if processes.process_index:  # the result is the same on every process: one prints it
+        return
     if result["position"] == "learned" and result["seq_len"] > result["trained_seq_len"]:
         print(
             f"note: the run trained on windows of data.seq_len={result['trained_seq_len']} "
@@ -349,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     how = "the whole validation split" if result["all"] else f"{result['batches']} batches"
     print(
-        f"{result['checkpoint']} (step {result['step']}) on {device}/{dtype}: "
+        f"{result['checkpoint']} (step {result['step']}) on {_on(device, dtype, processes)}: "
         f"{result['data']['description']}",
         file=sys.stderr,
     )
@@ -360,20 +399,24 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def _main_hellaswag(args: argparse.Namespace, device: str, dtype: str) -> None:
+def _main_hellaswag(
+    args: argparse.Namespace, device: str, dtype: str, processes: Processes
+) -> None:
     try:
         with _stdout_to_stderr() if args.json else contextlib.nullcontext():
             source = args.hellaswag_data or HELLASWAG_VAL
             result = hellaswag_checkpoint(
-                args.checkpoint, source, args.examples, args.batch_size or 8, device, dtype
-            )
+                args.checkpoint, source, args.examples, args.batch_size or 8, device, dtype,
+                processes,
+            )  # fmt: skip
     except (OSError, ValueError, CheckpointError) as e:
-        print(f"llmtrain-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _failed(e, processes)
+    if processes.process_index:
+        return
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{result['checkpoint']} (step {result['step']}) on {device}/{dtype}: "
+    print(f"{result['checkpoint']} (step {result['step']}) on {_on(device, dtype, processes)}: "
           f"HellaSwag from {result['source']}", file=sys.stderr)  # fmt: skip
     if args.examples and result["examples"] < args.examples:
         print(f"--examples {args.examples:,}: the file has {result['examples']:,}; all of them "

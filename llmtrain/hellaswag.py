@@ -179,18 +179,21 @@ def hellaswag_checkpoint(
     batch_size: int = 8,
     device: str = "cpu",
     dtype: str = "fp32",
+    processes: Any = None,
 ) -> dict[str, Any]:
     """HellaSwag accuracy of the checkpoint ``path`` names (of a run dir, its newest intact
-    one), each row cut to the run's training window, ``data.seq_len``."""
+    one), each row cut to the run's training window, ``data.seq_len``; with ``processes``
+    (llmtrain-eval's), each process scores a share of the examples."""
     examples = load_examples(source, limit)  # before minutes of reading a large checkpoint
-    model, cfg, ckpt = load_gpt(path, device)
+    model, cfg, ckpt = load_gpt(path, processes.device if processes else device)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     window = min(cfg.data.seq_len, cfg.model.context_length)
     with torch.autocast(torch.device(device).type, DTYPES[dtype], enabled=dtype != "fp32"):
-        scores = hellaswag(model, tokenizer, examples, window, batch_size)
+        scores = hellaswag(model, tokenizer, examples, window, batch_size, processes)
     step = load_trainer_state(ckpt).step
     return {"checkpoint": str(ckpt), "step": step, "task": "hellaswag", "source": source,
-            **scores, "device": device, "dtype": dtype}  # fmt: skip
+            **scores, "device": device, "dtype": dtype,
+            "processes": processes.num_processes if processes else 1}  # fmt: skip
 
 
 __all__ = [

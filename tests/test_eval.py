@@ -4,6 +4,7 @@ step; a run dir, ``--batches all``, data overrides; refusals and a missing check
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,10 @@ from tiny import TINY
 from llmtrain.config import load_config
 from llmtrain.data import build_dataloader
 from llmtrain.eval import evaluate_checkpoint, main
+from llmtrain.metrics import format_ppl
 from llmtrain.tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RUN = [
     *TINY,
@@ -187,13 +191,64 @@ def _train_two_ranks(run_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_a_two_process_runs_val_loss_is_the_one_process_one(tmp_path):
-    """Every rank evaluates the same batches: the logged val_loss does not depend on the
-    process count, and one process gives it again."""
+    """The ranks share the same batches: the logged val_loss does not depend on the process
+    count, and one process gives it again."""
     from dist_worker import run
 
     run(_train_two_ranks, 2, str(tmp_path / "run"), tmp=tmp_path)
     result = evaluate_checkpoint(tmp_path / "run")
     assert result["step"] == 2 and result["val_loss"] == logged(tmp_path / "run")[2]
+
+
+def _evaluate_counting(run_dir: str, hellaswag: bool) -> tuple[float, int]:
+    """In each forked rank: llmtrain-eval's loss (or HellaSwag acc_norm) and this rank's
+    forward passes."""
+    from llmtrain.eval import Processes
+    from llmtrain.hellaswag import hellaswag_checkpoint
+    from llmtrain.model import GPT
+
+    passes, forward, launched = [], GPT.forward, Processes("cpu")
+    GPT.forward = lambda self, *a, **k: passes.append(1) or forward(self, *a, **k)
+    if hellaswag:
+        asset = Path(__file__).parent / "assets" / "hellaswag_sample.jsonl"
+        result = hellaswag_checkpoint(run_dir, str(asset), batch_size=3, processes=launched)
+        return result["acc_norm"], len(passes)
+    return evaluate_checkpoint(run_dir, batches=3, processes=launched)["val_loss"], len(passes)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("hellaswag", [False, True], ids=["val_loss", "hellaswag"])
+def test_launched_processes_share_the_evaluation(run, hellaswag, tmp_path):
+    """Under a launcher each process evaluates a share (3 batches: 2 passes each, one of them
+    uncounted on rank 1; 8 HellaSwag examples in batches of 3: 2 each) and the result is one
+    process's."""
+    from dist_worker import run as fork_run
+
+    from llmtrain.hellaswag import hellaswag_checkpoint
+
+    results = fork_run(_evaluate_counting, 2, str(run), hellaswag, tmp=tmp_path)
+    asset = Path(__file__).parent / "assets" / "hellaswag_sample.jsonl"
+    one = (hellaswag_checkpoint(str(run), str(asset), batch_size=3)["acc_norm"] if hellaswag
+           else evaluate_checkpoint(run, batches=3)["val_loss"])  # fmt: skip
+    assert [value for value, _ in results] == [pytest.approx(one, rel=1e-6)] * 2
+    assert [passes for _, passes in results] == [2, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_accelerate_launch_of_llmtrain_eval_prints_once(run):
+    launch = ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "cpu.yaml")]
+    proc = subprocess.run(
+        [*launch, "-m", "llmtrain.eval", str(run), "--device", "cpu", "--batches", "3"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loss = evaluate_checkpoint(run, batches=3)["val_loss"]
+    ppl = format_ppl(math.exp(loss)).strip()
+    tokens = "768 tokens (3 batches of 4 x 64 tokens)"
+    assert proc.stdout == f"step 2: val_loss {loss:.4f} | val_ppl {ppl} | {tokens}\n"  # rank 0
+    assert "on cpu/fp32 x 2 processes: sample" in proc.stderr
 
 
 def test_json_stdout_is_the_object_alone_when_loading_prints(run, capfd, monkeypatch):
