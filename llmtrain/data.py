@@ -107,6 +107,14 @@ def _ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(target=wait, name="llmtrain-sigterm", daemon=True).start()
 
 
+def _from_worker(e: DataError) -> DataError:
+    """The DataError as a DataLoader worker raised it: torch re-raises it in the training
+    process with the worker's whole traceback as its message, which the user would read."""
+    head = f"\n{type(e).__module__}.{type(e).__qualname__}: "
+    message = str(e)
+    return type(e)(message.rpartition(head)[2].strip()) if head in message else e
+
+
 class TokenLoader:
     """Batches of (x, y) long tensors (batch_size, seq_len) with an exact, small state.
 
@@ -256,7 +264,10 @@ class TokenLoader:
                 state["next"] = (w + 1) % n
                 continue
             while not pending[w]:
-                item = next(items)
+                try:
+                    item = next(items)
+                except DataError as e:
+                    raise _from_worker(e) from e.__cause__
                 pending[item[0]].append(item)
             _, windows, pos, stats = pending[w].popleft()
             state["workers"][w], state["stats"][w] = pos, stats

@@ -132,6 +132,9 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
         kwargs["data_files"] = data_files
         if path == "parquet":  # only the text: files whose other columns differ read as well
             kwargs["columns"] = [cfg.text_column]
+            # as text, not as the first file's type: a first file of nulls only would make
+            # every later one fail to cast (numbers, which would read as "1", are refused below)
+            kwargs["features"] = datasets.Features({cfg.text_column: datasets.Value("string")})
         if path != "text":  # an empty .txt is an empty document (skipped and counted)
             for f in chain(*data_files.values()):
                 if os.path.getsize(f) == 0:
@@ -174,13 +177,88 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
         raise DataError(
             f"data.text_column={cfg.text_column!r} is not a column of {what}; columns: {columns}"
         )
+    if ds.features is not None:
+        _check_text_type(cfg, ds.features[cfg.text_column], what)
     return ds.select_columns([cfg.text_column]) if ds.features is not None else ds
 
 
-def _unreadable(f: str, column: str, first: list[str] | None = None) -> str | None:
+def _check_text_type(cfg: DataConfig, feature: Any, what: str) -> None:
+    """Raise a DataError naming the file when the text column holds numbers (or other scalars).
+    datasets casts every file to the first file's types: numbers in a file after a text one
+    would train as the strings "0", "1", ..., so every parquet file of data.files is checked (a
+    footer read); JSON files, which must be read whole, only when the first file's values are
+    not text. A data.path directory (a dataset's local copy: thousands of files, read by every
+    rank) is taken as one dataset; a read that fails there still names the file (read_error).
+    Mixed values (a JSON column of text and numbers) stream as they are, and clean_texts skips
+    and counts the ones that are not text."""
+    import datasets
+
+    column, scalar = cfg.text_column, isinstance(feature, datasets.Value)
+    text = not scalar or feature.dtype in ("string", "large_string")
+    local = _local_files(cfg) if cfg.files else {}
+    for key, files in local.items():
+        for f in files:
+            kind = BUILDERS.get(Path(f).suffix.lower())
+            read = kind == "parquet" or (kind == "json" and not text)
+            if read and (why := _not_text(f, column)):
+                raise DataError(
+                    f"{key}: {f}: {why}; set data.text_column to the column with the text, or "
+                    "fix or remove the file"
+                )
+    if scalar and feature.dtype == "null":  # a first file of nulls only: later text fails to cast
+        local = local or _local_files(cfg)
+        first = next((f"{key}: {files[0]}" for key, files in local.items() if files), what)
+        raise DataError(
+            f"{first}: data.text_column={column!r} holds nulls only, and datasets reads every "
+            "file with the first one's types; remove the file (it has no text)"
+        )
+    if not text:
+        raise DataError(
+            f"{what}: data.text_column={column!r} holds {feature.dtype} values, not text; set "
+            "data.text_column to the column with the text"
+        )
+
+
+def _not_text(f: str, column: str) -> str | None:
+    """Why ``column`` of local file ``f`` is not text (a parquet file without it, or values of
+    another type), else None. Nulls are text: they are skipped and counted as empty documents."""
+    if BUILDERS.get(Path(f).suffix.lower()) == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(f)
+        if column not in schema.names:  # read for this column only, so no other check sees it
+            return f"no column {column!r}; its columns: {', '.join(sorted(schema.names))}"
+        kind = schema.field(column).type
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+        return None if text else f"data.text_column={column!r} holds {kind} values, not text"
+    values = (r.get(column) for r in _rows(f) if isinstance(r, dict))
+    held = ", ".join(sorted({type(v).__name__ for v in values if v is not None} - {"str"}))
+    return f"data.text_column={column!r} holds {held} values, not text" if held else None
+
+
+def _local_files(cfg: DataConfig) -> dict[str, list[str]]:
+    """The local files of the source, by the key that names them: data.files and
+    data.val_files, or every split's files that datasets finds in a data.path directory."""
+    if cfg.files:
+        keys = (("data.files", cfg.files), ("data.val_files", cfg.val_files))
+        return {key: _expand(files, key) for key, files in keys if files}
+    path = str(SAMPLE_DIR) if cfg.path == "sample" else cfg.path
+    if not os.path.isdir(path):  # a dataset on the Hub
+        return {}
+    import datasets
+
+    found = datasets.load_dataset_builder(path, cfg.config_name).config.data_files or {}
+    return {f"data.path={cfg.path!r}": list(chain(*found.values()))}
+
+
+def _unreadable(
+    f: str, column: str, first: list[str] | None = None, every_column: bool = False
+) -> str | None:
     """Why local file ``f`` cannot be read as its builder reads it, or None. ``column`` is
     data.text_column; ``first`` is the first file's columns, which datasets reads every JSON
-    file with (parquet files are read for ``column`` only)."""
+    file with, and every parquet file of a data.path directory (``every_column``; data.files
+    reads parquet files for ``column`` only)."""
     kind = BUILDERS.get(Path(f).suffix.lower())
     try:
         columns = _columns(f)
@@ -201,6 +279,13 @@ def _unreadable(f: str, column: str, first: list[str] | None = None) -> str | No
             f"({', '.join(first)}), and datasets reads every JSON file with the first one's; "
             "give the files the same keys"
         )
+    if kind == "parquet" and every_column and first is not None and columns != first:
+        return (
+            f"its columns ({', '.join(columns or [])}) differ from the first file's "
+            f"({', '.join(first)}), and datasets reads every file of a directory with the first "
+            "one's; give the files the same columns, or have only the text column read: "
+            "data=local data.files='DIR/train/*.parquet' data.val_files='DIR/validation/*.parquet'"
+        )
     return None
 
 
@@ -218,6 +303,11 @@ def _columns(f: str) -> list[str] | None:
         return sorted(pq.read_table(f).column_names)
     if kind != "json":
         return None
+    return sorted({k for r in _rows(f) if isinstance(r, dict) for k in r})
+
+
+def _rows(f: str) -> list[Any]:
+    """The rows of a .json / .jsonl file: one JSON document, a JSON array, or JSON Lines."""
     with open(f, encoding="utf-8") as fh:
         text = fh.read()
     try:
@@ -230,9 +320,7 @@ def _columns(f: str) -> list[str] | None:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise _BadLine(f"line {i} is not JSON ({e})") from None
-    if len(rows) == 1 and isinstance(rows[0], list):  # a JSON array of rows
-        rows = rows[0]
-    return sorted({k for r in rows if isinstance(r, dict) for k in r})
+    return rows[0] if len(rows) == 1 and isinstance(rows[0], list) else rows  # a JSON array
 
 
 def matched_files(cfg: DataConfig) -> str | None:
@@ -252,17 +340,17 @@ def matched_files(cfg: DataConfig) -> str | None:
 def read_error(cfg: DataConfig, e: BaseException) -> DataError:
     """A DataError for a failed read: the bad local file and why when one is found, else the
     source and the original error."""
-    if cfg.files:
-        for key in ("data.files", "data.val_files"):
-            files = getattr(cfg, key.removeprefix("data."))
+    with contextlib.suppress(Exception):  # files it cannot list: the original error says why
+        for key, files in _local_files(cfg).items():
             first = None
-            for f in _expand(files, key) if files else []:
-                if (why := _unreadable(f, cfg.text_column, first)) is not None:
+            for f in files:
+                why = _unreadable(f, cfg.text_column, first, every_column=not cfg.files)
+                if why is not None:
                     return DataError(f"{key}: {f}: {why}; fix or remove the file")
                 if first is None:
                     first = _columns(f)
-        return DataError(f"data.files={cfg.files!r}: reading failed: {type(e).__name__}: {e}")
-    return DataError(f"data.path={cfg.path!r}: reading failed: {type(e).__name__}: {e}")
+    what = f"data.files={cfg.files!r}" if cfg.files else f"data.path={cfg.path!r}"
+    return DataError(f"{what}: reading failed: {type(e).__name__}: {e}")
 
 
 def _digest(text: str) -> bytes:

@@ -339,6 +339,22 @@ def test_missing_text_column(tmp_path):
         build_dataloader(small(files=str(tmp_path / "x.parquet")), TOK, split="train", batch_size=2)
 
 
+def test_a_data_error_in_a_worker_reads_as_the_worker_raised_it(tmp_path):
+    """torch re-raises a worker's exception with the worker's whole traceback as its message:
+    the console showed some 40 lines of it before the one naming the file."""
+    doc = "A perfectly ordinary document about the weather. " * 30
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": doc}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": doc, "url": "u"}) + "\n")
+    (tmp_path / "v.jsonl").write_text(json.dumps({"text": "validation text " * 40}) + "\n")
+    cfg = small(files=str(tmp_path / "*.jsonl"), val_files=str(tmp_path / "v.jsonl"), num_workers=2)
+    loader = build_dataloader(cfg, TOK, split="train", batch_size=2)
+    with pytest.raises(DataError) as e:
+        take(loader, 8)
+    assert str(e.value).startswith(
+        f"data.files: {tmp_path}/b.jsonl: its columns (text, url) differ"
+    )
+
+
 def test_empty_corpus(tmp_path):
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.txt").write_text("  \n")

@@ -91,7 +91,7 @@ def test_files_whose_other_columns_differ_read_and_one_without_the_text_is_named
         list(load_documents(cfg, "train"))
     err = read_error(cfg, e.value)
     assert "c.parquet: no column 'text' (data.text_column); its columns: content" in str(err)
-    with pytest.raises(DataError, match=r"/c.parquet; columns: content"):  # the first file
+    with pytest.raises(DataError, match=r"/c.parquet: no column 'text'; its columns: content"):
         load_documents(local(str(tmp_path / "c.parquet")), "train")
 
     (tmp_path / "c.parquet").unlink()
@@ -106,6 +106,72 @@ def test_files_whose_other_columns_differ_read_and_one_without_the_text_is_named
     (tmp_path / "b.jsonl").write_text('{"text": "b", "meta": {"x": 1}}\n')
     err = read_error(local(str(tmp_path / "*.jsonl")), ValueError("CastError"))
     assert "b.jsonl: its columns (meta, text) differ from the first file's (text)" in str(err)
+
+
+def read_failure(cfg: DataConfig, split: str) -> str:
+    """The DataError message a failed read of ``split`` becomes (as packing.py makes it)."""
+    with pytest.raises(Exception) as e:
+        list(load_documents(cfg, split))
+    return str(read_error(cfg, e.value))
+
+
+def test_a_data_path_directory_names_the_file_that_differs(tmp_path):
+    """data.path=DIR (a local copy laid out as data/<split>/...) reads every file with the first
+    one's columns: a file with one more column, or without the text, failed on datasets'
+    CastError, naming only the directory."""
+    for split in ("train", "validation"):
+        (tmp_path / "pq/data" / split).mkdir(parents=True)
+        (tmp_path / "js/data" / split).mkdir(parents=True)
+    table = pa.table({"text": ["a doc", "b doc"]})
+    pq.write_table(table, tmp_path / "pq/data/train/a.parquet")
+    pq.write_table(table, tmp_path / "pq/data/validation/v.parquet")
+    url = table.append_column("url", pa.array(["u", "u"]))
+    pq.write_table(url, tmp_path / "pq/data/validation/w.parquet")
+    (tmp_path / "js/data/train/a.jsonl").write_text('{"text": "a doc"}\n')
+    (tmp_path / "js/data/train/b.jsonl").write_text('{"content": "b doc"}\n')
+    (tmp_path / "js/data/validation/v.jsonl").write_text('{"text": "v doc"}\n')
+
+    cfg = replace(DataConfig(), path=str(tmp_path / "pq"))
+    err = read_failure(cfg, "validation")
+    bad = tmp_path / "pq/data/validation/w.parquet"
+    assert err.startswith(f"data.path={cfg.path!r}: {bad}: its columns (text, url) differ from")
+    assert "data=local data.files='DIR/train/*.parquet'" in err  # reads the text column only
+    cfg = replace(DataConfig(), path=str(tmp_path / "js"))
+    bad = tmp_path / "js/data/train/b.jsonl"
+    assert read_failure(cfg, "train").startswith(
+        f"data.path={cfg.path!r}: {bad}: no column 'text' (data.text_column); its columns: content"
+    )
+
+
+def test_a_text_column_of_numbers_is_refused_by_file_and_nulls_are_empty(tmp_path):
+    """datasets casts each file to the first one's types: a parquet file of numbers after a text
+    one trained as the documents "0", "1", ...; before a text one, the run failed on a cast error
+    that quoted a whole document. Nulls are missing documents: skipped and counted as empty,
+    also a first file of nulls only (which made every later one fail to cast)."""
+    pq.write_table(pa.table({"text": ["a doc", None]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": [0, 1]}), tmp_path / "b.parquet")
+    cfg = local(str(tmp_path / "*.parquet"))
+    held = "data.text_column='text' holds int64 values, not text; set data.text_column"
+    with pytest.raises(DataError, match=rf"^data\.files: {tmp_path}/b\.parquet: {held}"):
+        load_documents(cfg, "train")
+    (tmp_path / "b.parquet").rename(tmp_path / "0.parquet")  # now the first file
+    with pytest.raises(DataError, match=rf"^data\.files: {tmp_path}/0\.parquet: {held}"):
+        load_documents(cfg, "train")
+    with pytest.raises(DataError, match=rf"^data\.val_files: {tmp_path}/0\.parquet: {held}"):
+        load_documents(local(f"{tmp_path}/a.parquet", val_files=f"{tmp_path}/0.parquet"), "train")
+    (tmp_path / "0.jsonl").write_text('{"text": 7}\n')
+    (tmp_path / "a.jsonl").write_text('{"text": "a doc"}\n')
+    with pytest.raises(DataError, match=r"0\.jsonl: data.text_column='text' holds int values"):
+        load_documents(local(str(tmp_path / "*.jsonl")), "train")
+
+    (tmp_path / "0.parquet").unlink()
+    pq.write_table(pa.table({"text": pa.array([None, None])}), tmp_path / "0.parquet")
+    rows = list(load_documents(cfg, "train"))
+    stats = dict.fromkeys(documents.STATS, 0)
+    assert clean_texts(rows, cfg, frozenset(), stats) == ["a doc"] and stats["empty"] == 3
+    (tmp_path / "0.jsonl").write_text('{"text": null}\n')  # JSON is read with its types
+    with pytest.raises(DataError, match=r"0\.jsonl: data.text_column='text' holds nulls only"):
+        load_documents(local(str(tmp_path / "*.jsonl")), "train")
 
 
 class HTTPError(Exception):
