@@ -42,7 +42,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from omegaconf import OmegaConf
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     processes.end()
 
 
-def _failed(e: Exception, processes: Processes) -> None:
+def _failed(e: Exception, processes: Processes) -> NoReturn:
     rank = f" (rank {processes.process_index})" if processes.process_index else ""
     print(f"llmtrain-eval{rank}: error: {e}", file=sys.stderr)
     sys.exit(2)
