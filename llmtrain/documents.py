@@ -200,7 +200,11 @@ def _check_text_type(cfg: DataConfig, feature: Any, what: str) -> None:
         for f in files:
             kind = BUILDERS.get(Path(f).suffix.lower())
             read = kind == "parquet" or (kind == "json" and not text)
-            if read and (why := _not_text(f, column)):
+            try:
+                why = _not_text(f, column) if read else None
+            except Exception:  # noqa: BLE001 -- unreadable: the read names it (read_error)
+                why = None
+            if why:
                 raise DataError(
                     f"{key}: {f}: {why}; set data.text_column to the column with the text, or "
                     "fix or remove the file"
