@@ -16,6 +16,7 @@ Accelerate never applies FSDP to a CPU run, so :func:`_fsdp_on_cpu` applies it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import sys
@@ -301,6 +302,24 @@ WORLD_OF_ONE = (
     "MASTER_ADDR",
     "MASTER_PORT",
 )
+
+
+def end_processes() -> None:
+    """At a run's end: every rank at the same point, then the process group destroyed (what
+    Accelerate's ``end_training()`` does), after the run's model is gone.
+
+    DDP's gradient reducer holds the group. When it let go of the group last, gloo's destructor
+    joined its threads with the GIL held while one of them waited for the GIL to free a finished
+    collective's tensors: a 2-process CPU run hung, now and then, once trained and saved. Torch's
+    own handle on the group lets go of the GIL first. The barrier: a rank tearing the group down
+    while another still finishes can hang that one (pytorch/pytorch#75097).
+    """
+    from accelerate.state import PartialState
+
+    gc.collect()  # a model in a reference cycle (a forward wrapper pointing back at it)
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 @contextlib.contextmanager

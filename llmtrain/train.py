@@ -18,7 +18,7 @@ from llmtrain import checkpoint as ckpt
 from llmtrain.config import (
     TrainConfig,
 )
-from llmtrain.dist import is_deepspeed, process_scope
+from llmtrain.dist import end_processes, is_deepspeed, process_scope
 from llmtrain.metrics import Throughput
 from llmtrain.model import attention_kernel
 from llmtrain.optim import lr_at, set_lr
@@ -101,7 +101,11 @@ def train(
         attention_kernel(cfg.trainer.attention),
     ):
         stop_with_launcher()  # its SIGTERM: a preemption, now that the handler is in place
-        return _train(cfg, run_dir, preempt, limit, step_hook, final_save)
+        state, stopped = _train(cfg, run_dir, preempt, limit, step_hook, final_save)
+        end_processes()  # now that _train's frame, and the model in it, are gone
+        if stopped is not None:
+            raise stopped
+        return state
 
 
 def skip_step(run: Run) -> None:
@@ -139,7 +143,11 @@ def skip_step(run: Run) -> None:
         raise ckpt.Diverged(f"{state.bad_steps} consecutive non-finite steps; stopping. {then}")
 
 
-def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerState:
+def _train(
+    cfg, run_dir, preempt, limit, step_hook, final_save
+) -> tuple[ckpt.TrainerState, Preempted | None]:
+    """The run, and the stop that ended it early, raised by ``train()`` once the process group
+    is gone (:func:`llmtrain.dist.end_processes`)."""
     run = setup(cfg, run_dir)
     if limit is not None:
         run.say(f"  time limit {limit.describe()}")
@@ -273,10 +281,6 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
         save(final=True)
     run.metrics_file.close()
     run.logger.finish()
-    # Every rank at the same point before end_training() destroys the process group: a rank
-    # tearing it down while another still finishes can hang that one (pytorch/pytorch#75097).
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     if stop:
         saved = saved or ckpt.latest_checkpoint(run.ckpt_root)
         then = "no checkpoint was written, so the same command starts over"
@@ -290,8 +294,8 @@ def _train(cfg, run_dir, preempt, limit, step_hook, final_save) -> ckpt.TrainerS
             ckpt.go_on_from(saved, run.run_dir) if saved else then
         )
         timed = out_of_time and not preempt.signal
-        raise OutOfTime(message, limit) if timed else Preempted(message)
-    return state
+        return state, OutOfTime(message, limit) if timed else Preempted(message)
+    return state, None
 
 
 class OutOfTime(Preempted):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import faulthandler
 import os
 import pickle
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -85,6 +87,24 @@ def _worker(
     os._exit(code)
 
 
+def _native_stacks(pid: int) -> str:
+    """Every thread's native stack in process ``pid``, where gdb is installed: a hang inside
+    torch (a C++ destructor waiting on a thread that waits for the GIL) has no Python frame."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return "(no gdb for native stacks)"
+    try:
+        out = subprocess.run(
+            [gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"(gdb: {e})"
+    return "\n".join(line for line in out.splitlines() if line.startswith(("Thread ", "#")))
+
+
 def run(
     fn: Callable,
     world: int,
@@ -108,7 +128,8 @@ def run(
         while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
             if time.monotonic() >= deadline:  # a hung rank: end them all, or they outlive the test
                 stuck = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
-                for r in stuck:  # where it hangs, on its stderr
+                for r in stuck:  # where it hangs: native stacks here, Python's on its stderr
+                    print(f"rank {r}:\n{_native_stacks(ctx.processes[r].pid)}", file=sys.stderr)
                     os.kill(ctx.processes[r].pid, signal.SIGQUIT)
                 time.sleep(1)
                 for p in ctx.processes:

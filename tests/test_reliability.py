@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import psutil
 import pytest
 import torch
 from tiny import TINY
+from torch.nn.parallel import DistributedDataParallel
 
 import llmtrain.run as run_mod
 import llmtrain.train as train_mod
@@ -311,12 +313,21 @@ def _signal_one_rank(run_dir: str, steps: int, resume: str) -> dict:
         return lr_at(step, *args)
 
     tm.lr_at = lr_and_signal
+    # DDP's reducer must not be the process group's last holder (a hang at the run's end).
+    destroy, alive = torch.distributed.destroy_process_group, []
+
+    def destroy_and_count(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        return destroy(*args, **kwargs)
+
+    torch.distributed.destroy_process_group = destroy_and_count
     cfg = config(steps, "dist=ddp", "trainer.batch_tokens=512", f"trainer.resume={resume}", world=2)
     try:
         state = tm.train(cfg, Path(run_dir))
-        return {"preempted": False, "step": state.step}
+        return {"preempted": False, "step": state.step, "ddp_at_destroy": alive}
     except Preempted as e:
-        return {"preempted": True, "message": str(e)}
+        return {"preempted": True, "message": str(e), "ddp_at_destroy": alive}
 
 
 @pytest.mark.distributed
@@ -326,6 +337,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     run_dir = tmp_path / "run"
     results = run(_signal_one_rank, 2, str(run_dir), 10, "none", tmp=tmp_path)
     assert [r["preempted"] for r in results] == [True, True]
+    assert [r["ddp_at_destroy"] for r in results] == [[0], [0]]
     assert "SIGUSR1" in results[1]["message"] and "another rank" in results[0]["message"]
     root = run_dir / "checkpoints"
     saved = root / "step_0000003"
@@ -334,7 +346,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert steps_logged(run_dir) == [1, 2, 3]
 
     results = run(_signal_one_rank, 2, str(run_dir), 5, "auto", tmp=tmp_path)
-    assert results == [{"preempted": False, "step": 5}] * 2
+    assert results == [{"preempted": False, "step": 5, "ddp_at_destroy": [0]}] * 2
     assert steps_logged(run_dir) == [1, 2, 3, 4, 5]
 
 
