@@ -13,7 +13,6 @@ import contextlib
 import functools
 import glob
 import hashlib
-import json
 import logging
 import os
 import time
@@ -22,18 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.config import PACKAGE_DIR, DataConfig
+from llmtrain.localfiles import BUILDERS, columns, kind, not_text, unreadable
 
 log = logging.getLogger(__name__)
 
 SAMPLE_DIR = PACKAGE_DIR / "assets" / "fineweb-sample"
-BUILDERS = {
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-}
 RETRY_STATUS = (429, 500, 502, 503, 504)
 STATS = ("documents", "empty", "undecodable", "heldout")
 
@@ -73,15 +65,15 @@ def _expand(pattern: str, key: str) -> list[str]:
 def _builder(files: list[str], key: str) -> tuple[str, dict[str, Any]]:
     if unknown := [f for f in files if Path(f).suffix.lower() not in BUILDERS]:
         raise DataError(f"{key}: {unknown[0]}: not one of {', '.join(BUILDERS)}")
-    kinds = {BUILDERS[Path(f).suffix.lower()] for f in files}
+    kinds = {kind(f) for f in files}
     if len(kinds) != 1:
         suffixes = sorted({Path(f).suffix.lower() for f in files})
         raise DataError(f"{key}: the files must all be one type; they mix {', '.join(suffixes)}")
-    kind = kinds.pop()
+    builder = kinds.pop()
     # A .txt file is one document; bad bytes become U+FFFD, and a document with many of them is
     # counted as undecodable and skipped (clean_texts) instead of failing the whole run.
-    extra = {"sample_by": "document", "encoding_errors": "replace"} if kind == "text" else {}
-    return kind, extra
+    extra = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
+    return builder, extra
 
 
 def _retrying(fn, what: str, tries: int = 5):
@@ -171,7 +163,7 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
         if cfg.files:  # the file that lacks it (a parquet file is read for the column only)
             for f in chain(*kwargs["data_files"].values()):
                 with contextlib.suppress(Exception):
-                    if (have := _columns(f)) is not None and cfg.text_column not in have:
+                    if (have := columns(f)) is not None and cfg.text_column not in have:
                         what, columns = f"{what}: {f}", ", ".join(have)
                         break
         raise DataError(
@@ -198,10 +190,10 @@ def _check_text_type(cfg: DataConfig, feature: Any, what: str) -> None:
     local = _local_files(cfg) if cfg.files else {}
     for key, files in local.items():
         for f in files:
-            kind = BUILDERS.get(Path(f).suffix.lower())
-            read = kind == "parquet" or (kind == "json" and not text)
+            builder = kind(f)
+            read = builder == "parquet" or (builder == "json" and not text)
             try:
-                why = _not_text(f, column) if read else None
+                why = not_text(f, column) if read else None
             except Exception:  # noqa: BLE001 -- unreadable: the read names it (read_error)
                 why = None
             if why:
@@ -223,24 +215,6 @@ def _check_text_type(cfg: DataConfig, feature: Any, what: str) -> None:
         )
 
 
-def _not_text(f: str, column: str) -> str | None:
-    """Why ``column`` of local file ``f`` is not text (a parquet file without it, or values of
-    another type), else None. Nulls are text: they are skipped and counted as empty documents."""
-    if BUILDERS.get(Path(f).suffix.lower()) == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(f)
-        if column not in schema.names:  # read for this column only, so no other check sees it
-            return f"no column {column!r}; its columns: {', '.join(sorted(schema.names))}"
-        kind = schema.field(column).type
-        text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
-        return None if text else f"data.text_column={column!r} holds {kind} values, not text"
-    values = (r.get(column) for r in _rows(f) if isinstance(r, dict))
-    held = ", ".join(sorted({type(v).__name__ for v in values if v is not None} - {"str"}))
-    return f"data.text_column={column!r} holds {held} values, not text" if held else None
-
-
 def _local_files(cfg: DataConfig) -> dict[str, list[str]]:
     """The local files of the source, by the key that names them: data.files and
     data.val_files, or every split's files that datasets finds in a data.path directory."""
@@ -254,77 +228,6 @@ def _local_files(cfg: DataConfig) -> dict[str, list[str]]:
 
     found = datasets.load_dataset_builder(path, cfg.config_name).config.data_files or {}
     return {f"data.path={cfg.path!r}": list(chain(*found.values()))}
-
-
-def _unreadable(
-    f: str, column: str, first: list[str] | None = None, every_column: bool = False
-) -> str | None:
-    """Why local file ``f`` cannot be read as its builder reads it, or None. ``column`` is
-    data.text_column; ``first`` is the first file's columns, which datasets reads every JSON
-    file with, and every parquet file of a data.path directory (``every_column``; data.files
-    reads parquet files for ``column`` only)."""
-    kind = BUILDERS.get(Path(f).suffix.lower())
-    try:
-        columns = _columns(f)
-    except _BadLine as e:
-        return str(e)
-    except Exception as e:  # noqa: BLE001 -- the reason is the message
-        return f"{type(e).__name__}: {e}"
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        if pq.ParquetFile(f).metadata.num_rows == 0:  # datasets: "BatchSize must be > 0"
-            return "no rows (an empty .parquet)"
-    if columns is not None and column not in columns:
-        return f"no column {column!r} (data.text_column); its columns: {', '.join(columns)}"
-    if kind == "json" and first is not None and columns is not None and columns != first:
-        return (
-            f"its columns ({', '.join(columns)}) differ from the first file's "
-            f"({', '.join(first)}), and datasets reads every JSON file with the first one's; "
-            "give the files the same keys"
-        )
-    if kind == "parquet" and every_column and first is not None and columns != first:
-        return (
-            f"its columns ({', '.join(columns or [])}) differ from the first file's "
-            f"({', '.join(first)}), and datasets reads every file of a directory with the first "
-            "one's; give the files the same columns, or have only the text column read: "
-            "data=local data.files='DIR/train/*.parquet' data.val_files='DIR/validation/*.parquet'"
-        )
-    return None
-
-
-class _BadLine(ValueError):
-    """A JSON Lines line that does not parse; the message says which."""
-
-
-def _columns(f: str) -> list[str] | None:
-    """The columns (keys) of a .parquet / .json / .jsonl file, sorted; None for text files.
-    Reads the whole file, so a corrupt one raises."""
-    kind = BUILDERS.get(Path(f).suffix.lower())
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return sorted(pq.read_table(f).column_names)
-    if kind != "json":
-        return None
-    return sorted({k for r in _rows(f) if isinstance(r, dict) for k in r})
-
-
-def _rows(f: str) -> list[Any]:
-    """The rows of a .json / .jsonl file: one JSON document, a JSON array, or JSON Lines."""
-    with open(f, encoding="utf-8") as fh:
-        text = fh.read()
-    try:
-        rows = [json.loads(text)]  # one JSON document
-    except json.JSONDecodeError:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):  # else JSON Lines
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise _BadLine(f"line {i} is not JSON ({e})") from None
-    return rows[0] if len(rows) == 1 and isinstance(rows[0], list) else rows  # a JSON array
 
 
 def matched_files(cfg: DataConfig) -> str | None:
@@ -348,11 +251,11 @@ def read_error(cfg: DataConfig, e: BaseException) -> DataError:
         for key, files in _local_files(cfg).items():
             first = None
             for f in files:
-                why = _unreadable(f, cfg.text_column, first, every_column=not cfg.files)
+                why = unreadable(f, cfg.text_column, first, every_column=not cfg.files)
                 if why is not None:
                     return DataError(f"{key}: {f}: {why}; fix or remove the file")
                 if first is None:
-                    first = _columns(f)
+                    first = columns(f)
     what = f"data.files={cfg.files!r}" if cfg.files else f"data.path={cfg.path!r}"
     return DataError(f"{what}: reading failed: {type(e).__name__}: {e}")
 
@@ -379,7 +282,7 @@ def one_training_text_file(cfg: DataConfig) -> str | None:
         return None
     held = {os.path.realpath(f) for f in _expand(cfg.val_files, "data.val_files")}
     files = [f for f in _expand(cfg.files, "data.files") if os.path.realpath(f) not in held]
-    if len(files) == 1 and BUILDERS.get(Path(files[0]).suffix.lower()) == "text":
+    if len(files) == 1 and kind(files[0]) == "text":
         return files[0]
     return None
 
