@@ -13,6 +13,8 @@ num_workers slots, slot s takes visits s, s + S, s + 2S, ... A position is just 
 visit), so resume is exact and costs nothing. A training epoch ends at the last multiple of S
 visits, so every slot takes the same number per epoch: the ranks stay in step across epochs, and
 a checkpoint taken at any step can move to another world size (llmtrain/consolidate.py).
+Validation reads the windows in order, in batches of consecutive ones dealt to the workers in
+turn: the same batches, and val_loss, whatever data.num_workers is.
 """
 
 from __future__ import annotations
@@ -183,13 +185,15 @@ class ShardWindows(IterableDataset):
 
     def _windows(self, worker: int, slot: int, slots: int, pos: dict | None) -> Iterator[tuple]:
         L, stride = self.cfg.seq_len + 1, self.cfg.stride or self.cfg.seq_len
-        count = windows = self.windows  # visits per epoch
-        if self.train:  # the same number for every slot; at most slots - 1 left over
-            count -= count % slots
-        pos = dict(pos or {"epoch": 0, "next": slot})
-        stats = dict.fromkeys(STATS, 0)
         # Plain ndarray views of the maps: a np.memmap slice costs 4x more to make (per window).
         maps = [np.asarray(read_shard(f)) for f in self.files]
+        if not self.train:
+            yield from self._pass(worker, slot, slots, maps)
+            return
+        windows = self.windows
+        count = windows - windows % slots  # visits per epoch, the same for every slot
+        pos = dict(pos or {"epoch": 0, "next": slot})
+        stats = dict.fromkeys(STATS, 0)
         batch: list[np.ndarray] = []
         while True:
             order, visits = self._order(pos["epoch"]), self._visits(pos["epoch"], windows)
@@ -201,13 +205,25 @@ class ShardWindows(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield worker, np.stack(batch), dict(pos), stats
                     batch = []
-            # A corpus with fewer windows than ranks x workers gives no slot any.
-            if not self.train or count == 0:
-                if batch:  # a finite pass ends with its last, smaller batch
-                    yield worker, np.stack(batch), dict(pos), stats
+            if count == 0:  # a corpus with fewer windows than ranks x workers gives no slot any
                 yield worker, None, dict(pos), stats
                 return
             pos = {"epoch": pos["epoch"] + 1, "next": slot}
+
+    def _pass(self, worker: int, slot: int, slots: int, maps: list[np.ndarray]) -> Iterator[tuple]:
+        """The validation pass, the files and windows in order: batch b holds windows b * B to
+        b * B + B - 1 (the last batch fewer) and slot s reads batches s, s + S, ..., so the
+        loader's round-robin gives the same batches, and val_loss, for any data.num_workers."""
+        L, stride = self.cfg.seq_len + 1, self.cfg.stride or self.cfg.seq_len
+        order, B = list(range(len(self.files))), self.batch_size
+        cum = np.cumsum([0] + self.lengths)
+        stats = dict.fromkeys(STATS, 0)
+        batches = -(-self.windows // B)
+        for b in range(slot, batches, slots):
+            last = min(b * B + B, self.windows)
+            windows = [_read(maps, order, cum, g * stride, L) for g in range(b * B, last)]
+            yield worker, np.stack(windows), {"epoch": 0, "next": b + slots}, stats
+        yield worker, None, {"epoch": 0, "next": max(slot, batches)}, stats
 
 
 def _read(maps: list[np.ndarray], order: list[int], cum: np.ndarray, start: int, n: int) -> Any:

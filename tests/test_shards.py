@@ -119,6 +119,20 @@ def test_tokens_and_val(shard_dir):
     assert x[0].tolist() == list(range(32)) and y[1].tolist() == list(range(33, 65))
 
 
+def test_the_validation_batches_are_the_same_for_any_number_of_workers(shard_dir):
+    """Each worker took every num_workers-th window, so val_loss changed with data.num_workers
+    and runs that differed only in it could not be compared."""
+    passes = {}
+    for workers in (0, 1, 2, 3, 4):
+        loader = build_dataloader(
+            cfg_for(shard_dir, num_workers=workers), TOK, split="val", batch_size=4
+        )
+        passes[workers] = [x[:, 0].tolist() for x, _ in loader]
+    windows = list(range(0, 700 - 32, 32))  # 21: five batches of 4, then one of 1
+    assert passes[0] == [windows[i : i + 4] for i in range(0, 21, 4)]
+    assert all(p == passes[0] for p in passes.values()), passes
+
+
 @pytest.mark.parametrize("vocab", [50257, 100277])  # uint16 and uint32 shards
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batches_are_int64_token_ids_across_file_boundaries(tmp_path, vocab, workers):
