@@ -11,6 +11,7 @@ llm.c reports) and by their summed loss (``acc``). The examples are the validati
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -52,8 +53,12 @@ def cached_download(url: str, key: str = "--hellaswag-data") -> Path:
     try:  # a download cut short never becomes the cached file
         with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
             shutil.copyfileobj(response, f)
+            # A connection closed early ends read() as the file's end would: only the length
+            # the server announced tells them apart (a chunked body raises IncompleteRead).
+            if (size := response.headers.get("Content-Length")) and f.tell() != int(size):
+                raise OSError(f"the connection closed after {f.tell():,} of {int(size):,} bytes")
         os.replace(partial, path)
-    except OSError as e:  # urllib's errors are OSErrors
+    except (OSError, http.client.HTTPException) as e:  # urllib's errors are OSErrors
         partial.unlink(missing_ok=True)
         raise StreamError(
             f"{key} {url}: cannot download it ({e}); offline, download "

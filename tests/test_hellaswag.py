@@ -19,6 +19,7 @@ from tiny import TINY
 
 import llmtrain.hellaswag as hs
 from llmtrain.config import ModelConfig, load_config
+from llmtrain.documents import StreamError
 from llmtrain.eval import main
 from llmtrain.hellaswag import Example, ending_losses, hellaswag, load_examples
 from llmtrain.model import GPT
@@ -270,6 +271,35 @@ def test_cli_reads_a_url_once_and_then_its_cached_copy(run, tmp_path, monkeypatc
     assert from_url["examples"] == 8 and from_url["step"] == 2
     two = eval_json([str(run), "--hellaswag-data", str(SAMPLE), "--examples", "2"], capsys)
     assert two["examples"] == 2
+
+
+class _CutShort(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 -- http.server's name
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b'{"ctx": "a download that stops')  # and the connection closes
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_cut_short_is_a_stream_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """A connection closed early ended the read as the file's end does: the first part of the
+    file was cached, as the file, for every later evaluation."""
+    from llmtrain.hellaswag import cached_download
+
+    monkeypatch.setenv("LLMTRAIN_CACHE", str(tmp_path / "cache"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cut = r"cannot download it \(the connection closed after 30 of 100,000 bytes\)"
+        with pytest.raises(StreamError, match=cut):
+            cached_download(f"http://127.0.0.1:{server.server_port}/hellaswag_val.jsonl")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list((tmp_path / "cache" / "hellaswag").iterdir()) == []
 
 
 def test_cli_takes_the_flag_before_the_checkpoint(run, capsys):
