@@ -197,8 +197,8 @@ def plan(
         gather_bytes=gather,
         cpu_bytes_per_node=gpn * sum(cpu.values()),
         # Every process builds GPT(cfg.model) on the CPU in fp32 and shards it in prepare();
-        # trainer.init_from reads a full fp32 state dict beside it (llmtrain/run.py).
-        cpu_start_bytes_per_node=gpn * 4 * total * (2 if t.init_from else 1),
+        # trainer.init_from: rank 0 reads a full fp32 state dict beside it (init_weights.py).
+        cpu_start_bytes_per_node=4 * total * (gpn + (1 if t.init_from else 0)),
         init_from=bool(t.init_from),
         activation_checkpointing=t.activation_checkpointing,
         activation_bytes=act_on if t.activation_checkpointing else act_off,
@@ -312,7 +312,7 @@ def format_plan(p: MemoryPlan) -> str:
             f"  CPU per node  {_gib(p.cpu_bytes_per_node)}   offloaded states of "
             f"{p.gpus_per_node} GPU(s); have 1.5x this (DeepSpeed's margin for buffers)"
         )
-    weights = ", and the trainer.init_from weights beside it" if p.init_from else ""
+    weights = ", and rank 0 the trainer.init_from weights beside it" if p.init_from else ""
     lines.append(
         f"  CPU at start  {_gib(p.cpu_start_bytes_per_node)}   {p.gpus_per_node} process(es) "
         f"per node each build the fp32 model before sharding it{weights}"

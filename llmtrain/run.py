@@ -35,7 +35,8 @@ from llmtrain.data import build_dataloader
 from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
 from llmtrain.documents import DataError
 from llmtrain.hellaswag import HELLASWAG_VAL, Example, load_examples
-from llmtrain.hf import is_hf_source, read_hf_weights
+from llmtrain.hf import is_hf_source
+from llmtrain.init_weights import load_weights
 from llmtrain.integrity import safe_loading
 from llmtrain.metrics import MetricsFile, Pace, build_logger, device_peak_tflops, receipt
 from llmtrain.model import GPT
@@ -143,28 +144,6 @@ def build_model(cfg: TrainConfig) -> GPT:
     if cfg.trainer.loss_chunk:
         model.enable_chunked_loss(cfg.trainer.loss_chunk)
     return model
-
-
-def load_weights(model: GPT, cfg: TrainConfig, source: Path) -> Path:
-    """trainer.init_from: its checkpoint's weights into the freshly built model, before prepare()
-    shards it, so every dist mode starts from full weights on each rank and any checkpoint
-    layout serves any other. The files read are checked against the checkpoint's manifest.
-
-    Each rank reads the checkpoint itself and holds a full fp32 copy on the CPU beside its
-    full model until prepare(): 4 bytes per parameter per process (a 1B model on an 8-GPU
-    node: 32 GB of host memory more; reading ZeRO shards briefly needs their optimizer
-    moments too). A model that fits only sharded needs a rank-0 read and a broadcast instead."""
-    from llmtrain.export import load_checkpoint  # names and shapes checked against config.yaml
-
-    if is_hf_source(cfg.trainer.init_from):  # a transformers model, checked by init_source
-        model.load_state_dict(read_hf_weights(source, cfg.model))
-        return source
-    # Hashed as read: a newest checkpoint damaged past its sizes gives way to an older one,
-    # whose model is then checked too.
-    state, saved, source = load_checkpoint(cfg.trainer.init_from)
-    resume.check_init_model(saved, cfg, source)
-    model.load_state_dict(state)  # a tied head is under both names, one tensor
-    return source
 
 
 def compile_model(model: torch.nn.Module, t: TrainerConfig) -> torch.nn.Module:
@@ -295,7 +274,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg)
     if init_from is not None:  # of a run dir, its newest intact checkpoint
-        init_from = load_weights(model, cfg, init_from)
+        init_from = load_weights(model, cfg, init_from, accelerator.device)
     optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
     model = compile_model(model, cfg.trainer)
     params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders

@@ -1,0 +1,86 @@
+"""trainer.init_from across processes (llmtrain/init_weights.py): rank 0 reads the weights and
+every rank gets them; a checkpoint rank 0 cannot use stops every rank with its error. A whole
+run from init_from in every layout and dist mode: test_init_from.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_init_from import FAST
+
+from llmtrain.config import load_config
+from llmtrain.train import train
+
+
+def _load_in_rank(src: str, slow: float = 0.0) -> dict:
+    """In each forked rank: a model of its own random init, then trainer.init_from=src; rank 0
+    reads for ``slow`` seconds more than a collective may wait (2 s here)."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import llmtrain.export as export
+    from llmtrain.init_weights import load_weights
+    from llmtrain.run import build_model
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=2))
+    reads, read = [], export.load_checkpoint
+    export.load_checkpoint = lambda path: reads.append(time.sleep(slow)) or read(path)
+    cfg = load_config([*FAST, f"trainer.init_from={src}"])
+    torch.manual_seed(100 + dist.get_rank())  # the ranks' own weights differ
+    model = build_model(cfg)
+    try:
+        found = load_weights(model, cfg, Path(src), torch.device("cpu"))
+    except Exception as e:  # noqa: BLE001 -- what each rank raised is the result
+        return {"error": f"{type(e).__name__}: {e}", "reads": len(reads)}
+    finally:
+        dist.destroy_process_group()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return {"found": found, "reads": len(reads), "state": state}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("init") / "run"
+    train(load_config([*FAST, "trainer.max_steps=1"]), src)
+    return src
+
+
+@pytest.mark.distributed
+def test_rank_0_reads_the_weights_and_every_rank_gets_them(source, tmp_path):
+    """Each rank read the whole checkpoint itself: eight full fp32 copies on an 8-GPU node.
+    The others wait for rank 0's read however long it takes (an 8B model's ZeRO shards: many
+    minutes), not in a collective that dist.timeout_s ends."""
+    from dist_worker import run
+
+    from llmtrain.sample import load_gpt
+
+    results = run(_load_in_rank, 2, str(source), 4.0, tmp=tmp_path)
+    assert [r["reads"] for r in results] == [1, 0]
+    saved = source / "checkpoints" / "step_0000001"
+    assert [r["found"] for r in results] == [saved, saved]
+    expected = load_gpt(saved)[0].state_dict()
+    for r in results:
+        assert r["state"].keys() == expected.keys()
+        assert all(torch.equal(r["state"][k], v) for k, v in expected.items())
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_rank_0_cannot_use_stops_every_rank_with_its_error(source, tmp_path):
+    ckpt = tmp_path / "step_0000001"
+    shutil.copytree(source / "checkpoints" / "step_0000001", ckpt)
+    weights = bytearray((ckpt / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # one bit: the manifest's hash no longer matches
+    (ckpt / "model.safetensors").write_bytes(bytes(weights))
+
+    from dist_worker import run
+
+    results = run(_load_in_rank, 2, str(ckpt), tmp=tmp_path)
+    assert [r["reads"] for r in results] == [1, 0]
+    errors = [r["error"] for r in results]
+    assert errors[0] == errors[1] and errors[0].startswith("CheckpointError: "), errors
+    assert "model.safetensors" in errors[0]
