@@ -159,15 +159,15 @@ def load_documents(cfg: DataConfig, split: str) -> Any:
     except Exception as e:  # noqa: BLE001 -- a file datasets cannot parse: name it
         raise read_error(cfg, e) from e
     if ds.features is not None and cfg.text_column not in ds.features:
-        columns = ", ".join(ds.features)
+        listed = ", ".join(ds.features)
         if cfg.files:  # the file that lacks it (a parquet file is read for the column only)
             for f in chain(*kwargs["data_files"].values()):
                 with contextlib.suppress(Exception):
                     if (have := columns(f)) is not None and cfg.text_column not in have:
-                        what, columns = f"{what}: {f}", ", ".join(have)
+                        what, listed = f"{what}: {f}", ", ".join(have)
                         break
         raise DataError(
-            f"data.text_column={cfg.text_column!r} is not a column of {what}; columns: {columns}"
+            f"data.text_column={cfg.text_column!r} is not a column of {what}; columns: {listed}"
         )
     if ds.features is not None:
         _check_text_type(cfg, ds.features[cfg.text_column], what)

@@ -76,6 +76,19 @@ def test_read_error_names_the_broken_file_and_line(tmp_path):
     assert "bad.jsonl" in str(err) and "line 2" in str(err)
 
 
+def test_a_first_json_file_without_the_text_column_is_named(tmp_path):
+    """datasets reads JSON files with the first one's keys: without data.text_column among them,
+    the error names that file and its keys, not only the glob."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "a doc", "id": 1}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "b doc"}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_documents(local(str(tmp_path / "*.jsonl")), "train")
+    assert str(e.value) == (
+        f"data.text_column='text' is not a column of data.files={str(tmp_path / '*.jsonl')!r}: "
+        f"{tmp_path / 'a.jsonl'}; columns: body, id"
+    )
+
+
 def test_files_whose_other_columns_differ_read_and_one_without_the_text_is_named(tmp_path):
     """A glob of .parquet files with the text column and other columns that differ (an
     id in one, a url in another) failed on datasets' CastError; a file without the text column
