@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+)
 
 from llmtrain.checks import CPU_ATTENTIONS
 from llmtrain.config import ConfigError, TrainConfig, world_size_from_env
@@ -165,9 +170,11 @@ def _fsdp2_plugin(cfg: TrainConfig, device: str):
     if (precision := resolve_precision(cfg.trainer.precision, device)) != "no":
         # Accelerate's own policy also casts the model's outputs (output_dtype): the fp32 loss
         # came back rounded to bf16, so every logged loss and val_loss was off by up to half a
-        # bf16 step (0.008 at a loss of 3). Weights gathered and gradients reduced in bf16.
+        # bf16 step (0.008 at a loss of 3). Weights are gathered in bf16; gradients are reduced
+        # and added up over micro-batches in fp32, as torchtitan does. In bf16 (8 significant
+        # bits), a sum grown to 32 micro-batches' gradients kept only 3 bits of the next one.
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         mixed_precision_policy=policy,
@@ -279,7 +286,12 @@ def _accelerator(
     return Accelerator(
         cpu=cpu,
         mixed_precision=resolve_precision(cfg.trainer.precision, device),
-        gradient_accumulation_steps=grad_accum,
+        # FSDP2 reduce-scatters every micro-batch's gradients into the fp32 shards: skipping
+        # the sync (no_sync) would hold the whole model's unsharded gradients on every rank
+        # until the last one.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=grad_accum, sync_each_batch=cfg.dist.mode == "fsdp2"
+        ),
         step_scheduler_with_optimizer=False,
         # A backend given to a single process makes Accelerate expect a process group.
         kwargs_handlers=[

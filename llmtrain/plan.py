@@ -62,7 +62,7 @@ class MemoryPlan:
     params_bytes: float
     grads_bytes: float
     optim_bytes: float
-    gather_bytes: float  # zero3/fsdp2: one gathered layer (bf16 params + grads)
+    gather_bytes: float  # zero3/fsdp2: one gathered layer (bf16 params + grads, fsdp2 + fp32 grads)
     cpu_bytes_per_node: float
     cpu_start_bytes_per_node: float  # fp32 models built before sharding (+ init_from's weights)
     init_from: bool
@@ -163,9 +163,10 @@ def plan(
     gather = 0.0
     if d.mode in ("zero3", "fsdp2"):
         gather = 2 * dt.act * largest  # params + grads, in the compute dtype
-        if d.mode == "fsdp2" and not d.reshard_after_forward:
-            # every block stays gathered from its forward to its backward
-            gather = dt.act * (total + largest)
+    if d.mode == "fsdp2":
+        gather += 4 * largest  # the grads' reduce-scatter input, in fp32 (its reduce_dtype)
+        if not d.reshard_after_forward:  # every block stays gathered, forward to backward
+            gather += dt.act * (total - largest)
     b, s = t.micro_batch_size, cfg.data.seq_len
     act_off = activation_bytes(m, b, s, dt, checkpointing=False)
     act_on = activation_bytes(m, b, s, dt, checkpointing=True)
@@ -290,6 +291,7 @@ def format_plan(p: MemoryPlan) -> str:
         lines.append(
             f"  gathered layer{_gib(p.gather_bytes)}   params + grads of the largest "
             f"layer ({_count(p.largest_layer_params)})"
+            + (", grads in fp32 too" if p.mode == "fsdp2" else "")
         )
     lines += [
         f"  activations   {_gib(p.activation_bytes)}   checkpointing {ckpt} "

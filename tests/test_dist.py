@@ -316,6 +316,67 @@ def test_fsdp2_in_bf16_logs_the_fp32_loss(shards, tmp_path):
     assert got["fsdp2"] == pytest.approx(got["ddp"], abs=2e-3), got
 
 
+def _fsdp2_gradients(run_dir: str, overrides: list[str], micro_batches: int) -> dict:
+    """In each worker: one step's gradients under dist=fsdp2 in bf16, added up over
+    ``micro_batches`` micro-batches the way train.py does, and the same micro-batches each
+    reduced on their own and summed in fp64."""
+    from llmtrain.run import setup
+
+    cfg = load_config(FAST + overrides + ["dist=fsdp2", "trainer.precision=bf16"], world_size=2)
+    run = setup(cfg, Path(run_dir))
+    accelerator, model = run.accelerator, run.model
+    assert run.plan.grad_accum == micro_batches
+    seed = torch.Generator().manual_seed(0)
+    batches = torch.randint(0, 50257, (2, micro_batches, 1, 65), generator=seed)
+    mine = batches[accelerator.process_index]
+
+    def full_grads() -> list[torch.Tensor]:
+        return [p.grad.full_tensor().double() for p in model.parameters()]
+
+    reduced_early = None
+    for i, b in enumerate(mine):
+        with accelerator.accumulate(model):
+            _, loss = model(b[:, :-1], b[:, 1:], return_logits=False)
+            accelerator.backward(loss)
+        if i == 0:  # each parameter holds its reduced gradient shard already
+            reduced_early = all(p.grad is not None for p in model.parameters())
+    added = full_grads()
+    model.zero_grad(set_to_none=True)
+    alone, in_bf16 = [], True
+    for b in mine:
+        _, loss = model(b[:, :-1], b[:, 1:], return_logits=False)
+        (loss / micro_batches).backward()
+        alone.append(full_grads())
+        # the ranks' bf16 gradients added in bf16 would give bf16 values (over 2 ranks)
+        shards = [p.grad.to_local() for p in model.parameters()]
+        in_bf16 = in_bf16 and all(torch.equal(g, g.bfloat16().float()) for g in shards)
+        model.zero_grad(set_to_none=True)
+    summed = [sum(gs) for gs in zip(*alone, strict=True)]
+    err = sum((a - s).pow(2).sum() for a, s in zip(added, summed, strict=True))
+    norm = sum(s.pow(2).sum() for s in summed)
+    return {
+        "relative_error": float((err / norm).sqrt()),
+        "reduced_early": reduced_early,
+        "reduced_in_bf16": in_bf16,
+    }
+
+
+@pytest.mark.distributed
+def test_fsdp2_adds_micro_batch_gradients_in_fp32_shards(tmp_path):
+    """bf16 FSDP2 held 16 micro-batches' unsharded gradients in bf16 until the last one, on
+    every rank (relative error 5e-3 against reducing each one), and reduced them in bf16; they
+    are reduced in fp32 and reduce-scattered into the fp32 shards as they come (2e-8)."""
+    from dist_worker import run as fork_run
+
+    overrides = ["data.path=sample", "data.source=hf", "trainer.micro_batch_size=1",
+                 "trainer.max_steps=1", f"trainer.batch_tokens={2 * 16 * 64}"]  # fmt: skip
+    results = fork_run(_fsdp2_gradients, 2, str(tmp_path / "run"), overrides, 16, tmp=tmp_path)
+    for r in results:
+        assert r["reduced_early"], r
+        assert r["relative_error"] < 1e-6, r
+        assert not r["reduced_in_bf16"], r
+
+
 def _tiny_model():
     from llmtrain.model import GPT
 

@@ -89,9 +89,9 @@ def test_zero3_matches_deepspeed(ds_estimators, n):
 
 def test_sharding_order_and_fp32_accounting():
     P = param_counts(cfg_for("model=gpt2-small").model)[0]
-    totals = {}
+    plans, totals = {}, {}
     for mode in ("ddp", "zero1", "zero2", "zero3", "fsdp2"):
-        _, totals[mode] = states(
+        plans[mode], totals[mode] = states(
             cfg_for(
                 f"dist.mode={mode}", "model=gpt2-small", "trainer.micro_batch_size=4", world_size=8
             ),
@@ -99,7 +99,10 @@ def test_sharding_order_and_fp32_accounting():
         )
     assert totals["ddp"] == 16 * P  # 2 + 2 + 12, replicated
     assert totals["ddp"] > totals["zero1"] > totals["zero2"] > totals["zero3"]
-    assert totals["fsdp2"] < totals["zero3"]  # no fp32 gradient partition
+    zero3, fsdp2 = plans["zero3"], plans["fsdp2"]
+    # no fp32 gradient partition; but the gathered layer's gradients are reduced in fp32
+    assert totals["fsdp2"] - fsdp2.gather_bytes < totals["zero3"] - zero3.gather_bytes
+    assert fsdp2.gather_bytes == zero3.gather_bytes + 4 * fsdp2.largest_layer_params
     p, total = states(cfg_for("model=gpt2-small", "trainer.precision=fp32"), 1)
     assert p.bytes_per_param == {"params": 4, "grads": 4, "optim": 8} and total == 16 * P
 
