@@ -248,17 +248,20 @@ def is_hf_source(init_from: str | None) -> bool:
     return bool(init_from) and str(init_from).startswith(HF_PREFIX)
 
 
-def hf_source(spec: str) -> Path:
+def hf_source(spec: str, weights: bool = True) -> Path:
     """The directory ``hf:REPO_OR_DIR`` names: a local one as it is (``llmtrain-export``'s
     output, a ``save_pretrained`` dir), else a Hub repo's config and safetensors weights,
-    downloaded by huggingface_hub into its cache (or found there, offline)."""
+    downloaded by huggingface_hub into its cache (or found there, offline). ``weights=False``:
+    its JSON files only, for a rank that gets the weights from rank 0 (an 8B model is 16 GB,
+    fetched once per node's cache and rank instead of once)."""
     name = spec.removeprefix(HF_PREFIX)
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser().absolute()
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors"] if weights else ["*.json"]
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:  # no network (HF_HUB_OFFLINE), no such repo, a gated one
         raise ConfigError(
             f"trainer.init_from={spec}: {name!r} is neither a directory nor a Hub model that "

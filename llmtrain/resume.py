@@ -216,7 +216,9 @@ def init_source(cfg: TrainConfig, resumed: bool) -> Path | None:
     if not cfg.trainer.init_from or resumed:
         return None
     if is_hf_source(cfg.trainer.init_from):  # a transformers model: its directory
-        source = hf_source(cfg.trainer.init_from)
+        # Rank 0 reads the weights and broadcasts them (init_weights.py); the others check
+        # its config.json only.
+        source = hf_source(cfg.trainer.init_from, weights=rank_world()[0] == 0)
         check_hf_model(source, cfg.model, cfg.trainer.init_from)
         return source
 

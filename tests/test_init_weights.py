@@ -84,3 +84,54 @@ def test_a_checkpoint_rank_0_cannot_use_stops_every_rank_with_its_error(source, 
     errors = [r["error"] for r in results]
     assert errors[0] == errors[1] and errors[0].startswith("CheckpointError: "), errors
     assert "model.safetensors" in errors[0]
+
+
+def _hub_model_in_rank(weights_dir: str, configs_dir: str) -> dict:
+    """In each forked rank: trainer.init_from=hf:REPO, with huggingface_hub's download answered
+    from ``weights_dir`` (config and weights) or ``configs_dir`` (the JSON files only)."""
+    from datetime import timedelta
+
+    import huggingface_hub
+    import torch.distributed as dist
+
+    from llmtrain.init_weights import load_weights
+    from llmtrain.resume import init_source
+    from llmtrain.run import build_model
+
+    asked = []
+
+    def download(repo: str, allow_patterns: list[str], **kwargs) -> str:
+        asked.append(allow_patterns)
+        return weights_dir if "*.safetensors" in allow_patterns else configs_dir
+
+    huggingface_hub.snapshot_download = download
+    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
+    try:
+        cfg = load_config([*FAST, "trainer.init_from=hf:someone/tiny-gpt"])
+        torch.manual_seed(100 + dist.get_rank())
+        model = build_model(cfg)
+        load_weights(model, cfg, init_source(cfg, resumed=False), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    return {"asked": asked, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+@pytest.mark.distributed
+def test_only_rank_0_downloads_a_hub_model_s_weights(source, tmp_path):
+    """hf:REPO: every rank downloaded the safetensors (llama-8b: 16 GB per rank's cache, eight
+    or more at once on a node) that only rank 0 reads."""
+    from dist_worker import run
+
+    from llmtrain.export import export
+    from llmtrain.hf import read_hf_weights
+
+    export(source / "checkpoints" / "step_0000001", tmp_path / "hub")
+    configs = tmp_path / "configs-only"
+    configs.mkdir()
+    for f in (tmp_path / "hub").glob("*.json"):
+        shutil.copy(f, configs / f.name)
+    results = run(_hub_model_in_rank, 2, str(tmp_path / "hub"), str(configs), tmp=tmp_path)
+    assert [r["asked"] for r in results] == [[["*.json", "*.safetensors"]], [["*.json"]]]
+    expected = read_hf_weights(tmp_path / "hub", load_config(FAST).model)
+    for r in results:
+        assert all(torch.equal(r["state"][k], v) for k, v in expected.items())
