@@ -252,8 +252,8 @@ def hf_source(spec: str, weights: bool = True) -> Path:
     """The directory ``hf:REPO_OR_DIR`` names: a local one as it is (``llmtrain-export``'s
     output, a ``save_pretrained`` dir), else a Hub repo's config and safetensors weights,
     downloaded by huggingface_hub into its cache (or found there, offline). ``weights=False``:
-    its JSON files only, for a rank that gets the weights from rank 0 (an 8B model is 16 GB,
-    fetched once per node's cache and rank instead of once)."""
+    its JSON files only, for a rank that gets the weights from rank 0 (every rank fetched an
+    8B model's 16 GB before)."""
     name = spec.removeprefix(HF_PREFIX)
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser().absolute()

@@ -62,7 +62,7 @@ class MemoryPlan:
     params_bytes: float
     grads_bytes: float
     optim_bytes: float
-    gather_bytes: float  # zero3/fsdp2: one gathered layer (bf16 params + grads, fsdp2 + fp32 grads)
+    gather_bytes: float  # zero3/fsdp2: one gathered layer (bf16 params + grads; fsdp2: fp32 too)
     cpu_bytes_per_node: float
     cpu_start_bytes_per_node: float  # fp32 models built before sharding (+ init_from's weights)
     init_from: bool
