@@ -161,6 +161,17 @@ def test_refused_overrides_exit_2_naming_the_key(run, capsys, override, says):
     assert err.startswith("llmtrain-eval: error: ") and says in err
 
 
+def test_a_train_split_that_files_or_shards_ignore_exits_2(run, text_file, capsys):
+    """Local files and shards take validation from val_files / val shards: data.val_split=train
+    evaluated the validation text while the result said 'train'."""
+    local = [f"data.files={text_file}", "data.val_split=train"]
+    code, out, err = run_main([str(run), "data=local", *local], capsys)
+    assert code == 2 and not out
+    assert "data.val_split=train: a local corpus" in err
+    code, out, err = run_main([str(run), "data=shards", "data.val_split=train"], capsys)
+    assert code == 2 and not out and "data.val_split=train: token shards" in err
+
+
 def test_a_missing_checkpoint_exits_2_in_one_line(tmp_path, capsys):
     code, out, err = run_main([str(tmp_path / "nope")], capsys)
     assert code == 2 and not out
