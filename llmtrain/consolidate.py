@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(export(args.checkpoint, args.out, args.dtype))
     except (OSError, ValueError, CheckpointError) as e:  # damaged, or a bad --out: it says
-        sys.exit(f"python -m llmtrain.consolidate: error: {e}")
+        parser.exit(2, f"python -m llmtrain.consolidate: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ckpt = export(args.checkpoint, args.out, args.dtype, args.force, args.max_shard_size)
     except (OSError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
-        sys.exit(f"llmtrain-export: error: {e}")
+        parser.exit(2, f"llmtrain-export: error: {e}\n")
     cfg = saved_config(ckpt)
     family = HF_CLASSES[hf_family(cfg.model)]
     print(f"exported {ckpt} -> {args.out} ({family}, {args.dtype}, vocab {cfg.model.vocab_size})")

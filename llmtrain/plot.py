@@ -200,6 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         path = plot_run(args.run_dir, args.out)
     except PlotError as e:
         print(f"llmtrain-plot: {e}", file=sys.stderr)
-        return 1
+        return 2  # a bad input, as for every llmtrain tool
     print(path)
     return 0

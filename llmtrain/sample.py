@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             window=window,
         )
     except (OSError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
-        sys.exit(f"llmtrain-sample: error: {e}")
+        parser.exit(2, f"llmtrain-sample: error: {e}\n")
     for i, ids in enumerate(samples, 1):
         ended = ids[-1:] == [tokenizer.eot_id]
         text = tokenizer.decode(ids[:-1] if ended else ids)

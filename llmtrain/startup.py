@@ -116,7 +116,8 @@ def plan_notes(cfg: TrainConfig, plan: Plan) -> list[str]:
     if t.max_steps is None and t.max_tokens % plan.tokens_per_step:
         notes.append(
             f"  horizon    trainer.max_tokens={t.max_tokens:,} is not a whole number of "
-            f"{plan.tokens_per_step:,}-token steps; the run trains {plan.max_steps:,} steps"
+            f"{plan.tokens_per_step:,}-token steps; the run trains {plan.max_steps:,} "
+            + ("step" if plan.max_steps == 1 else "steps")
         )
     if o.warmup_steps > plan.max_steps and o.schedule != "wsd":  # wsd's is refused in checks
         last = lr_at(plan.max_steps - 1, o, plan.max_steps)  # the last trained step's

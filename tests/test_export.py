@@ -213,8 +213,17 @@ def test_bf16_export_through_the_cli(tmp_path_factory, tmp_path):
 def run_main(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code not in (0, None)
-    return capsys.readouterr().err + str(e.value.code)
+    assert e.value.code == 2  # as llmtrain-eval and every bad input (it was 1, a crash's code)
+    return capsys.readouterr().err
+
+
+def test_consolidate_exits_2_naming_a_missing_checkpoint(tmp_path, capsys):
+    from llmtrain.consolidate import main as consolidate_main
+
+    with pytest.raises(SystemExit) as e:
+        consolidate_main([str(tmp_path / "nowhere")])
+    assert e.value.code == 2
+    assert f"{tmp_path / 'nowhere'}: no such" in capsys.readouterr().err
 
 
 def test_bad_checkpoints_fail_naming_the_path(tmp_path_factory, tmp_path, capsys):

@@ -65,14 +65,14 @@ def test_plot_missing_keys_and_out_flag(tmp_path):
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 1
+    assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "metrics.jsonl not found" in err and "run directory" in err
 
 
 def test_empty_metrics_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
-    assert main([str(tmp_path)]) == 1
+    assert main([str(tmp_path)]) == 2
     assert "no records" in capsys.readouterr().err
     assert not (tmp_path / "plots.png").exists()
 
@@ -87,7 +87,7 @@ def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     write_metrics(tmp_path)
     (tmp_path / "afile").write_text("")
     out = tmp_path / "afile" / "plots.png"  # its parent is a file: cannot be made
-    assert main([str(tmp_path), "--out", str(out)]) == 1
+    assert main([str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"cannot write {out}" in err and "--out" in err
 

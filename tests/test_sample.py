@@ -176,9 +176,11 @@ def test_cli_bad_arguments_fail_clearly(tmp_path_factory, capsys, args, message)
 
 
 def test_cli_missing_checkpoint_names_it(tmp_path, capsys):
+    """Exit 2, as llmtrain-eval and every bad input (it was 1, a crash's code)."""
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "nope"), "--prompt", "x"])
-    assert f"{tmp_path / 'nope'}: no such checkpoint" in str(e.value.code)
+    assert e.value.code == 2
+    assert f"{tmp_path / 'nope'}: no such checkpoint" in capsys.readouterr().err
 
 
 def cli(script: str, module: str) -> list[str]:
