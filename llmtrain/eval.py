@@ -398,7 +398,10 @@ def _main_loss(args: argparse.Namespace, device: str, dtype: str, processes: Pro
                   for k, v in result.items()}  # fmt: skip
         print(json.dumps(finite, allow_nan=False))
         return
-    how = "the whole validation split" if result["all"] else f"{result['batches']} batches"
+    how = "the whole validation split of"
+    if not result["all"]:  # the split's last batch may be a partial one
+        full = result["tokens"] == result["batches"] * result["batch_size"] * result["seq_len"]
+        how = f"{result['batches']} batches of" + ("" if full else " up to")
     print(
         f"{result['checkpoint']} (step {result['step']}) on {_on(device, dtype, processes)}: "
         f"{result['data']['description']}",
@@ -407,7 +410,7 @@ def _main_loss(args: argparse.Namespace, device: str, dtype: str, processes: Pro
     print(
         f"step {result['step']}: val_loss {format_loss(result['val_loss']).strip()} | "
         f"val_ppl {format_ppl(result['val_ppl']).strip()} | {result['tokens']:,} tokens "
-        f"({how} of {result['batch_size']} x {result['seq_len']} tokens)"
+        f"({how} {result['batch_size']} x {result['seq_len']} tokens)"
     )
 
 

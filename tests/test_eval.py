@@ -125,6 +125,9 @@ def test_batches_all_reads_the_whole_validation_split(run, text_file, capsys):
     assert code == 0
     assert f"{windows * 64:,} tokens (the whole validation split of 4 x 64 tokens)" in out
     assert evaluate_checkpoint(run, data, batches=1)["tokens"] == 4 * 64
+    n = -(-windows // 4)  # the batches, the last one partial: not n x 4 x 64 tokens
+    code, out, _ = run_main([str(run), *data, "--batches", str(n)], capsys)
+    assert f"{windows * 64:,} tokens ({n} batches of up to 4 x 64 tokens)" in out
 
 
 def test_data_overrides_compose_like_training(run, text_file):
