@@ -8,21 +8,29 @@ The accounting, stated once (Psi = parameters, N = world size):
   partition, sharded like the optimizer: DeepSpeed casts each gradient partition to fp32 for
   the step (stage 3 per sub-group, at most the whole partition), and its own
   ``estimate_zero2_model_states_mem_needs`` counts 18 = 2 + 4 + 4 + 8 bytes per sharded
-  parameter. single, ddp and fsdp2 keep the weights in fp32 and compute in bf16 (autocast; FSDP2
-  gathers each layer in bf16): 4 + 4 + 8, with autocast's bf16 weight copies or FSDP2's
-  gathered layer on top. fp32 training: 4 + 4 + 8.
+  parameter. That is fp16, and bf16 under zero1. Under zero2/zero3 bf16 gradients are added
+  up in fp32 (``ds_config.fp32_grad_sum``): a 4-byte fp32 gradient partition instead of the
+  2-byte bf16 one. zero2 hands it to the step as it is (2 + 4 + 12), zero3 flattens a copy for
+  the step (2 + 4 + 16). With optimizer offload zero2's sum stays on the GPU and is copied
+  into the CPU's fp32 partition (2 + 4 + 16), zero3's is on the CPU (read in DeepSpeed
+  0.19.8's source). Measured on 2 CPU ranks (live tensors, 16 micro-batches, no offload):
+  bf16 zero2 2 + 16/N, zero3 22/N bytes per parameter at the step. single, ddp and fsdp2 keep
+  the weights in fp32 and compute in bf16 (autocast; FSDP2 gathers each layer in bf16):
+  4 + 4 + 8, with autocast's bf16 weight copies or FSDP2's gathered layer on top. fp32
+  training: 4 + 4 + 8.
 * Sharding: zero1 shards the optimizer over N, zero2 also the gradients, zero3 and fsdp2 also
   the parameters. zero3/fsdp2 then gather one layer at a time: 4 bytes (bf16 params + grads)
   x the largest layer, DeepSpeed's ``largest_layer_memory`` term.
 * Offload (ZeRO-Offload, Ren et al. 2021): ``offload_optimizer`` moves the optimizer shard and,
-  for zero2/zero3, the gradient shard to CPU, where the Adam step runs; ``offload_params``
-  (zero3) moves the parameter shard too. CPU memory is reported per node.
+  for zero3 (and zero2 adding up in bf16), the gradient shard to CPU, where the Adam step runs;
+  ``offload_params`` (zero3) moves the parameter shard too. CPU memory is reported per node.
 * Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models", eq. 1): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, generalised below to
   grouped-query attention, SwiGLU and any MLP width. The model runs attention through
   ``scaled_dot_product_attention`` (flash / memory-efficient), which keeps no s x s scores,
   so the 5as/h term goes away. Not counted: CUDA context, allocator fragmentation and
-  communication buckets -- keep ~10% headroom.
+  communication buckets -- keep ~10% headroom. (ZeRO-3's reduce bucket holds
+  ``reduce_bucket_size`` elements, 5e8 by default, in the communication dtype: 2 GB in fp32.)
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmtrain.config import ModelConfig
-from llmtrain.ds_config import ZERO_STAGE
+from llmtrain.ds_config import ZERO_STAGE, fp32_grad_sum
 from llmtrain.model import padded_vocab
 
 # ----------------------------------------------------------------------------- parameters
@@ -211,11 +219,34 @@ def activation_bytes(
 # ----------------------------------------------------------------------------- states
 
 
-def state_bytes_per_param(mode: str, precision: str) -> dict[str, int]:
+def state_bytes_per_param(
+    mode: str, precision: str, offload_optimizer: bool = False
+) -> dict[str, int]:
     """Bytes per parameter before sharding: params, grads, optimizer (see the module doc)."""
     if precision == "fp32" or mode not in ZERO_STAGE:
         return {"params": 4, "grads": 4, "optim": 8}
+    if fp32_grad_sum(mode, precision):
+        # the step's own fp32 copy of the summed partition: zero3's, and on the CPU when offloading
+        copy = 4 if mode == "zero3" or offload_optimizer else 0
+        return {"params": 2, "grads": 4, "optim": 12 + copy}
     return {"params": 2, "grads": 2, "optim": 16}
+
+
+def offloaded(
+    mode: str, precision: str, offload_optimizer: bool, offload_params: bool
+) -> list[str]:
+    """The states ``dist.offload_optimizer`` / ``offload_params`` move to the CPU."""
+    moved = []
+    if offload_optimizer:
+        # ZeRO-Offload streams each reduced gradient partition to CPU for the Adam step; under
+        # zero1 the full gradients still accumulate on the GPU first, and zero2's fp32 sum
+        # stays there until the last micro-batch.
+        moved = ["optim"]
+        if mode == "zero3" or (mode == "zero2" and not fp32_grad_sum(mode, precision)):
+            moved.append("grads")
+    if offload_params:
+        moved.append("params")
+    return moved
 
 
 def shard_states(
@@ -227,7 +258,7 @@ def shard_states(
     offload_params: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(GPU bytes, CPU bytes) per process for params, grads and optimizer state."""
-    per = state_bytes_per_param(mode, precision)
+    per = state_bytes_per_param(mode, precision, offload_optimizer)
     sharded = {
         "single": (),
         "ddp": (),
@@ -238,16 +269,11 @@ def shard_states(
     }[mode]
     gpu = {k: n_params * v / (world_size if k in sharded else 1) for k, v in per.items()}
     cpu = dict.fromkeys(gpu, 0.0)
-    moved = []
-    if offload_optimizer:
-        # ZeRO-Offload streams each reduced gradient partition to CPU for the Adam step; under
-        # zero1 the full gradients still accumulate on the GPU first.
-        moved = ["optim"] + (["grads"] if "grads" in sharded else [])
-    if offload_params:
-        moved.append("params")
+    moved = offloaded(mode, precision, offload_optimizer, offload_params)
     for k in moved:
         cpu[k], gpu[k] = gpu[k], 0.0
-    if "grads" in moved and per["optim"] == 16:
-        # On CPU the reduced bf16 shard lands in the fp32 gradient partition, already counted.
+    if "grads" in moved and per["grads"] == 2:
+        # On CPU the reduced 16-bit shard lands in the fp32 gradient partition, already counted
+        # (an fp32 sum is a buffer of its own, copied into that one at the last micro-batch).
         cpu["grads"] = 0.0
     return gpu, cpu

@@ -20,6 +20,7 @@ from llmtrain.ds_config import ZERO_STAGE
 from llmtrain.memory import (
     activation_bytes,
     loss_bytes,
+    offloaded,
     param_counts,
     shard_states,
     state_bytes_per_param,
@@ -152,8 +153,7 @@ def plan(
     """The memory and time plan for ``cfg`` on ``world_size`` GPUs of ``gpu_mem_gb`` GiB."""
     m, t, d = cfg.model, cfg.trainer, cfg.dist
     gpn = gpus_per_node if gpus_per_node is not None else min(world_size, 8)
-    # precision "auto" trains in bf16 on a GPU, which is what this plans for; fp16 keeps the
-    # same bytes.
+    # precision "auto" trains in bf16 on a GPU, which is what this plans for.
     precision = t.precision if t.precision in ("fp32", "fp16") else "bf16"
     dt = step_dtypes(d.mode, precision)
     total, body, largest = param_counts(m)
@@ -191,7 +191,7 @@ def plan(
         grad_accum=t.batch_tokens // (b * s * world_size),
         tokens_per_step=t.batch_tokens,
         max_steps=steps,
-        bytes_per_param=state_bytes_per_param(d.mode, precision),
+        bytes_per_param=state_bytes_per_param(d.mode, precision, d.offload_optimizer),
         params_bytes=gpu["params"],
         grads_bytes=gpu["grads"],
         optim_bytes=gpu["optim"],
@@ -243,7 +243,11 @@ def _duration(seconds: float) -> str:
 
 def format_plan(p: MemoryPlan) -> str:
     bpp = p.bytes_per_param
-    optim_note = {8: "Adam m, v", 16: "fp32 master + Adam m, v + fp32 grad partition"}[bpp["optim"]]
+    optim_note = {
+        8: "Adam m, v",
+        12: "fp32 master + Adam m, v",
+        16: "fp32 master + Adam m, v + fp32 grad partition",
+    }[bpp["optim"]]
     dtype = {k: f"{v} ({p.precision if v == 2 else 'fp32'})" for k, v in bpp.items()}
     shard = {
         "single": "replicated",
@@ -256,12 +260,8 @@ def format_plan(p: MemoryPlan) -> str:
     offload = [
         k for k, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on
     ]
-    moved = {
-        "params": p.offload_params,
-        "grads": p.offload_optimizer and p.mode in ("zero2", "zero3"),
-        "optim": p.offload_optimizer,
-    }
-    cpu = {k: ", offloaded to CPU" if on else "" for k, on in moved.items()}
+    moved = offloaded(p.mode, p.precision, p.offload_optimizer, p.offload_params)
+    cpu = {k: ", offloaded to CPU" if k in moved else "" for k in bpp}
     ckpt = "on" if p.activation_checkpointing else "off"
     other_ckpt = (
         p.activation_bytes_no_ckpt if p.activation_checkpointing else p.activation_bytes_ckpt

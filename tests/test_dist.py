@@ -377,6 +377,77 @@ def test_fsdp2_adds_micro_batch_gradients_in_fp32_shards(tmp_path):
         assert not r["reduced_in_bf16"], r
 
 
+def _zero_gradients(run_dir: str, overrides: list[str], micro_batches: int) -> dict:
+    """In each worker: one step's gradients under a ZeRO mode in bf16, added up over
+    ``micro_batches`` micro-batches the way train.py does, and the same micro-batches each
+    reduced on their own (each its own accumulation boundary) and summed in fp64. Accelerate's
+    backward calls engine.step() on the last micro-batch, which zeroes the gradients: they are
+    read as it is called, and lr=0 makes each step leave the weights as they were."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    from llmtrain.run import setup
+
+    cfg = load_config(FAST + overrides + ["trainer.precision=bf16"], world_size=2)
+    run = setup(cfg, Path(run_dir))
+    accelerator, engine = run.accelerator, run.model
+    assert accelerator.num_processes == 2 and type(engine).__name__ == "DeepSpeedEngine"
+    assert run.plan.grad_accum == micro_batches
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    params = list(engine.module.parameters())
+    weights = [safe_get_full_fp32_param(p).clone() for p in params]
+    read, step = [], engine.step
+
+    def read_then_step(*args, **kwargs):
+        read.append([safe_get_full_grad(p).double() for p in params])
+        return step(*args, **kwargs)
+
+    engine.step = read_then_step
+    seed = torch.Generator().manual_seed(0)
+    batches = torch.randint(0, 50257, (2, micro_batches, 1, 65), generator=seed)
+    mine = batches[accelerator.process_index]
+    for b in mine:
+        with accelerator.accumulate(engine):
+            _, loss = engine(b[:, :-1], b[:, 1:], return_logits=False)
+            accelerator.backward(loss)
+    added = read.pop()
+    for b in mine:
+        _, loss = engine(b[:, :-1], b[:, 1:], return_logits=False)
+        engine.set_gradient_accumulation_boundary(True)
+        engine.backward(loss)  # divided by the accumulation steps, as above
+        engine.step()
+    assert len(read) == micro_batches
+    # the mean of two ranks' bf16 gradients, reduced in bf16, is a bf16 value
+    in_bf16 = all(torch.equal(g, g.bfloat16().double()) for gs in read for g in gs)
+    summed = [sum(gs) for gs in zip(*read, strict=True)]
+    err = sum((a - s).pow(2).sum() for a, s in zip(added, summed, strict=True))
+    norm = sum(s.pow(2).sum() for s in summed)
+    after = [safe_get_full_fp32_param(p) for p in params]  # every rank gathers every one
+    return {
+        "stage": engine.zero_optimization_stage(),
+        "relative_error": float((err / norm).sqrt()),
+        "reduced_in_bf16": in_bf16,
+        "weights_kept": all(map(torch.equal, weights, after)),
+    }
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_zero_adds_micro_batch_gradients_in_fp32(mode, tmp_path):
+    """bf16 ZeRO-2/3 added 16 micro-batches' reduced gradients up in bf16, DeepSpeed's default
+    (relative error 5e-3 against adding each one's in fp64), and reduced each in bf16; they are
+    reduced in fp32 and added into the fp32 gradient partition (2e-8)."""
+    from dist_worker import run as fork_run
+
+    overrides = ["data.path=sample", "data.source=hf", "trainer.micro_batch_size=1",
+                 f"dist={mode}", f"trainer.batch_tokens={2 * 16 * 64}"]  # fmt: skip
+    results = fork_run(_zero_gradients, 2, str(tmp_path / "run"), overrides, 16, tmp=tmp_path)
+    for r in results:
+        assert r["stage"] == int(mode[-1]) and r["weights_kept"], r
+        assert r["relative_error"] < 1e-6, r
+        assert not r["reduced_in_bf16"], r
+
+
 def _tiny_model():
     from llmtrain.model import GPT
 

@@ -58,3 +58,32 @@ def test_deepspeed_config_comes_from_hydra(tmp_path):
         "zero_optimization.stage",
     ):
         assert key in str(e.value)
+
+
+def test_bf16_zero2_and_zero3_add_gradients_up_in_fp32(tmp_path):
+    """DeepSpeed's default added bf16 micro-batches' gradients up in bf16 (tests/test_dist.py
+    measures it); zero1 is left so: there fp32 would swap in DeepSpeed's BF16_Optimizer."""
+    fp32 = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+    for mode, precision, expected in [
+        ("zero2", "bf16", fp32),
+        ("zero3-offload", "bf16", fp32),
+        ("zero1", "bf16", {}),
+        ("zero3", "fp32", {}),
+    ]:
+        cfg = load_config(
+            FAST + [f"dist={mode}", f"trainer.precision={precision}", "data.path=x"], world_size=2
+        )
+        ds = deepspeed_config(cfg, grad_accum=2, world_size=2, device="cpu")
+        assert {k: ds[k] for k in fp32 if k in ds} == expected, mode
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}}))
+    cfg.dist.deepspeed_config = str(user)  # zero3 in fp32: the dtype is the JSON's to choose
+    assert deepspeed_config(cfg, 2, 2, "cpu")["data_types"]["grad_accum_dtype"] == "bf16"
+    cfg.trainer.precision = "bf16"
+    with pytest.raises(ConfigError, match="data_types.grad_accum_dtype: ds.json has 'bf16'"):
+        deepspeed_config(cfg, 2, 2, "cpu")
+    # a key Hydra leaves out when it is off is still Hydra's
+    user.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(ConfigError, match="offload_optimizer.device: ds.json has 'cpu'"):
+        deepspeed_config(cfg, 2, 2, "cpu")

@@ -33,50 +33,71 @@ def states(cfg, n):
     return p, p.params_bytes + p.grads_bytes + p.optim_bytes + p.gather_bytes
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
-def test_zero2_matches_deepspeed(ds_estimators, n):
-    """DeepSpeed: GPU 2P + 18P/N; ours 2 bf16 params + (2 bf16 grads + 12 + 4 fp32 grad
-    partition) / N -- the same bytes. With offload both keep only the bf16 params on the GPU;
-    DeepSpeed's CPU figure is ours x its additional_buffer_factor (1.5), except that for
-    N > 4 it counts max(4N, 16): N fp32 model copies while loading, not training state."""
+def test_zero2_matches_deepspeed(ds_estimators, n, precision):
+    """DeepSpeed: GPU 2P + 18P/N; ours in fp16 2 params + (2 grads + 12 + 4 fp32 grad
+    partition) / N -- the same bytes. bf16 adds the gradients up in the fp32 partition
+    (ds_config.py) with no 16-bit one beside it: 2P/N less. With offload DeepSpeed keeps only
+    the 16-bit params on the GPU, as fp16 does; bf16's fp32 sum stays there too (4P/N).
+    DeepSpeed's CPU figure is ours x its additional_buffer_factor (1.5), except that for N > 4
+    it counts max(4N, 16): N fp32 model copies while loading, not training state."""
     est2, _ = ds_estimators
+    bf16 = precision == "bf16"
     cfg = cfg_for(
-        "model=gpt2-medium", "dist.mode=zero2", "trainer.micro_batch_size=1", world_size=n
+        "model=gpt2-medium",
+        "dist.mode=zero2",
+        "trainer.micro_batch_size=1",
+        f"trainer.precision={precision}",
+        world_size=n,
     )
     p, gpu = states(cfg, n)
-    ds_cpu, ds_gpu = est2(p.n_params, n, 1, cpu_offload=False, additional_buffer_factor=1.5)
-    assert gpu == pytest.approx(ds_gpu, abs=1)
+    P = p.n_params
+    ds_cpu, ds_gpu = est2(P, n, 1, cpu_offload=False, additional_buffer_factor=1.5)
+    assert gpu == pytest.approx(ds_gpu - (2 * P / n if bf16 else 0), abs=1)
 
     cfg.dist.offload_optimizer = True
     p, gpu = states(cfg, n)
-    ds_cpu, ds_gpu = est2(p.n_params, n, 1, cpu_offload=True, additional_buffer_factor=1.5)
-    assert gpu == pytest.approx(ds_gpu, abs=1)
+    ds_cpu, ds_gpu = est2(P, n, 1, cpu_offload=True, additional_buffer_factor=1.5)
+    assert gpu == pytest.approx(ds_gpu + (4 * P / n if bf16 else 0), abs=1)
     load_factor = max(4 * n, 16) / 16
     assert 1.5 * load_factor * p.cpu_bytes_per_node == pytest.approx(ds_cpu, abs=2)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("n", [1, 8, 64])
-def test_zero3_matches_deepspeed(ds_estimators, n):
-    """DeepSpeed: GPU 4 x largest layer + 18P/N, 18 = 2 bf16 params + 16 for the optimizer
-    and its fp32 gradient; it does not count the bf16 gradient partition (grad_accum_dtype
-    defaults to the model's dtype), which we do: ours is exactly 2P/N more. With offload the
-    figures agree on GPU and, up to the 1.5 buffer factor, on CPU (zero_init=True)."""
+def test_zero3_matches_deepspeed(ds_estimators, n, precision):
+    """DeepSpeed: GPU 4 x largest layer + 18P/N, 18 = 2 16-bit params + 16 for the optimizer
+    and its fp32 gradient; it does not count the 16-bit gradient partition (grad_accum_dtype
+    defaults to the model's dtype), which fp16 has: ours is exactly 2P/N more. bf16 adds the
+    gradients up in an fp32 partition (ds_config.py) beside the step's fp32 copy: 4P/N more,
+    on the CPU under offload. Otherwise with offload the figures agree on GPU and, up to the
+    1.5 buffer factor, on CPU (zero_init=True)."""
     _, est3 = ds_estimators
-    cfg = cfg_for("model=llama-8b", "dist.mode=zero3", "trainer.micro_batch_size=1", world_size=n)
+    cfg = cfg_for(
+        "model=llama-8b",
+        "dist.mode=zero3",
+        "trainer.micro_batch_size=1",
+        f"trainer.precision={precision}",
+        world_size=n,
+    )
     nodes, per_node = max(1, n // 8), min(n, 8)
+    grads = 4 if precision == "bf16" else 2  # bytes per parameter of the gradient partition
     p, gpu = states(cfg, n)
     P, L = p.n_params, p.largest_layer_params
     _, ds_gpu, ds_layer = est3(P, L, per_node, nodes, cpu_offload=False, zero_init=True)
     assert p.gather_bytes == ds_layer
-    assert gpu - 2 * P / n == pytest.approx(ds_gpu, abs=1)
+    assert gpu - grads * P / n == pytest.approx(ds_gpu, abs=1)
 
+    # fp16's gradient partition lands in the optimizer's fp32 one; bf16's fp32 sum is its own
+    extra_cpu = 1.5 * per_node * (4 if precision == "bf16" else 0) * P / n
     cfg.dist.offload_optimizer = True
     p, gpu = states(cfg, n)
     ds_cpu, ds_gpu, _ = est3(
         P, L, per_node, nodes, cpu_offload=True, cpu_offload_params=False, zero_init=True
     )
     assert gpu == pytest.approx(ds_gpu, abs=1)
-    assert 1.5 * p.cpu_bytes_per_node == pytest.approx(ds_cpu, rel=1e-9)
+    assert 1.5 * p.cpu_bytes_per_node - extra_cpu == pytest.approx(ds_cpu, rel=1e-9)
 
     cfg.dist.offload_params = True
     p, gpu = states(cfg, n)
@@ -84,7 +105,7 @@ def test_zero3_matches_deepspeed(ds_estimators, n):
         P, L, per_node, nodes, cpu_offload=True, cpu_offload_params=True, zero_init=True
     )
     assert gpu == ds_gpu
-    assert 1.5 * p.cpu_bytes_per_node == pytest.approx(ds_cpu, rel=1e-9)
+    assert 1.5 * p.cpu_bytes_per_node - extra_cpu == pytest.approx(ds_cpu, rel=1e-9)
 
 
 def test_sharding_order_and_fp32_accounting():
@@ -98,6 +119,10 @@ def test_sharding_order_and_fp32_accounting():
             8,
         )
     assert totals["ddp"] == 16 * P  # 2 + 2 + 12, replicated
+    # bf16 gradients added up in bf16 under zero1, in the fp32 partition under zero2/3
+    assert plans["zero1"].bytes_per_param == {"params": 2, "grads": 2, "optim": 16}
+    assert plans["zero2"].bytes_per_param == {"params": 2, "grads": 4, "optim": 12}
+    assert plans["zero3"].bytes_per_param == {"params": 2, "grads": 4, "optim": 16}
     assert totals["ddp"] > totals["zero1"] > totals["zero2"] > totals["zero3"]
     zero3, fsdp2 = plans["zero3"], plans["fsdp2"]
     # no fp32 gradient partition; but the gathered layer's gradients are reduced in fp32
