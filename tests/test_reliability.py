@@ -769,12 +769,17 @@ def poisoned_model(monkeypatch, bad_calls: set[int]) -> None:
     monkeypatch.setattr(run_mod, "GPT", Poisoned)
 
 
-@pytest.mark.parametrize("dist", ["single", "zero2", "zero3"])
-def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys, dist):
+@pytest.mark.parametrize(
+    "dist,precision", [("single", "fp32"), ("zero2", "fp32"), ("zero3", "fp32"),
+                       ("single", "bf16"), ("zero2", "bf16"), ("zero3", "bf16")]
+)  # fmt: skip
+def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys, dist, precision):
     """Under DeepSpeed the engine steps inside backward(); it discards a step whose gradient
-    norm is not finite, and the loop counts it like any other skipped step."""
+    norm is not finite, and the loop counts it like any other skipped step. In bf16 ZeRO-2/3
+    add the gradients up in fp32 partitions (ds_config.fp32_grad_sum): the same holds."""
     poisoned_model(monkeypatch, {3, 4})
-    state = train_mod.train(config(5, "trainer.max_bad_steps=3", f"dist={dist}"), tmp_path)
+    cfg = config(5, "trainer.max_bad_steps=3", f"dist={dist}", f"trainer.precision={precision}")
+    state = train_mod.train(cfg, tmp_path)
     assert state.step == 5 and state.skipped_steps == 2 and state.bad_steps == 0
     assert capsys.readouterr().out.count("non-finite gradient norm, step skipped") == 2
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-2])
