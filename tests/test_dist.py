@@ -316,6 +316,14 @@ def test_fsdp2_in_bf16_logs_the_fp32_loss(shards, tmp_path):
     assert got["fsdp2"] == pytest.approx(got["ddp"], abs=2e-3), got
 
 
+def _relative_error(added: list[torch.Tensor], alone: list[list[torch.Tensor]]) -> float:
+    """How far the gradients ``added`` up over micro-batches are from the sum of each
+    micro-batch's gradients ``alone`` (taken in fp64): |added - sum| / |sum| over all of them."""
+    summed = [sum(gs) for gs in zip(*alone, strict=True)]
+    err = sum((a - s).pow(2).sum() for a, s in zip(added, summed, strict=True))
+    return float((err / sum(s.pow(2).sum() for s in summed)).sqrt())
+
+
 def _fsdp2_gradients(run_dir: str, overrides: list[str], micro_batches: int) -> dict:
     """In each worker: one step's gradients under dist=fsdp2 in bf16, added up over
     ``micro_batches`` micro-batches the way train.py does, and the same micro-batches each
@@ -351,11 +359,8 @@ def _fsdp2_gradients(run_dir: str, overrides: list[str], micro_batches: int) -> 
         shards = [p.grad.to_local() for p in model.parameters()]
         in_bf16 = in_bf16 and all(torch.equal(g, g.bfloat16().float()) for g in shards)
         model.zero_grad(set_to_none=True)
-    summed = [sum(gs) for gs in zip(*alone, strict=True)]
-    err = sum((a - s).pow(2).sum() for a, s in zip(added, summed, strict=True))
-    norm = sum(s.pow(2).sum() for s in summed)
     return {
-        "relative_error": float((err / norm).sqrt()),
+        "relative_error": _relative_error(added, alone),
         "reduced_early": reduced_early,
         "reduced_in_bf16": in_bf16,
     }
@@ -419,13 +424,10 @@ def _zero_gradients(run_dir: str, overrides: list[str], micro_batches: int) -> d
     assert len(read) == micro_batches
     # the mean of two ranks' bf16 gradients, reduced in bf16, is a bf16 value
     in_bf16 = all(torch.equal(g, g.bfloat16().double()) for gs in read for g in gs)
-    summed = [sum(gs) for gs in zip(*read, strict=True)]
-    err = sum((a - s).pow(2).sum() for a, s in zip(added, summed, strict=True))
-    norm = sum(s.pow(2).sum() for s in summed)
     after = [safe_get_full_fp32_param(p) for p in params]  # every rank gathers every one
     return {
         "stage": engine.zero_optimization_stage(),
-        "relative_error": float((err / norm).sqrt()),
+        "relative_error": _relative_error(added, read),
         "reduced_in_bf16": in_bf16,
         "weights_kept": all(map(torch.equal, weights, after)),
     }
