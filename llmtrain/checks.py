@@ -187,6 +187,19 @@ def check_data(d: DataConfig) -> None:
         "data.files",
         f"is read by data=local; this run's data is {d.name} (data.path={d.path}): add data=local",
     )
+    # Only a Hub or datasets source has splits; the others named a split that was never read.
+    _require(
+        d.files is None or d.val_split is None,
+        "data.val_split",
+        f"is {d.val_split!r}, but data=local has no splits: validation is data.val_files, the "
+        "tail of a one-file corpus, or the first data.val_docs documents; remove the override",
+    )
+    _require(
+        d.source != "shards" or d.val_split in (None, "validation"),  # the schema's default
+        "data.val_split",
+        f"is {d.val_split!r}, but token shards have no splits: validation is the *_val_*.bin "
+        "files in data.path; remove the override",
+    )
     # A group file cannot make a key required ('???' merged onto the schema's default keeps the
     # default), so the two groups whose path the user must give are checked here.
     _require(

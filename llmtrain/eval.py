@@ -126,18 +126,6 @@ def check_eval_config(cfg: TrainConfig) -> None:
             f"{m.context_length}: the model has no positions past it; use data.seq_len="
             f"{m.context_length} or less"
         )
-    if d.val_split == d.train_split and (d.files or d.source == "shards"):
-        # Local files and shards never read data.val_split: their validation text would be
-        # evaluated while the result says the training split.
-        where = (
-            "a local corpus takes validation from data.val_files or held-out documents"
-            if d.files
-            else "token shards take validation from their *_val_*.bin files"
-        )
-        raise ConfigError(
-            f"data.val_split={d.val_split}: {where}, never from data.val_split; a training split "
-            "is evaluated only from a Hub or datasets source (data=fineweb, data=sample...)"
-        )
     # check_data refuses val_split == train_split (validation on memorised data) for training
     check_data(dataclasses.replace(d, train_split="") if d.val_split == d.train_split else d)
     t = cfg.trainer

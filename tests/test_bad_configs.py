@@ -81,6 +81,14 @@ CASES = {
     ),
     "eval split empty": (["data.val_split=null", "data.val_docs=0"], 1, "data.val_docs", {}),
     "eval on the train split": (["data.val_split=train"], 1, "data.val_split", {}),
+    # Both were accepted and never read: validation came from elsewhere.
+    "a split of local files": (
+        ["data=local", "data.files={tmp}/x.txt", "data.val_split=validation"],
+        1,
+        "data.val_split",
+        {},
+    ),
+    "a split of shards": (["data=shards", "data.val_split=val"], 1, "data.val_split", {}),
     "val_files without files": (["data.val_files={tmp}/v.txt"], 1, "data.val_files", {}),
     "files with shards": (["data=shards", "data.files={tmp}/x.bin"], 1, "data.files", {}),
     "local without files": (["data=local"], 1, "data.files", {}),

@@ -170,9 +170,9 @@ def test_a_train_split_that_files_or_shards_ignore_exits_2(run, text_file, capsy
     local = [f"data.files={text_file}", "data.val_split=train"]
     code, out, err = run_main([str(run), "data=local", *local], capsys)
     assert code == 2 and not out
-    assert "data.val_split=train: a local corpus" in err
+    assert "data.val_split: is 'train', but data=local has no splits" in err
     code, out, err = run_main([str(run), "data=shards", "data.val_split=train"], capsys)
-    assert code == 2 and not out and "data.val_split=train: token shards" in err
+    assert code == 2 and not out and "but token shards have no splits" in err
 
 
 def test_a_missing_checkpoint_exits_2_in_one_line(tmp_path, capsys):
