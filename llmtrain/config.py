@@ -84,7 +84,7 @@ class DataConfig:
     val_fraction: float = 0.1  # a corpus of one .txt file: its last tenth is validation
     tokenizer: str = "gpt2"  # a tiktoken encoding: gpt2 | r50k_base | cl100k_base | ...
     seq_len: int = 256  # tokens per training window (context length used in training)
-    stride: int | None = None  # step between windows; null = seq_len (no overlap)
+    stride: int | None = None  # between training windows; null = seq_len (validation: always)
     shuffle: bool = True  # each epoch: a stream's file order; every window of token shards
     shuffle_buffer: int = 0  # documents; >0 breaks exact resume (see data.py)
     num_workers: int = 0  # DataLoader worker processes per rank (a resume needs the same)

@@ -362,11 +362,15 @@ def build_dataloader(
 ) -> TokenLoader:
     """The ``split`` ("train" or "val") of ``cfg`` for one rank, as a resumable TokenLoader.
 
-    Validation is the same on every rank (no split), so every rank evaluates the same batches.
+    Validation is the same on every rank (no split), so every rank evaluates the same batches,
+    and its windows never overlap: a token's loss counts once, so val_loss compares across
+    strides.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     train = split == "train"
+    if not train:  # every validation token scored once, in order, whatever training's stride
+        cfg = dataclasses.replace(cfg, shuffle=False, stride=None)
     loader_args = dict(batch_size=batch_size, train=train, rank=rank, world_size=world_size)
     if cfg.source == "shards":
         from llmtrain.shards import ShardWindows
@@ -390,7 +394,7 @@ def build_dataloader(
         if cfg.shuffle and cfg.shuffle_buffer > 0:
             ds = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
     else:
-        ds, cfg, n = val_ds, dataclasses.replace(cfg, shuffle=False), val_ds.n_shards
+        ds, n = val_ds, val_ds.n_shards
     # A rank gets n_shards / world_size shards when that divides, else every shard (and every
     # world_size-th document of it); datasets then deals the rank's shards to its workers.
     shards = n // world_size if train and n % world_size == 0 else n

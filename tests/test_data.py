@@ -111,17 +111,24 @@ def test_sample_train_unshuffled_equals_tiktoken():
     assert got == ref[: len(got)]
 
 
-def test_stride_overlaps_windows(tmp_path):
+def test_stride_overlaps_training_windows_only(tmp_path):
     (tmp_path / "a.txt").write_text("one two three four five six seven eight nine ten " * 40)
-    (tmp_path / "train.txt").write_text("training text " * 40)
-    cfg = small(files=str(tmp_path / "train.txt"), stride=8, val_files=str(tmp_path / "a.txt"))
-    x, y = next(iter(build_dataloader(cfg, TOK, split="val", batch_size=3)))
+    (tmp_path / "v.txt").write_text("validation text, " * 80)
+    files = {"files": str(tmp_path / "a.txt"), "val_files": str(tmp_path / "v.txt")}
+    cfg = small(**files, stride=8, shuffle=False)
+    x, y = next(iter(build_dataloader(cfg, TOK, split="train", batch_size=3)))
     ref = stream_of([(tmp_path / "a.txt").read_text()])
     for i in range(3):  # GPTDatasetV1: window i starts at i * stride
         assert (
             x[i].tolist() == ref[8 * i : 8 * i + 32]
             and y[i].tolist() == ref[8 * i + 1 : 8 * i + 33]
         )
+    # Overlapping validation windows counted a token's loss up to seq_len / stride times, so
+    # the same model's val_loss changed with the training stride.
+    val = [torch.cat(b) for b in build_dataloader(cfg, TOK, split="val", batch_size=3)]
+    unstrided = build_dataloader(small(**files), TOK, split="val", batch_size=3)
+    unstrided = [torch.cat(b) for b in unstrided]
+    assert len(val) == len(unstrided) > 1 and all(map(torch.equal, val, unstrided))
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,14 @@ def test_shards_of_another_tokenizer_are_refused_before_training(tmp_path):
                          batch_size=2)  # fmt: skip
 
 
+def test_validation_windows_do_not_overlap_whatever_the_stride(shard_dir):
+    """Each validation token is scored once: val_loss compares across training strides."""
+    cfg = cfg_for(shard_dir, stride=8)
+    x = torch.cat([x for x, _ in build_dataloader(cfg, TOK, split="val", batch_size=4)])
+    assert x.shape == ((700 - 33) // 32 + 1, 32)  # windows of 33 tokens, every 32, in 700
+    assert x.flatten().tolist() == list(range(x.numel()))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_exact_across_epochs(shard_dir, workers):
     cfg = cfg_for(shard_dir, num_workers=workers, stride=24)
