@@ -182,7 +182,9 @@ def _fsdp2_plugin(cfg: TrainConfig, device: str):
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=["Block"],  # llmtrain.model.Block
         state_dict_type="SHARDED_STATE_DICT",  # DCP: each rank writes its shard; reshards on load
-        cpu_ram_efficient_loading=False,
+        # Rank 0's model is broadcast into every rank's shards; the others build theirs empty
+        # (run.py), so a node holds one full fp32 model at start, not one per process.
+        cpu_ram_efficient_loading=True,
         activation_checkpointing=False,  # the model applies its own (trainer.activation_...)
     )
 

@@ -6,7 +6,9 @@ Rank 0 reads the weights (checked against the checkpoint's manifest and config) 
 them tensor by tensor into every rank's model. Only rank 0 holds a full fp32 copy beside its
 model: when each rank read its own, an 8-GPU node held eight (a 1B model: 32 GB of host memory
 more), and reading ZeRO shards briefly took their optimizer moments eight times over too. The
-checkpoint chosen in a run dir (its newest intact one) is rank 0's for every rank.
+checkpoint chosen in a run dir (its newest intact one) is rank 0's for every rank. Under FSDP2
+the other ranks' models are empty and nothing is broadcast here: prepare() shares rank 0's
+weights out into every rank's shards.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from llmtrain.integrity import broadcast
 from llmtrain.model import GPT
 
 
-def load_weights(model: GPT, cfg: TrainConfig, source: Path, device: torch.device) -> Path:
-    """Load trainer.init_from (found at ``source``) into ``model`` on every rank; returns the
-    checkpoint read. ``device`` is the one the process group's collectives run on."""
+def load_weights(
+    model: GPT, cfg: TrainConfig, source: Path, device: torch.device, every_rank: bool = True
+) -> Path:
+    """Load trainer.init_from (found at ``source``) into ``model`` on every rank (or on rank 0
+    only: FSDP2's prepare() shares them out); returns the checkpoint read. ``device`` is the one
+    the process group's collectives run on."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return _read_into(model, cfg, source)
@@ -52,6 +57,8 @@ def load_weights(model: GPT, cfg: TrainConfig, source: Path, device: torch.devic
         if isinstance(found, BaseException):
             dist.barrier()
             raise found
+    if not every_rank:
+        return found
     seen: set[int] = set()
     for tensor in model.state_dict().values():
         if tensor.data_ptr() in seen:  # a tied head: one tensor under two names

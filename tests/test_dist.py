@@ -20,6 +20,7 @@ from tiny import TINY
 
 from llmtrain.config import ConfigError, load_config
 from llmtrain.dist import check_launch
+from llmtrain.run import build_model
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -300,6 +301,50 @@ def test_chunked_loss_under_sharded_parameters_matches_one_process(
     got = losses(tmp_path / "run")
     for step, loss in reference.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), (mode, step)
+
+
+def _model_build_memory(run_dir: str, overrides: list[str]) -> dict:
+    """In each worker: the resident memory building the model adds in setup(), and the model
+    each rank ends up with."""
+    import psutil
+
+    import llmtrain.run as run_mod
+
+    rss = psutil.Process().memory_info
+    cfg = load_config(FAST + overrides, world_size=2)
+    run_mod.build_model(cfg, empty=True)  # torch's one-time costs, not counted
+    build, grew = run_mod.build_model, []
+
+    def measured(*args, **kwargs):
+        before = rss().rss
+        model = build(*args, **kwargs)
+        grew.append(rss().rss - before)
+        return model
+
+    run_mod.build_model = measured
+    run = run_mod.setup(cfg, Path(run_dir))
+    weights = {k: v.full_tensor() for k, v in run.model.state_dict().items()}  # collectives
+    return {"grew": grew[0], "weights": weights}
+
+
+@pytest.mark.distributed
+def test_fsdp2_ranks_other_than_0_build_no_model(shards, tmp_path):
+    """Every rank built and initialised the whole fp32 model before FSDP2 sharded it: eight
+    copies of llama-8b (220 GiB) on an 8-GPU node at start. Rank 0 builds it; the others'
+    shards come from it in prepare()."""
+    from dist_worker import run as fork_run
+
+    wide = [f"data.path={shards}", "dist=fsdp2", "model.n_embd=512", "model.n_head=8"]
+    ranks = fork_run(_model_build_memory, 2, str(tmp_path / "run"), wide, tmp=tmp_path)
+    cfg = load_config(FAST + wide)
+    torch.manual_seed(cfg.trainer.seed)  # as setup() builds it, in one process
+    single = build_model(cfg)
+    fp32 = 4 * single.num_params()
+    assert fp32 > 100e6  # 26M parameters in the embedding alone
+    grew = [r["grew"] for r in ranks]
+    assert grew[0] > 0.8 * fp32 and grew[1] < 0.05 * fp32, (grew, fp32)
+    for name, tensor in single.state_dict().items():  # rank 1's shards are rank 0's weights
+        assert all(torch.equal(r["weights"][name], tensor) for r in ranks), name
 
 
 @pytest.mark.distributed

@@ -158,6 +158,9 @@ def test_sharded_and_full_checkpoints_start_runs_of_any_mode(shards, tmp_path): 
     ckpt_b = tmp_path / "b" / "checkpoints" / "step_0000001"
     run(tmp_path, 2, tmp_path / "c", [*data, "dist=zero3", f"trainer.init_from={tmp_path / 'b'}"])
     assert losses(tmp_path / "c")[1] == pytest.approx(first_loss(load_gpt(ckpt_b)[0], cfg), 1e-5)
+    # FSDP2: rank 0 alone reads them; prepare() shares them out to the empty model of rank 1
+    run(tmp_path, 2, tmp_path / "d", [*data, "dist=fsdp2", f"trainer.init_from={ckpt_b}"])
+    assert losses(tmp_path / "d")[1] == pytest.approx(first_loss(load_gpt(ckpt_b)[0], cfg), 1e-5)
 
 
 def test_a_transformers_model_starts_a_run(tmp_path, capsys, monkeypatch):

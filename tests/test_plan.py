@@ -289,21 +289,28 @@ def test_cli_says_what_building_the_model_takes_on_the_cpu(capsys, tmp_path):
     main([*argv, f"trainer.init_from={tmp_path}"])
     out = capsys.readouterr().out
     assert "  CPU at start     247.83 GiB" in out and "rank 0 the trainer.init_from weights" in out
+    main([*argv[:-1], "dist=fsdp2"])  # the other ranks build theirs empty (run.py)
+    out = capsys.readouterr().out
+    assert "  CPU at start      27.54 GiB   rank 0 builds the fp32 model and FSDP2 shares" in out
 
 
 def test_the_cpu_at_start_is_what_building_the_model_takes():
     """Measured: a fresh process's resident memory grows by the plan's per-process figure
-    when it builds gpt2-medium (355M parameters) as training does."""
+    when it builds gpt2-medium (355M parameters) as training does, and by almost nothing when
+    it builds the model empty, as FSDP2's ranks other than 0 do."""
     import subprocess
     import sys
 
     build = (
         "import psutil; from llmtrain.config import load_config; from llmtrain.run import "
         "build_model; cfg = load_config(['experiment=smoke', 'model=gpt2-medium']); "
-        "before = psutil.Process().memory_info().rss; model = build_model(cfg); "
-        "print(psutil.Process().memory_info().rss - before)"
+        "build_model(load_config(['experiment=smoke']), empty=True); "  # torch's one-time costs
+        "rss = lambda: psutil.Process().memory_info().rss; before = rss(); "
+        "empty = build_model(cfg, empty=True); print(rss() - before); before = rss(); "
+        "model = build_model(cfg); print(rss() - before)"
     )
-    grew = int(subprocess.run([sys.executable, "-c", build], capture_output=True, text=True,
-                              check=True).stdout)  # fmt: skip
+    grew = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True,
+                          check=True).stdout.split()  # fmt: skip
     planned = plan(cfg_for("model=gpt2-medium"), world_size=1).cpu_start_bytes_per_node
-    assert grew == pytest.approx(planned, rel=0.1)
+    assert int(grew[1]) == pytest.approx(planned, rel=0.1)
+    assert int(grew[0]) < 0.02 * planned
