@@ -2,13 +2,12 @@
 model, before ``accelerator.prepare()`` shards it, so every dist mode starts from full weights
 on each rank and any checkpoint layout serves any other.
 
-Rank 0 reads the weights (checked against the checkpoint's manifest and config) and broadcasts
-them tensor by tensor into every rank's model. Only rank 0 holds a full fp32 copy beside its
-model: when each rank read its own, an 8-GPU node held eight (a 1B model: 32 GB of host memory
-more), and reading ZeRO shards briefly took their optimizer moments eight times over too. The
-checkpoint chosen in a run dir (its newest intact one) is rank 0's for every rank. Under FSDP2
-the other ranks' models are empty and nothing is broadcast here: prepare() shares rank 0's
-weights out into every rank's shards.
+Rank 0 reads the weights (checked against the checkpoint's manifest and config) into its model;
+the other ranks' models are empty, and ``accelerator.prepare()`` broadcasts rank 0's weights to
+them as it does a fresh model's (run.py). Only rank 0 holds a full fp32 copy beside its model:
+when each rank read its own, an 8-GPU node held eight (a 1B model: 32 GB of host memory more),
+and reading ZeRO shards briefly took their optimizer moments eight times over too. The
+checkpoint chosen in a run dir (its newest intact one) is rank 0's for every rank.
 """
 
 from __future__ import annotations
@@ -27,47 +26,31 @@ from llmtrain.integrity import broadcast
 from llmtrain.model import GPT
 
 
-def load_weights(
-    model: GPT, cfg: TrainConfig, source: Path, device: torch.device, every_rank: bool = True
-) -> Path:
-    """Load trainer.init_from (found at ``source``) into ``model`` on every rank (or on rank 0
-    only: FSDP2's prepare() shares them out); returns the checkpoint read. ``device`` is the one
-    the process group's collectives run on."""
+def load_weights(model: GPT, cfg: TrainConfig, source: Path) -> Path:
+    """Load trainer.init_from (found at ``source``) into rank 0's ``model``; returns the
+    checkpoint read, on every rank. The other ranks' models are empty: prepare() broadcasts
+    rank 0's weights to them (run.py)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return _read_into(model, cfg, source)
-    main = dist.get_rank() == 0
     # Rank 0 may read for many minutes (an 8B model's ZeRO shards): the others poll the store
     # for its outcome rather than wait in a collective, which dist.timeout_s would end.
     # (Should rank 0 die, the launcher stops them.)
     store = dist.distributed_c10d._get_default_store()
     key = f"llmtrain/init_from/{broadcast(os.urandom(8).hex())}"
-    if main:
+    if dist.get_rank() == 0:
         try:
-            found = _read_into(model, cfg, source)
-        except Exception as e:
-            store.set(key, pickle.dumps(_portable(e)))
-            dist.barrier()  # every rank has it: the store goes with this process
-            raise
-        store.set(key, pickle.dumps(found))
+            found: Path | BaseException = _read_into(model, cfg, source)
+        except Exception as e:  # noqa: BLE001 -- every rank raises it, below
+            found = e
+        store.set(key, pickle.dumps(_portable(found) if isinstance(found, Exception) else found))
     else:
         while not store.check([key]):
             time.sleep(0.5)
         found = pickle.loads(store.get(key))
-        if isinstance(found, BaseException):
-            dist.barrier()
-            raise found
-    if not every_rank:
-        return found
-    seen: set[int] = set()
-    for tensor in model.state_dict().values():
-        if tensor.data_ptr() in seen:  # a tied head: one tensor under two names
-            continue
-        seen.add(tensor.data_ptr())
-        buffer = tensor.to(device)  # the tensor itself on a CPU (gloo) run
-        dist.broadcast(buffer, src=0)
-        if not main and buffer is not tensor:
-            tensor.copy_(buffer)
+    dist.barrier()  # every rank has the outcome before any goes on (the store may be rank 0)
+    if isinstance(found, BaseException):
+        raise found
     return found
 
 

@@ -65,7 +65,7 @@ class MemoryPlan:
     optim_bytes: float
     gather_bytes: float  # zero3/fsdp2: one gathered layer (bf16 params + grads; fsdp2: fp32 too)
     cpu_bytes_per_node: float
-    cpu_start_bytes_per_node: float  # fp32 models built before sharding (+ init_from's weights)
+    cpu_start_bytes_per_node: float  # rank 0's fp32 model at start (+ init_from's weights)
     init_from: bool
     activation_checkpointing: bool
     activation_bytes: float  # as configured
@@ -153,7 +153,6 @@ def plan(
     """The memory and time plan for ``cfg`` on ``world_size`` GPUs of ``gpu_mem_gb`` GiB."""
     m, t, d = cfg.model, cfg.trainer, cfg.dist
     gpn = gpus_per_node if gpus_per_node is not None else min(world_size, 8)
-    builders = 1 if d.mode == "fsdp2" else gpn  # processes of a node that build the full model
     # precision "auto" trains in bf16 on a GPU, which is what this plans for.
     precision = t.precision if t.precision in ("fp32", "fp16") else "bf16"
     dt = step_dtypes(d.mode, precision)
@@ -198,10 +197,10 @@ def plan(
         optim_bytes=gpu["optim"],
         gather_bytes=gather,
         cpu_bytes_per_node=gpn * sum(cpu.values()),
-        # Every process builds GPT(cfg.model) on the CPU in fp32 and shards it in prepare(),
-        # but under FSDP2 only rank 0 does (run.py); trainer.init_from: rank 0 reads a full
-        # fp32 state dict beside it (init_weights.py).
-        cpu_start_bytes_per_node=4 * total * (builders + (1 if t.init_from else 0)),
+        # Rank 0 builds GPT(cfg.model) on the CPU in fp32, and prepare() broadcasts it (the
+        # other ranks' are empty: run.py); trainer.init_from: rank 0 reads a full fp32 state
+        # dict beside it (init_weights.py).
+        cpu_start_bytes_per_node=4 * total * (2 if t.init_from else 1),
         init_from=bool(t.init_from),
         activation_checkpointing=t.activation_checkpointing,
         activation_bytes=act_on if t.activation_checkpointing else act_off,
@@ -317,12 +316,10 @@ def format_plan(p: MemoryPlan) -> str:
             f"{p.gpus_per_node} GPU(s); have 1.5x this (DeepSpeed's margin for buffers)"
         )
     weights = ", and rank 0 the trainer.init_from weights beside it" if p.init_from else ""
-    builds = (
-        "rank 0 builds the fp32 model and FSDP2 shares it out"
-        if p.mode == "fsdp2"
-        else f"{p.gpus_per_node} process(es) per node each build the fp32 model before sharding it"
+    lines.append(
+        f"  CPU at start  {_gib(p.cpu_start_bytes_per_node)}   rank 0 builds the fp32 model "
+        f"and prepare() broadcasts it{weights}"
     )
-    lines.append(f"  CPU at start  {_gib(p.cpu_start_bytes_per_node)}   {builds}{weights}")
     share = 100 * p.headroom_bytes / p.gpu_mem_bytes
     if p.fits:
         verdict = f"fits: {p.headroom_bytes / GiB:.2f} GiB headroom ({share:.0f}%)"

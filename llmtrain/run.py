@@ -139,10 +139,10 @@ def build_model(cfg: TrainConfig, empty: bool = False) -> GPT:
     """``GPT(cfg.model)`` with the trainer's memory options: activation checkpointing and the
     fused, chunked loss.
 
-    ``empty``: its tensors allocated but never written, so they take no host memory (an FSDP2
-    rank other than 0, whose shards prepare() fills from rank 0's model). Allocated rather than
-    left on the meta device: Accelerate maps the optimizer's parameters to the sharded ones by
-    address, and every meta tensor has address 0.
+    ``empty``: its tensors allocated but never written, so they take no host memory (a rank
+    other than 0, which prepare() gives rank 0's weights). Allocated rather than left on the
+    meta device: Accelerate maps FSDP2's optimizer parameters to the sharded ones by address,
+    and every meta tensor has address 0.
     """
     if empty:
         with torch.device("meta"):
@@ -283,12 +283,12 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         break
 
     torch.manual_seed(cfg.trainer.seed)
-    # FSDP2: only rank 0 builds (or reads) the weights; prepare() broadcasts each rank its
-    # shards. Eight full fp32 copies of llama-8b took 220 GiB of a node's memory at start.
-    from_rank_0 = cfg.dist.mode == "fsdp2"
-    model = build_model(cfg, empty=from_rank_0 and rank != 0)
+    # Rank 0 alone builds (or reads) the weights. prepare() broadcasts them to the other ranks
+    # (DDP and DeepSpeed as they start, FSDP2 into each rank's shards), whose models are
+    # empty: a full fp32 model per process took 220 GiB of an 8-GPU node for llama-8b.
+    model = build_model(cfg, empty=rank != 0)
     if init_from is not None:  # of a run dir, its newest intact checkpoint
-        init_from = load_weights(model, cfg, init_from, accelerator.device, not from_rank_0)
+        init_from = load_weights(model, cfg, init_from)
     optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
     model = compile_model(model, cfg.trainer)
     params = model.param_summary()  # before prepare(): ZeRO-3 leaves empty placeholders

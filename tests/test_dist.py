@@ -303,9 +303,9 @@ def test_chunked_loss_under_sharded_parameters_matches_one_process(
         assert got[step] == pytest.approx(loss, rel=1e-5), (mode, step)
 
 
-def _model_build_memory(run_dir: str, overrides: list[str]) -> dict:
-    """In each worker: the resident memory building the model adds in setup(), and the model
-    each rank ends up with."""
+def _model_build_memory(run_dir: str, overrides: list[str], batch: torch.Tensor) -> dict:
+    """In each worker: the resident memory building the model adds in setup(), and the
+    prepared model's loss on ``batch``."""
     import psutil
 
     import llmtrain.run as run_mod
@@ -323,19 +323,22 @@ def _model_build_memory(run_dir: str, overrides: list[str]) -> dict:
 
     run_mod.build_model = measured
     run = run_mod.setup(cfg, Path(run_dir))
-    weights = {k: v.full_tensor() for k, v in run.model.state_dict().items()}  # collectives
-    return {"grew": grew[0], "weights": weights}
+    with torch.no_grad():
+        _, loss = run.model(batch[:, :-1], batch[:, 1:], return_logits=False)
+    return {"grew": grew[0], "loss": loss.item()}
 
 
 @pytest.mark.distributed
-def test_fsdp2_ranks_other_than_0_build_no_model(shards, tmp_path):
-    """Every rank built and initialised the whole fp32 model before FSDP2 sharded it: eight
-    copies of llama-8b (220 GiB) on an 8-GPU node at start. Rank 0 builds it; the others'
-    shards come from it in prepare()."""
+@pytest.mark.parametrize("mode", list(EXPECT))
+def test_ranks_other_than_0_build_no_model(mode, shards, tmp_path):
+    """Every rank built and initialised the whole fp32 model before prepare() sharded it or
+    broadcast rank 0's: eight copies of llama-8b (220 GiB) on an 8-GPU node at start. Rank 0
+    builds it; the others' weights come from it in prepare()."""
     from dist_worker import run as fork_run
 
-    wide = [f"data.path={shards}", "dist=fsdp2", "model.n_embd=512", "model.n_head=8"]
-    ranks = fork_run(_model_build_memory, 2, str(tmp_path / "run"), wide, tmp=tmp_path)
+    wide = [f"data.path={shards}", f"dist={mode}", "model.n_embd=512", "model.n_head=8"]
+    batch = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(0))
+    ranks = fork_run(_model_build_memory, 2, str(tmp_path / "run"), wide, batch, tmp=tmp_path)
     cfg = load_config(FAST + wide)
     torch.manual_seed(cfg.trainer.seed)  # as setup() builds it, in one process
     single = build_model(cfg)
@@ -343,8 +346,8 @@ def test_fsdp2_ranks_other_than_0_build_no_model(shards, tmp_path):
     assert fp32 > 100e6  # 26M parameters in the embedding alone
     grew = [r["grew"] for r in ranks]
     assert grew[0] > 0.8 * fp32 and grew[1] < 0.05 * fp32, (grew, fp32)
-    for name, tensor in single.state_dict().items():  # rank 1's shards are rank 0's weights
-        assert all(torch.equal(r["weights"][name], tensor) for r in ranks), name
+    _, loss = single(batch[:, :-1], batch[:, 1:], return_logits=False)
+    assert [r["loss"] for r in ranks] == pytest.approx([loss.item()] * 2, rel=1e-6)
 
 
 @pytest.mark.distributed

@@ -277,21 +277,19 @@ def test_cli_refuses_a_vocab_that_is_not_the_tokenizer_s(capsys):
 
 
 def test_cli_says_what_building_the_model_takes_on_the_cpu(capsys, tmp_path):
-    """Every process builds the fp32 model on the CPU before sharding it: llama-8b on an 8-GPU
-    node is 8 x 4 x 7.39B bytes of host memory at start; with trainer.init_from rank 0 reads
-    one more copy (every rank read one before llmtrain/init_weights.py)."""
+    """Rank 0 builds the fp32 model on the CPU, and prepare() broadcasts it (every process
+    built one before: 8 x 4 x 7.39B bytes for llama-8b on an 8-GPU node); with
+    trainer.init_from rank 0 reads one more copy (every rank read one before
+    llmtrain/init_weights.py)."""
     argv = ["--gpus", "8", "--gpu-mem", "80", "model=llama-8b", "dist=zero3"]
     main(argv)
     assert (
-        "  CPU at start     220.29 GiB   8 process(es) per node each build"
+        "  CPU at start      27.54 GiB   rank 0 builds the fp32 model and prepare() broadcasts"
         in capsys.readouterr().out
     )
     main([*argv, f"trainer.init_from={tmp_path}"])
     out = capsys.readouterr().out
-    assert "  CPU at start     247.83 GiB" in out and "rank 0 the trainer.init_from weights" in out
-    main([*argv[:-1], "dist=fsdp2"])  # the other ranks build theirs empty (run.py)
-    out = capsys.readouterr().out
-    assert "  CPU at start      27.54 GiB   rank 0 builds the fp32 model and FSDP2 shares" in out
+    assert "  CPU at start      55.07 GiB" in out and "rank 0 the trainer.init_from weights" in out
 
 
 def test_the_cpu_at_start_is_what_building_the_model_takes():
