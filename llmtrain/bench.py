@@ -6,7 +6,7 @@ bare PyTorch loop over the same model, seed, batches (already on the device), op
 precision, compile, accumulation and clipping, interleaved with it in the same process.
 
     llmtrain-bench --steps 30 --warmup 5 --baseline --repeats 3 experiment=smoke
-    llmtrain-bench model=gpt2-small data=shards trainer.batch_tokens=524288 \
+    llmtrain-bench model=gpt2-small data=shards trainer.batch_tokens=524288 \\
         trainer.micro_batch_size=16 trainer.compile=true
     python -m llmtrain.bench --table          # benchmarks/results.jsonl -> RESULTS.md
 
@@ -438,7 +438,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", default=None, help="free text stored in the record")
     ap.add_argument("--make-shards", type=Path, metavar="DIR", help="write sample shards, exit")
     ap.add_argument("--table", action="store_true", help="render --out into --markdown, exit")
-    ap.add_argument("--markdown", type=Path, default=MARKDOWN)
+    ap.add_argument(
+        "--markdown",
+        type=Path,
+        default=MARKDOWN,
+        help="the page --table writes (default: benchmarks/RESULTS.md of this checkout)",
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for llmtrain-train")
     args = ap.parse_intermixed_args(argv)
     if args.make_shards:

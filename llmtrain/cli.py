@@ -175,7 +175,11 @@ def main() -> None:
             args = sys.argv[1:] = _first_job(args)
         # The overrides it shows applied are composed first: a typo is one line, not Hydra's
         # traceback. Composed only: help needs no horizon, nor any value checked.
-        keys = [a for a in args if not a.startswith(("-", "hydra.")) or "searchpath" in a]
+        keys = [
+            a
+            for a in _config_dir_as_searchpath(args)
+            if not a.startswith(("-", "hydra.")) or "searchpath" in a
+        ]
         try:
             compose_config(keys)
         except ConfigError as e:
@@ -189,6 +193,21 @@ def main() -> None:
     if failed := _SWEEP["failed"]:
         _exit(max(failed), "sweep", f"{len(failed)} of the sweep's {len(_SWEEP['jobs'])} jobs "
               "stopped (each one's reason is above); the others ran to their end")  # fmt: skip
+
+
+def _config_dir_as_searchpath(args: list[str]) -> list[str]:
+    """Hydra's --config-dir DIR (-cd DIR, --config-dir=DIR) as the hydra.searchpath entry it
+    adds, so that composing here finds the user's own configs as Hydra will."""
+    out: list[str] = []
+    words = iter(args)
+    for a in words:
+        if a in ("--config-dir", "-cd"):
+            a = f"{a}={next(words, '')}"
+        flag, _, folder = a.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            a = f"hydra.searchpath=[file://{Path(folder).resolve()}]"
+        out.append(a)
+    return out
 
 
 def _first_job(args: list[str]) -> list[str]:
@@ -211,10 +230,11 @@ def _first_job(args: list[str]) -> list[str]:
 def _check_overrides(args: list[str], sweep: bool = False) -> None:
     """Compose the config once before Hydra does: a typo, an unknown option or a wrong type
     then exits 2 (and reaches LLMTRAIN_EXIT_FILE), which job scripts do not requeue; Hydra's
-    own report of the same error exits 1, like a crash. Hydra's other flags (--help, --cfg,
-    --config-dir ...) are left to Hydra; of hydra.* overrides the syntax is checked,
+    own report of the same error exits 1, like a crash. A --config-dir is used; Hydra's other
+    flags (--help, --cfg ...) leave the checks to Hydra; of hydra.* overrides the syntax is checked,
     hydra.searchpath (the user's own config dirs) is used, and the run dir must be one that can
     be made. A sweep is checked at every point (the first 256), not only its first job."""
+    args = _config_dir_as_searchpath(args)
     if any(a.startswith("-") and a not in SWEEP_FLAGS for a in args):
         return
     dir_key = "hydra.sweep.dir" if sweep else "hydra.run.dir"

@@ -247,13 +247,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", help="a step_XXXXXXX dir, a checkpoints/ dir or a run dir")
     parser.add_argument("out", help="output directory (created; must be empty unless --force)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights dtype")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="fp32", help="weights dtype (default fp32)"
+    )
     parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
     parser.add_argument(
         "--max-shard-size",
         default="5GB",
         type=shard_size,
-        help="split larger weights into files of this size: 5GB, 500MB, or bytes",
+        help="split larger weights into files of this size: 5GB (the default), 500MB, or bytes",
     )
     args = parser.parse_args(argv)
     try:

@@ -524,6 +524,26 @@ def test_cli_help_for_a_sweep_shows_its_first_job(tmp_path):
     assert re.search(r"\n  lr: 0.001 +# the peak learning rate", out.stdout)
 
 
+@pytest.mark.parametrize(
+    "flag", [["--config-dir"], ["-cd"], []], ids=["--config-dir DIR", "-cd DIR", "--config-dir=DIR"]
+)
+def test_cli_help_composes_with_a_config_dir_of_ones_own(tmp_path, flag):
+    """--help took the folder after --config-dir (-cd) for an override ("Error parsing override"),
+    and with --config-dir=DIR composed without it ("Could not find 'experiment/mine'"); a run
+    with a config dir skipped the checks, so a typo exited 1 (requeued, like a crash), not 2."""
+    mine = tmp_path / "myconf"
+    (mine / "experiment").mkdir(parents=True)
+    (mine / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: gpt2-small\nexperiment: mine\n"
+    )
+    where = [*flag, str(mine)] if flag else [f"--config-dir={mine}"]
+    out = cli([*where, "--help", "experiment=mine"], tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "\n  name: gpt2-small " in out.stdout and "\nexperiment: mine " in out.stdout
+    typo = cli([*where, "experiment=mine", "model.n_layr=3"], tmp_path, timeout=60)
+    assert typo.returncode == 2 and "Did you mean model.n_layer?" in typo.stderr  # Hydra's: 1
+
+
 def test_cli_help_says_what_each_setting_means(tmp_path):
     """The composed config, overrides applied, with config.py's comment beside each setting (or
     above it, for a longer one); still YAML that reads back as the config."""
