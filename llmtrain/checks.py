@@ -344,15 +344,15 @@ def _check_trainer(t: TrainerConfig, m: ModelConfig) -> None:
     _require(
         t.max_steps is None or t.max_tokens is None,
         "trainer.max_tokens",
-        f"and trainer.max_steps={t.max_steps} are both set (an experiment file pins max_steps) "
-        "and the run has one horizon; add trainer.max_steps=null to train by tokens",
+        f"is set beside trainer.max_steps={t.max_steps} (an experiment file pins max_steps), "
+        "and a run has one horizon; add trainer.max_steps=null to train by tokens",
     )
     if t.init_from:  # "" (trainer.init_from=) is none, as null is
         _require(
             t.resume in ("none", "auto"),
             "trainer.init_from",
-            f"and trainer.resume={t.resume} both name the weights to start from; keep "
-            "trainer.resume=auto (a checkpoint of this run's own wins) or none",
+            f"is set beside trainer.resume={t.resume}, and both name the weights to start from; "
+            "keep trainer.resume=auto (a checkpoint of this run's own wins) or none",
         )
         # With resume=auto (every start under the sbatch scripts) the path matters only while
         # the run has no checkpoint of its own, which preflight_resume knows: a requeue then

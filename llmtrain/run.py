@@ -386,9 +386,9 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
         run.say(f"  resumed    from {resume_from} at step {state.step}")
         if saved_world != world:
             moved = "its data position redistributed, " if cfg.trainer.resume_data else ""
+            by = "1 process" if saved_world == 1 else f"{saved_world} processes"
             run.say(
-                f"  resharded  written by {saved_world} processes, now {world}: {moved}the "
-                "optimizer state resharded"
+                f"  resharded  written by {by}, now {world}: {moved}the optimizer state resharded"
             )
         if abandoned:
             run.say(

@@ -125,7 +125,7 @@ def test_a_run_dir_s_damaged_newest_checkpoint_gives_way_to_the_one_before(
 def test_a_missing_path_or_a_named_resume_is_refused_by_the_config(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer\.init_from: .*nowhere.* does not exist"):
         load_config([*FAST, f"trainer.init_from={tmp_path / 'nowhere'}"])
-    with pytest.raises(ConfigError, match=r"trainer\.init_from: and trainer\.resume=.* both"):
+    with pytest.raises(ConfigError, match=r"init_from: is set beside trainer\.resume=.* both"):
         load_config([*FAST, f"trainer.init_from={tmp_path}", f"trainer.resume={tmp_path}"])
 
 
