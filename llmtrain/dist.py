@@ -68,6 +68,15 @@ def is_deepspeed(cfg: TrainConfig) -> bool:
     return cfg.dist.mode in ZERO_STAGE
 
 
+def weight_dtype(cfg: TrainConfig, device: str) -> torch.dtype:
+    """The dtype prepare() gives the model's weights: DeepSpeed's bf16 or fp16 (the fp32
+    master copy is the optimizer's); fp32 otherwise (autocast, FSDP2's fp32 shards)."""
+    precision = resolve_precision(cfg.trainer.precision, device)
+    if is_deepspeed(cfg) and precision != "no":
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.float32
+
+
 def check_world_size(mode: str, world_size: int) -> None:
     """dist=single is one process: more would each train a copy of their own."""
     if world_size > 1 and mode == "single":

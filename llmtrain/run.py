@@ -32,7 +32,7 @@ from llmtrain.config import (
 )
 from llmtrain.consolidate import load_data_state, load_state
 from llmtrain.data import build_dataloader
-from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch
+from llmtrain.dist import build_accelerator, build_dist_optimizer, check_launch, weight_dtype
 from llmtrain.documents import DataError
 from llmtrain.hellaswag import HELLASWAG_VAL, Example, load_examples
 from llmtrain.hf import is_hf_source
@@ -135,21 +135,23 @@ warnings.filterwarnings(
 )
 
 
-def build_model(cfg: TrainConfig, empty: bool = False) -> GPT:
-    """``GPT(cfg.model)`` with the trainer's memory options: activation checkpointing and the
-    fused, chunked loss.
+def build_model(cfg: TrainConfig, empty: bool = False, dtype: torch.dtype = torch.float32) -> GPT:
+    """``GPT(cfg.model)`` in ``dtype`` with the trainer's memory options: activation
+    checkpointing and the fused, chunked loss.
 
     ``empty``: its tensors allocated but never written, so they take no host memory (a rank
     other than 0, which prepare() gives rank 0's weights). Allocated rather than left on the
     meta device: Accelerate maps FSDP2's optimizer parameters to the sharded ones by address,
-    and every meta tensor has address 0.
+    and every meta tensor has address 0. ``dtype``: DeepSpeed's bf16 or fp16 (``weight_dtype``),
+    to which it casts the model before broadcasting rank 0's; cast already, an empty model
+    stays unwritten.
     """
     if empty:
         with torch.device("meta"):
-            model = GPT(cfg.model)
+            model = GPT(cfg.model).to(dtype)
         model.to_empty(device="cpu").tie_weights()
     else:
-        model = GPT(cfg.model)
+        model = GPT(cfg.model).to(dtype)
     if cfg.trainer.activation_checkpointing:
         model.enable_activation_checkpointing()
     if cfg.trainer.loss_chunk:
@@ -286,7 +288,7 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     # Rank 0 alone builds (or reads) the weights. prepare() broadcasts them to the other ranks
     # (DDP and DeepSpeed as they start, FSDP2 into each rank's shards), whose models are
     # empty: a full fp32 model per process took 220 GiB of an 8-GPU node for llama-8b.
-    model = build_model(cfg, empty=rank != 0)
+    model = build_model(cfg, empty=rank != 0, dtype=weight_dtype(cfg, accelerator.device.type))
     if init_from is not None:  # of a run dir, its newest intact checkpoint
         init_from = load_weights(model, cfg, init_from)
     optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)
