@@ -287,8 +287,10 @@ def setup(cfg: TrainConfig, run_dir: Path) -> Run:
     torch.manual_seed(cfg.trainer.seed)
     # Rank 0 alone builds (or reads) the weights. prepare() broadcasts them to the other ranks
     # (DDP and DeepSpeed as they start, FSDP2 into each rank's shards), whose models are
-    # empty: a full fp32 model per process took 220 GiB of an 8-GPU node for llama-8b.
-    model = build_model(cfg, empty=rank != 0, dtype=weight_dtype(cfg, accelerator.device.type))
+    # empty: a full fp32 model per process took 220 GiB of an 8-GPU node for llama-8b. A
+    # resume's weights are its checkpoint's: rank 0's model stays empty too.
+    empty = rank != 0 or resume_from is not None
+    model = build_model(cfg, empty=empty, dtype=weight_dtype(cfg, accelerator.device.type))
     if init_from is not None:  # of a run dir, its newest intact checkpoint
         init_from = load_weights(model, cfg, init_from)
     optimizer = build_dist_optimizer(model, cfg, accelerator.device.type)

@@ -20,6 +20,32 @@ def test_build_model_applies_the_trainer_options():
     assert model.activation_checkpointing and model.lm_head.loss_chunk == 64
 
 
+def test_a_resume_builds_no_model_of_its_own(tmp_path, monkeypatch):
+    """A resume initialised a model (rank 0's, which prepare() broadcasts) that its checkpoint
+    then replaced: 4 bytes per parameter of host memory and the init's time at every requeue.
+    It continues exactly as the uninterrupted run (test_reliability.py, test_dist.py)."""
+    import psutil
+
+    import llmtrain.run as run_mod
+    from llmtrain.train import train
+
+    wide = [*FAST, "model.n_embd=512", "model.n_head=8"]
+    train(load_config(wide), tmp_path / "run")
+    build, grew, rss = run_mod.build_model, [], psutil.Process().memory_info
+    build(load_config(FAST), empty=True)  # torch's one-time costs, not counted
+
+    def measured(*args, **kwargs):
+        before = rss().rss
+        model = build(*args, **kwargs)
+        grew.append(rss().rss - before)
+        return model
+
+    monkeypatch.setattr(run_mod, "build_model", measured)
+    resumed = load_config([*wide, "trainer.max_steps=2", "trainer.resume=auto"])
+    assert train(resumed, tmp_path / "run").step == 2
+    assert grew[0] < 0.05 * 4 * build(resumed).num_params(), grew
+
+
 def test_compile_model_passes_the_mode(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
