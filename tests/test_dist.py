@@ -328,9 +328,9 @@ def _model_build_memory(run_dir: str, overrides: list[str], batch: torch.Tensor)
         return broadcast(engine)
 
     run_mod.build_model, DeepSpeedEngine._broadcast_model = measured, measured_broadcast
-    run = run_mod.setup(cfg, Path(run_dir))
+    model = run_mod.setup(cfg, Path(run_dir)).model
     with torch.no_grad():
-        _, loss = run.model(batch[:, :-1], batch[:, 1:], return_logits=False)
+        _, loss = model(batch[:, :-1], batch[:, 1:], return_logits=False)
     return {"grew": max(grew) - grew[0], "loss": loss.item()}
 
 

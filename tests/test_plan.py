@@ -295,7 +295,7 @@ def test_cli_says_what_building_the_model_takes_on_the_cpu(capsys, tmp_path):
 def test_the_cpu_at_start_is_what_building_the_model_takes():
     """Measured: a fresh process's resident memory grows by the plan's per-process figure
     when it builds gpt2-medium (355M parameters) as training does, and by almost nothing when
-    it builds the model empty, as FSDP2's ranks other than 0 do."""
+    it builds the model empty, as ranks other than 0 and a resume do."""
     import subprocess
     import sys
 
