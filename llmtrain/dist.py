@@ -68,13 +68,14 @@ def is_deepspeed(cfg: TrainConfig) -> bool:
     return cfg.dist.mode in ZERO_STAGE
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # Accelerate's mixed_precision names
+
+
 def weight_dtype(cfg: TrainConfig, device: str) -> torch.dtype:
     """The dtype prepare() gives the model's weights: DeepSpeed's bf16 or fp16 (the fp32
     master copy is the optimizer's); fp32 otherwise (autocast, FSDP2's fp32 shards)."""
     precision = resolve_precision(cfg.trainer.precision, device)
-    if is_deepspeed(cfg) and precision != "no":
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.float32
+    return HALF.get(precision, torch.float32) if is_deepspeed(cfg) else torch.float32
 
 
 def check_world_size(mode: str, world_size: int) -> None:
@@ -182,8 +183,7 @@ def _fsdp2_plugin(cfg: TrainConfig, device: str):
         # bf16 step (0.008 at a loss of 3). Weights are gathered in bf16; gradients are reduced
         # and added up over micro-batches in fp32, as torchtitan does. In bf16 (8 significant
         # bits), a sum grown to 32 micro-batches' gradients kept only 3 bits of the next one.
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=HALF[precision], reduce_dtype=torch.float32)
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         mixed_precision_policy=policy,
