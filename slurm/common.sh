@@ -25,14 +25,16 @@ PORT="${LLMTRAIN_MAIN_PORT:-$((20000 + SLURM_JOB_ID % 12000))}"
 JOB_NAME="${SLURM_JOB_NAME:-llmtrain}"
 RUN_DIR="${LLMTRAIN_RUN_DIR:-runs/${JOB_NAME//[^A-Za-z0-9._-]/_}-${SLURM_JOB_ID}}"
 
-if command -v scontrol >/dev/null 2>&1; then
+if [[ -z "${SLURM_JOB_NODELIST:-}" ]]; then  # a dry run that names no hosts
+    HOSTS=(localhost)
+elif command -v scontrol >/dev/null 2>&1; then
     mapfile -t HOSTS < <(scontrol show hostnames "${SLURM_JOB_NODELIST}")
 elif [[ "${SLURM_JOB_NODELIST:-}" == *"["* ]]; then
     echo "llmtrain: SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST} needs scontrol to expand it, and" \
         "scontrol is not on PATH (in a dry run, list the hosts: gpu01,gpu02)" >&2
     exit 2
 else
-    IFS=',' read -r -a HOSTS <<< "${SLURM_JOB_NODELIST:-localhost}"
+    IFS=',' read -r -a HOSTS <<< "${SLURM_JOB_NODELIST}"
 fi
 MAIN_ADDR="${HOSTS[0]}"
 
@@ -126,6 +128,7 @@ run_nodes() {
         return 0
     fi
     echo "llmtrain: job ${SLURM_JOB_ID}, ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s), main ${MAIN_ADDR}:${PORT}, run dir ${RUN_DIR}, restart ${SLURM_RESTART_COUNT:-0}"
+    job_end_time
     local args
     args="$(printf '%q ' "$@")"
     local rc=0
@@ -204,6 +207,19 @@ run_nodes() {
         echo "llmtrain: training exited with ${rc}; not requeueing, job ${SLURM_JOB_ID} failed ${MAX_REQUEUES} times in a row without a new checkpoint (LLMTRAIN_MAX_REQUEUES)"
     fi
     return "${rc}"
+}
+
+# The job's end as SLURM_JOB_END_TIME (epoch seconds), a deadline the training processes keep by
+# themselves (llmtrain.timelimit). Slurm 22.05 and older do not set it: then the job's EndTime is
+# asked of squeue here, once per start of the job rather than by every rank. Unset if unknown
+# (no time limit).
+job_end_time() {
+    [[ -n "${SLURM_JOB_END_TIME:-}" ]] && return 0
+    local end
+    end="$(squeue -h -j "${SLURM_JOB_ID}" -o %e 2>/dev/null || true)"  # 2026-11-25T06:07:20
+    [[ "${end}" =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}$ ]] || return 0
+    end="$(date -d "${end}" +%s 2>/dev/null)" || return 0
+    export SLURM_JOB_END_TIME="${end}"
 }
 
 # scontrol requeue, tried again while the controller does not answer (a busy slurmctld times

@@ -5,6 +5,7 @@ import shlex
 import signal
 import stat
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -119,10 +120,13 @@ def _fake_bin(tmp_path: Path, accelerate_rc: int, worker_code: int | None = None
         'elif [ "$(cat "$FAKE_LOG.fails" 2>/dev/null | wc -l)" -lt "${FAKE_SCONTROL_FAILS:-0}" ];'
         ' then echo x >> "$FAKE_LOG.fails"; echo "Socket timed out" >&2; exit 1\n'
         'else echo "$@" >> "$FAKE_LOG.scontrol"; fi\n',
+        # The job's EndTime as squeue prints it (FAKE_END: none, "N/A" for no time limit)
+        "squeue": '#!/bin/bash\necho "$@" >> "$FAKE_LOG.squeue"\necho "${FAKE_END:-N/A}"\n',
         # Like torchrun: the workers' code goes to LLMTRAIN_EXIT_FILE, the launcher exits 1.
         "accelerate": '#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n'
         'printf \'%s\\0\' "$@" > "$FAKE_LOG.args.$SLURM_NODEID"\n'
         "grep '^SigIgn' /proc/$$/status > \"$FAKE_LOG.sigign.$SLURM_NODEID\"\n"
+        'echo "${SLURM_JOB_END_TIME:-unset}" > "$FAKE_LOG.end.$SLURM_NODEID"\n'
         + (f'echo {worker_code} > "$LLMTRAIN_EXIT_FILE"\n' if worker_code is not None else "")
         # FAKE_SAVES: this attempt wrote a new checkpoint before it failed
         + 'if [ -n "$FAKE_SAVES" ]; then d="$(dirname "$LLMTRAIN_EXIT_FILE")/checkpoints"; '
@@ -158,6 +162,39 @@ def test_real_path_one_launcher_per_node_and_requeue_on_failure(
     assert requeued.is_file() == (rc not in (0, 2, 127))
     if requeued.is_file():
         assert requeued.read_text().strip() == "requeue 4242"
+
+
+@pytest.mark.parametrize(
+    "given, squeue_says, launchers_get",
+    [
+        (None, "2026-11-25T06:07:20", "2026-11-25T06:07:20"),  # Slurm 22.05: from squeue
+        ("1795585000", "2026-11-25T06:07:20", "1795585000"),  # Slurm's own is kept
+        (None, "N/A", None),  # no time limit: no deadline
+        (None, "Unknown", None),
+    ],
+)
+def test_the_jobs_end_reaches_every_launcher_as_slurm_job_end_time(
+    tmp_path, given, squeue_says, launchers_get
+):
+    log = tmp_path / "calls"
+    env = {**FAKE, "FAKE_LOG": str(log), "FAKE_END": squeue_says,
+           "LLMTRAIN_RUN_DIR": str(tmp_path / "run")}  # fmt: skip
+    if given is not None:
+        env["SLURM_JOB_END_TIME"] = given
+    out = sbatch("multi-node.sbatch", [], env, _fake_bin(tmp_path, 0))
+    assert out.returncode == 0, out.stderr
+    if launchers_get is None:
+        expected = "unset"
+    elif launchers_get.isdigit():
+        expected = launchers_get
+    else:  # local time, as squeue prints it and date reads it
+        expected = str(int(datetime.strptime(launchers_get, "%Y-%m-%dT%H:%M:%S").timestamp()))
+    got = [Path(f"{log}.end.{node}").read_text().strip() for node in range(3)]
+    assert got == [expected] * 3
+    # asked once for the job, by the batch script, not by every node or rank
+    asked = Path(f"{log}.squeue")
+    calls = asked.read_text().splitlines() if asked.is_file() else []
+    assert calls == ([] if given else ["-h -j 4242 -o %e"])
 
 
 def _args(log: Path, node: int) -> list[str]:
@@ -206,9 +243,22 @@ def test_a_requeue_the_controller_times_out_on_is_tried_again(tmp_path):
     assert Path(f"{log}.scontrol").read_text() == "requeue 4242\n"
 
 
+def _path_without(tmp_path: Path, command: str) -> str:
+    """A PATH with every command of /usr/bin:/bin but ``command`` (a Slurm login node has
+    scontrol in /usr/bin)."""
+    bin_dir = tmp_path / f"no-{command}"
+    bin_dir.mkdir()
+    for folder in (Path("/usr/bin"), Path("/bin")):
+        for tool in folder.iterdir():
+            link = bin_dir / tool.name
+            if tool.name != command and not link.exists() and not link.is_symlink():
+                link.symlink_to(tool)
+    return str(bin_dir)
+
+
 def test_a_bracketed_node_list_without_scontrol_is_refused(tmp_path):
     env = {**FAKE, "SLURM_JOB_NODELIST": "gpu[01-03,07]", "LLMTRAIN_DRY_RUN": "1",
-           "PATH": "/usr/bin:/bin"}  # fmt: skip
+           "PATH": _path_without(tmp_path, "scontrol")}  # fmt: skip
     out = sbatch("multi-node.sbatch", [], env)
     assert out.returncode == 2 and "needs scontrol to expand it" in out.stderr
 
