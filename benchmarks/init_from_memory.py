@@ -5,8 +5,9 @@ python benchmarks/init_from_memory.py [--model gpt2-small] [--dist fsdp2] [--wor
 Trains one step of ``--model`` on ``--world`` CPU processes in ``--dist`` mode (the checkpoint's
 layout: fsdp2 writes DCP shards, zero1/2/3 DeepSpeed's, ddp one model.safetensors), then, in
 fresh processes, builds the model and loads that checkpoint two ways, alternating: ``rank0``
-(llmtrain.init_weights.load_weights: rank 0 reads, every rank gets the weights by broadcast) and
-``every`` (each rank reads the checkpoint itself, as llmtrain did before). Prints each rank's
+(llmtrain.init_weights.load_weights: rank 0 reads; since f9d93d0 the others get the weights
+from ``accelerator.prepare()``, which this script does not call) and ``every`` (each rank reads
+the checkpoint itself, as llmtrain did before). Prints each rank's
 peak unique memory (USS, sampled every 20 ms) over what it held with the model built, and the
 seconds the load took.
 """

@@ -134,7 +134,8 @@ def _job(node: DictConfig) -> None:
         # ends the sweep at once.
         go_on = isinstance(e, OutOfTime) and e.limit.why.startswith("trainer.max_time")
         message = _sweep_advice(str(e), run_dir)
-        _exit(EXIT_PREEMPTED, "preempted", message, at_once=not (go_on and _in_sweep()))
+        what = "out of time" if isinstance(e, OutOfTime) else "preempted"
+        _exit(EXIT_PREEMPTED, what, message, at_once=not (go_on and _in_sweep()))
     except KeyboardInterrupt:  # the second Ctrl-C: no traceback, no checkpoint
         last = ckpt.latest_checkpoint(run_dir / "checkpoints") if run_dir else None
         _exit(130, "interrupted", "stopped at once, unsaved; " + (

@@ -181,3 +181,22 @@ def test_the_jobs_end_stops_the_run_in_time_to_save_and_requeue(workdir):
     stop = re.search(r"stopped before the time limit \(the Slurm job's end.*after step (\d+)", text)
     assert stop, text[-3000:]
     assert (workdir / name / "checkpoints" / f"step_{int(stop[1]):07d}").is_dir()
+
+
+def test_a_killed_rank_is_requeued_and_the_run_resumes_from_its_last_checkpoint(workdir, unbroken):
+    """A rank killed outright (a crashed node, the OOM killer) saves nothing: the job is
+    requeued as a failure and goes on from the last periodic checkpoint, logging the steps
+    after it again."""
+    name = "killed"
+    run_dir = workdir / name
+    train = [a for a in TRAIN if not a.startswith("trainer.ckpt_every=")]
+    job = submit(name, workdir, train=[*train, "trainer.ckpt_every=20"])
+    wait_for("the run to pass step 25", lambda: trained_to(run_dir) >= 25, [job], workdir, name)
+    kill = ["pkill", "--signal", "KILL", "--newest", "--full", "[-]m llmtrain[.]train"]
+    subprocess.run(["srun", f"--jobid={job}", "--overlap", "--ntasks=1", *kill], check=True)
+    wait_for("the run to end", lambda: not queued(job), [job], workdir, name, timeout_s=1200)
+
+    text = log(workdir, name)
+    assert "requeueing job" in text and "failure 1 of" in text, text[-3000:]
+    assert re.search(r"resumed +from .*step_00000[24]0 at step [24]0", text), text[-3000:]
+    assert losses(metrics(run_dir)) == losses(unbroken)

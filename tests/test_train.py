@@ -692,6 +692,7 @@ def test_a_sweep_goes_on_after_max_time_stops_a_job(
     with pytest.raises((SystemExit, ExitNow)) as e:
         cli_mod.main()
     assert len(lrs) == ran and e.value.args[0] == 75
+    assert "llmtrain: out of time: stopped before the time limit" in capsys.readouterr().err
 
 
 def test_a_sweep_under_a_launcher_is_refused(tmp_path, monkeypatch, capsys):
