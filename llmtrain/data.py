@@ -85,6 +85,22 @@ BEFORE = {
 }
 
 
+def _check_files_read(saved: list[list], now: list[list]) -> None:
+    """Unshuffled shards are read file after file, so a position keeps its place when files
+    are added after the saved ones (a corpus prepared further); any other change moves it."""
+    if now[: len(saved)] == saved:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(saved, now, strict=False)) if a != b), len(now))
+    was = f"{saved[i][0]} ({saved[i][1]:,} tokens)"
+    is_now = f"{now[i][0]} ({now[i][1]:,} tokens)" if i < len(now) else "missing"
+    raise DataError(
+        f"the data position was saved over {len(saved)} files in data.path, read in order, and "
+        f"file {i + 1} was {was}, now {is_now}: the saved position would read other windows. "
+        "Only files added after the saved ones keep it; restore the files, or resume with "
+        "trainer.resume_data=false to read this run's data from its start"
+    )
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """In a DataLoader worker: the stop signals are the training process's to handle (finish
     the step, save). A SIGTERM to the whole process group (Slurm, ``timeout``, ``kill --
@@ -201,6 +217,8 @@ class TokenLoader:
             if self.kind == "shards":
                 keys["order"] = "windows"  # see BEFORE
                 keys["corpus"] = self.source.corpus()
+        elif self.kind == "shards":
+            keys["files_read"] = self.source.listing()  # see _check_files_read
         return keys
 
     def state_dict(self) -> dict[str, Any]:
@@ -219,7 +237,10 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         always = ("kind", "num_workers", "world_size", "seq_len")  # older checkpoints lack the rest
-        for key, mine in self._meaning().items():
+        meaning = self._meaning()
+        if "files_read" in meaning and "files_read" in state:
+            _check_files_read(state["files_read"], meaning.pop("files_read"))
+        for key, mine in meaning.items():
             # Before f68bc3d a position did not record data.shuffle, which was on then too.
             if key in BEFORE and key not in state and state.get("shuffle", True):
                 raise DataError(BEFORE[key])

@@ -139,6 +139,10 @@ class ShardWindows(IterableDataset):
         digest = hashlib.blake2b(names.encode(), digest_size=4).hexdigest()
         return f"{len(self.files)} files, {sum(self.lengths):,} tokens ({digest})"
 
+    def listing(self) -> list[list]:
+        """[file name, tokens] of every file, in the order an unshuffled epoch reads them."""
+        return [[Path(f).name, n] for f, n in zip(self.files, self.lengths, strict=True)]
+
     def check_tokenizer(self, name: str, vocab_size: int) -> None:
         """Shards hold the ids of the tokenizer that wrote them: read with another, training
         learns garbage or stops at an embedding index out of range."""

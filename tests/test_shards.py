@@ -202,8 +202,9 @@ def test_a_position_saved_before_windows_were_shuffled_is_refused(shard_dir):
                      batch_size=2).load_state_dict(state)  # fmt: skip
 
 
-def test_a_resume_on_changed_shards_is_refused_when_the_order_is_shuffled(shard_dir):
+def test_a_resume_on_changed_shards_is_refused_unless_files_were_added_after_them(shard_dir):
     # The shuffled order is drawn over all windows: one more file moves every later window.
+    # In order, only files added after the saved ones keep the position's place.
     build = lambda **kw: build_dataloader(cfg_for(shard_dir, **kw), TOK, split="train",
                                           batch_size=2)  # fmt: skip
     states = {}
@@ -216,6 +217,19 @@ def test_a_resume_on_changed_shards_is_refused_when_the_order_is_shuffled(shard_
     with pytest.raises(DataError, match=r"the shards in data.path=7 files, 6,979 tokens \("):
         build().load_state_dict(states[True])
     build(shuffle=False).load_state_dict(states[False])  # in order, a file added at the end
+    older = {k: v for k, v in states[False].items() if k != "files_read"}
+    # in order, a file put before the last one moves every window after it
+    write_shard(shard_dir / "x_train_0000035.bin", np.arange(500), 50257)
+    with pytest.raises(DataError, match=r"file 5 was x_train_000004.bin \(997 tokens\), now "
+                       r"x_train_0000035.bin \(500 tokens\)"):  # fmt: skip
+        build(shuffle=False).load_state_dict(states[False])
+    build(shuffle=False).load_state_dict(older)  # saved by an llmtrain that did not record them
+    for name in ("x_train_0000035.bin", "x_train_000007.bin", "x_train_000006.bin"):
+        (shard_dir / name).unlink()
+    with pytest.raises(
+        DataError, match=r"file 7 was x_train_000006.bin \(997 tokens\), now missing"
+    ):
+        build(shuffle=False).load_state_dict(states[False])
 
 
 def test_shards_of_another_tokenizer_are_refused_before_training(tmp_path):
