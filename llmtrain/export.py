@@ -21,7 +21,7 @@ What OUT holds, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pr
 - ``tokenizer.json`` + ``tokenizer_config.json``: the run's tiktoken encoding converted with
   transformers' ``TikTokenConverter`` (same ranks, same pre-tokenizer pattern). Token ids equal
   ``tiktoken``'s ``encode(text, allowed_special="all")``: ``<|endoftext|>`` in a text is the
-  special token, as in every Hugging Face GPT-2 tokenizer.
+  special token, as in every Hugging Face GPT-2 tokenizer, and ``vocab_size`` counts it (50257).
 """
 
 from __future__ import annotations
@@ -108,7 +108,16 @@ def _converted(tokenizer: Tokenizer) -> Any:
         # name of its path: a new temporary path each time, a new copy each export. "" turns
         # that cache off, for the read of a file that is gone a moment later.
         with mock.patch.dict(os.environ, TIKTOKEN_CACHE_DIR=""):
-            return converter.converted()
+            converted = converter.converted()
+    # The specials join the model's vocabulary too, as in Hugging Face's own GPT-2 tokenizer:
+    # its vocab_size then counts every id (gpt2: 50257, not 50256), which code sizing an
+    # embedding by tokenizer.vocab_size relies on.
+    from tokenizers import Tokenizer as Fast
+
+    fields = json.loads(converted.to_str())
+    for special in fields["added_tokens"]:
+        fields["model"]["vocab"].setdefault(special["content"], special["id"])
+    return Fast.from_str(json.dumps(fields))
 
 
 def hf_tokenizer(tokenizer: Tokenizer, context_length: int) -> Any:

@@ -148,7 +148,7 @@ def test_tokenizer_ids_equal_tiktoken(tmp_path_factory):
 
     tok = transformers.AutoTokenizer.from_pretrained(exported(tmp_path_factory, "gpt2"))
     enc = get_tokenizer("gpt2").encoding
-    assert len(tok) == V and tok.eos_token_id == tok.bos_token_id == 50256
+    assert len(tok) == tok.vocab_size == V and tok.eos_token_id == tok.bos_token_id == 50256
     import pyarrow.parquet as pq
 
     files = sorted(SAMPLE_DIR.glob("data/validation/*.parquet"))
@@ -178,7 +178,8 @@ def test_cl100k_base_exports_with_its_special_ids(monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     tok = get_tokenizer("cl100k_base")
     fast = hf_tokenizer(tok, 1024)
-    assert len(fast) == tok.vocab_size == 100277 and fast.eos_token_id == tok.eot_id == 100257
+    assert len(fast) == fast.vocab_size == tok.vocab_size == 100277
+    assert fast.eos_token_id == tok.eot_id == 100257
     for text in [*TEXTS, "<|fim_prefix|>def f(<|fim_suffix|>):<|fim_middle|><|endofprompt|>"]:
         ids = fast(text)["input_ids"]
         assert ids == tok.encoding.encode(text, allowed_special="all"), text[:60]
