@@ -200,9 +200,11 @@ def export(
     config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     generation = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
     weights = to_hf_state_dict(state, cfg.model)
+    del state  # now only weights holds the fp32 tensors: each is freed once converted
     if cfg.model.tie_embeddings:  # transformers re-ties lm_head to the embedding on load
         del weights["lm_head.weight"]
-    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    for name in list(weights):  # one tensor at a time: never a whole second copy (bf16)
+        weights[name] = weights[name].to(DTYPES[dtype]).contiguous()
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crashed export
